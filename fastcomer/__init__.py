@@ -1,0 +1,8 @@
+"""fastcomer: fused kernels and a fast decoding engine for CoMER."""
+from .checkpoint import CheckpointError, load_comer
+from .model.comer import CoMER, CoMERConfig
+from .search.common import BeamSearchOutput, Hypothesis
+from .search.reference import reference_beam_search
+from .vocab import Vocab, vocab
+
+__version__ = "0.1.0"

@@ -1,0 +1,83 @@
+"""The Attention Refinement Module (SPEC section 2), the plain-PyTorch reference.
+
+Every other path of fastcomer (the decoding engine, the Triton and CUDA kernels)
+is checked against this file; `refine_coverage` is the one definition of the
+coverage -> refinement map that they all share.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class MaskBatchNorm2d(nn.Module):
+    """BatchNorm over channels, applied only at unmasked positions (masked ones keep
+    their input). Training statistics are taken over the unmasked positions only."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(num_features)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x [N, C, h, w], mask [N, h, w] (True = padding) -> [N, C, h, w]."""
+        x = x.permute(0, 2, 3, 1)
+        keep = ~mask
+        x = x.index_put((keep,), self.bn(x[keep]))
+        return x.permute(0, 3, 1, 2)
+
+
+class AttentionRefinementModule(nn.Module):
+    def __init__(self, nhead: int, dc: int, cross_coverage: bool, self_coverage: bool):
+        super().__init__()
+        if not (cross_coverage or self_coverage):
+            raise ValueError("the ARM needs cross_coverage or self_coverage (or both)")
+        self.nhead = nhead
+        self.cross_coverage = cross_coverage
+        self.self_coverage = self_coverage
+        in_channels = nhead * (int(cross_coverage) + int(self_coverage))
+        self.conv = nn.Conv2d(in_channels, dc, kernel_size=5, padding=2)
+        self.proj = nn.Conv2d(dc, nhead, kernel_size=1, bias=False)
+        self.post_norm = MaskBatchNorm2d(nhead)
+
+    def coverage_inputs(self, prev_attn: Tensor, curr_attn: Tensor) -> Tensor:
+        """Stack the attentions the ARM accumulates along the channel axis:
+        [b, nhead, t, L] each -> [b, C, t, L], previous layer's first."""
+        parts = []
+        if self.cross_coverage:
+            parts.append(prev_attn)
+        if self.self_coverage:
+            parts.append(curr_attn)
+        return torch.cat(parts, dim=1)
+
+    def refine_coverage(self, coverage: Tensor, mask: Tensor) -> Tensor:
+        """coverage [N, C, h, w], mask [N, h, w] -> R [N, nhead, h, w] (0 where masked)."""
+        y = F.relu(self.conv(coverage))
+        y = y.masked_fill(mask[:, None], 0.0)
+        return self.post_norm(self.proj(y), mask)
+
+    def forward(self, prev_attn: Tensor, key_padding_mask: Tensor, height: int, curr_attn: Tensor) -> Tensor:
+        """prev_attn, curr_attn [(b nhead), t, L]; key_padding_mask [b, L] -> R [(b nhead), t, L].
+
+        The argument order lets a decoder bind (prev_attn, mask, height) with
+        functools.partial and hand the attention a function of its own weights.
+        """
+        bn, t, L = curr_attn.shape
+        b, n = bn // self.nhead, self.nhead
+        width = L // height
+        x = self.coverage_inputs(prev_attn.view(b, n, t, L), curr_attn.view(b, n, t, L))
+        coverage = x.cumsum(dim=2) - x  # exclusive prefix sum over t, as CoMER computes it
+        coverage = coverage.transpose(1, 2).reshape(b * t, -1, height, width)
+        mask = key_padding_mask.view(b, 1, height, width).expand(b, t, height, width).reshape(b * t, height, width)
+        r = self.refine_coverage(coverage, mask)
+        return r.view(b, t, n, L).transpose(1, 2).reshape(bn, t, L)
+
+    def folded_projection(self) -> Tuple[Tensor, Tensor]:
+        """Eval-mode BatchNorm folded into the 1x1 projection: (weight [nhead, dc], shift [nhead]),
+        so that R = weight @ relu(conv(C)) + shift at unmasked positions."""
+        bn = self.post_norm.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = self.proj.weight.flatten(1) * scale[:, None]
+        shift = bn.bias - bn.running_mean * scale
+        return weight, shift

@@ -1,0 +1,126 @@
+"""CoMER's image encoder: DenseNet-B, 1x1 feature projection, 2-D sine position
+encoding, LayerNorm. Module and parameter names follow CoMER's checkpoints."""
+import math
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Bottleneck(nn.Module):
+    """conv1x1 -> BN -> ReLU -> conv3x3 -> BN -> ReLU, concatenated to the input."""
+
+    def __init__(self, in_channels: int, growth_rate: int, dropout: float = 0.2):
+        super().__init__()
+        inter = 4 * growth_rate
+        self.conv1 = nn.Conv2d(in_channels, inter, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inter)
+        self.conv2 = nn.Conv2d(inter, growth_rate, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(growth_rate)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.dropout(F.relu(self.bn1(self.conv1(x))))
+        out = self.dropout(F.relu(self.bn2(self.conv2(out))))
+        return torch.cat((x, out), dim=1)
+
+
+class Transition(nn.Module):
+    """conv1x1 -> BN -> ReLU -> 2x2 average pool (ceil mode)."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.dropout(F.relu(self.bn1(self.conv1(x))))
+        return F.avg_pool2d(out, 2, ceil_mode=True)
+
+
+class DenseNet(nn.Module):
+    def __init__(self, growth_rate: int, num_layers: int, reduction: float = 0.5):
+        super().__init__()
+        channels = 2 * growth_rate
+        self.conv1 = nn.Conv2d(1, channels, kernel_size=7, padding=3, stride=2, bias=False)
+        self.norm1 = nn.BatchNorm2d(channels)
+
+        def dense_block(channels: int) -> nn.Sequential:
+            return nn.Sequential(
+                *(Bottleneck(channels + i * growth_rate, growth_rate) for i in range(num_layers))
+            )
+
+        self.dense1 = dense_block(channels)
+        channels += num_layers * growth_rate
+        out_channels = int(math.floor(channels * reduction))
+        self.trans1 = Transition(channels, out_channels)
+        channels = out_channels
+        self.dense2 = dense_block(channels)
+        channels += num_layers * growth_rate
+        out_channels = int(math.floor(channels * reduction))
+        self.trans2 = Transition(channels, out_channels)
+        channels = out_channels
+        self.dense3 = dense_block(channels)
+        self.out_channels = channels + num_layers * growth_rate
+        self.post_norm = nn.BatchNorm2d(self.out_channels)
+
+    def forward(self, x: Tensor, x_mask: Tensor) -> Tuple[Tensor, Tensor]:
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = F.max_pool2d(out, 2, ceil_mode=True)
+        out = self.trans1(self.dense1(out))
+        out = self.trans2(self.dense2(out))
+        out = self.post_norm(self.dense3(out))
+        # Each stride-2 stage keeps every second row and column of the mask.
+        mask = x_mask[:, 0::16, 0::16]
+        return out, mask
+
+
+def image_position_encoding(mask: Tensor, d_model: int, temperature: float = 10000.0) -> Tensor:
+    """2-D sine encoding over the unmasked region, [b, h, w, d_model], in float32.
+
+    CoMER computes it in float32 whatever the model's dtype; so do we, so that a
+    float64 model reproduces CoMER's float64 outputs to the last digits.
+    """
+    not_mask = ~mask
+    scale = 2 * math.pi
+    y_embed = not_mask.cumsum(1, dtype=torch.float32)
+    x_embed = not_mask.cumsum(2, dtype=torch.float32)
+    y_embed = y_embed / (y_embed[:, -1:, :] + 1e-6) * scale
+    x_embed = x_embed / (x_embed[:, :, -1:] + 1e-6) * scale
+    half = d_model // 2
+    dim_t = torch.arange(0, half, 2, dtype=torch.float32, device=mask.device)
+    inv_freq = 1.0 / (temperature ** (dim_t / half))
+    pos_x = x_embed[..., None] * inv_freq
+    pos_y = y_embed[..., None] * inv_freq
+    pos_x = torch.stack((pos_x.sin(), pos_x.cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y.sin(), pos_y.cos()), dim=4).flatten(3)
+    return torch.cat((pos_x, pos_y), dim=3)
+
+
+class Encoder(nn.Module):
+    def __init__(self, d_model: int, growth_rate: int, num_layers: int):
+        super().__init__()
+        if d_model % 4:
+            raise ValueError(f"d_model must be a multiple of 4 for the 2-D position encoding, got {d_model}")
+        self.d_model = d_model
+        self.model = DenseNet(growth_rate=growth_rate, num_layers=num_layers)
+        self.feature_proj = nn.Conv2d(self.model.out_channels, d_model, kernel_size=1)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, img: Tensor, img_mask: Tensor) -> Tuple[Tensor, Tensor]:
+        """img [b, 1, H, W], img_mask [b, H, W] (True = padding) ->
+        features [b, h, w, d_model] and mask [b, h, w], stride 16."""
+        if img.dim() != 4 or img.shape[1] != 1:
+            raise ValueError(f"img must be [b, 1, H, W], got {tuple(img.shape)}")
+        if img_mask.shape != (img.shape[0], img.shape[2], img.shape[3]) or img_mask.dtype != torch.bool:
+            raise ValueError(
+                f"img_mask must be a bool tensor of shape {(img.shape[0], img.shape[2], img.shape[3])}, "
+                f"got {img_mask.dtype} {tuple(img_mask.shape)}"
+            )
+        feature, mask = self.model(img, img_mask)
+        feature = self.feature_proj(feature).permute(0, 2, 3, 1)
+        feature = feature + image_position_encoding(mask, self.d_model)
+        return self.norm(feature), mask

@@ -1,0 +1,104 @@
+"""What every beam search of fastcomer shares with CoMER's: argument checks, the
+rescoring of first-pass hypotheses by the opposite direction, and the choice of the
+final answer (SPEC section 3)."""
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..vocab import EOS_IDX, PAD_IDX, SOS_IDX
+
+
+@dataclass
+class Hypothesis:
+    """One answer: token ids left to right without SOS/EOS, and its final score."""
+
+    seq: List[int]
+    score: float
+
+
+@dataclass
+class BeamSearchOutput:
+    """A bidirectional beam search, inside and out, for b images.
+
+    First-pass lists hold 2*b*beam_size entries: for each of the 2*b items (the b
+    left-to-right searches, then the b right-to-left ones) its finished list in
+    CoMER's order. Hypotheses are in decoding order, without the start token.
+    """
+
+    hyps: List[Hypothesis]
+    first_pass_hyps: List[List[int]]
+    first_pass_scores: Tensor  # float32, as CoMER's finalisation stores them
+    rescore: Tensor
+
+
+def check_search_args(model, img: Tensor, img_mask: Tensor, beam_size: int, max_len: int, temperature: float) -> None:
+    if model.training:
+        raise ValueError("beam search needs the model in eval mode: call model.eval() first")
+    if img.dim() != 4 or img_mask.shape != (img.shape[0], img.shape[2], img.shape[3]):
+        raise ValueError(f"expected img [b, 1, H, W] and img_mask [b, H, W], got {tuple(img.shape)} and {tuple(img_mask.shape)}")
+    vocab_size = model.config.vocab_size
+    if not 1 <= beam_size or 2 * beam_size > vocab_size:
+        raise ValueError(f"beam_size must be in 1..{vocab_size // 2}, got {beam_size}")
+    positions = model.decoder.pos_enc.pe.shape[0]
+    if not 2 <= max_len <= positions:
+        raise ValueError(f"max_len must be in 2..{positions}, got {max_len}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+
+def teacher_forcing_batch(seqs: Sequence[Sequence[int]], l2r: Sequence[bool], device) -> tuple:
+    """Token lists in left-to-right order -> (tgt, out) [n, max_len + 1] for teacher forcing,
+    row i decoded left to right when l2r[i] (SOS ... -> ... EOS), else right to left."""
+    length = max(len(s) for s in seqs) + 1
+    tgt = torch.full((len(seqs), length), PAD_IDX, dtype=torch.long)
+    out = torch.full((len(seqs), length), PAD_IDX, dtype=torch.long)
+    for i, (seq, forward) in enumerate(zip(seqs, l2r)):
+        tokens = list(seq) if forward else list(seq)[::-1]
+        start, stop = (SOS_IDX, EOS_IDX) if forward else (EOS_IDX, SOS_IDX)
+        tgt[i, : len(tokens) + 1] = torch.tensor([start] + tokens)
+        out[i, : len(tokens) + 1] = torch.tensor(tokens + [stop])
+    return tgt.to(device), out.to(device)
+
+
+def sequence_scores(logits: Tensor, tgt: Tensor, out: Tensor, alpha: float, temperature: float) -> Tensor:
+    """-(sum of token cross-entropies) / (non-PAD tokens of tgt) ** alpha, per row."""
+    loss = F.cross_entropy((logits / temperature).flatten(0, 1), out.flatten(), ignore_index=PAD_IDX, reduction="none")
+    # CoMER raises an integer count to alpha, which yields the default float dtype.
+    penalty = (tgt != PAD_IDX).sum(dim=1) ** alpha
+    return -loss.view(out.shape).sum(dim=1) / penalty
+
+
+def first_pass_in_l2r_order(first_pass_hyps: Sequence[Sequence[int]], batch: int, beam_size: int) -> List[List[int]]:
+    """First-pass hypotheses in left-to-right reading order (right-to-left ones reversed)."""
+    half = batch * beam_size
+    return [list(h) if i < half else list(h)[::-1] for i, h in enumerate(first_pass_hyps)]
+
+
+def select_best(first_pass_hyps: Sequence[Sequence[int]], scores: Tensor, batch: int, beam_size: int) -> List[Hypothesis]:
+    """Per image the best of its 2*beam_size hypotheses (left-to-right ones first, first
+    maximum wins), read left to right."""
+    seqs = first_pass_in_l2r_order(first_pass_hyps, batch, beam_size)
+    per_item = scores.view(2, batch, beam_size)
+    per_image = torch.cat((per_item[0], per_item[1]), dim=1)
+    best_scores, best = per_image.max(dim=1)
+    answers = []
+    for image, (k, score) in enumerate(zip(best.tolist(), best_scores.tolist())):
+        direction, rank = divmod(k, beam_size)
+        answers.append(Hypothesis(seqs[(direction * batch + image) * beam_size + rank], score))
+    return answers
+
+
+def rescore(decoder, feature: Tensor, feature_mask: Tensor, first_pass_hyps, beam_size: int, alpha: float, temperature: float) -> Tensor:
+    """Score every first-pass hypothesis by the opposite direction, in one teacher-forced
+    forward: row i of the result belongs to first_pass_hyps[i]."""
+    batch = feature.shape[0]
+    half = batch * beam_size
+    seqs = first_pass_in_l2r_order(first_pass_hyps, batch, beam_size)
+    rescore_l2r = [i >= half for i in range(len(seqs))]
+    tgt, out = teacher_forcing_batch(seqs, rescore_l2r, feature.device)
+    image = (torch.arange(len(seqs), device=feature.device) // beam_size) % batch
+    logits = decoder(feature[image], feature_mask[image], tgt)
+    return sequence_scores(logits, tgt, out, alpha, temperature)
