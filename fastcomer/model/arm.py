@@ -4,12 +4,24 @@ Every other path of fastcomer (the decoding engine, the Triton and CUDA kernels)
 is checked against this file; `refine_coverage` is the one definition of the
 coverage -> refinement map that they all share.
 """
-from typing import Tuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class FoldedARM(NamedTuple):
+    """The eval-mode ARM as plain tensors, BatchNorm folded into the 1x1 projection:
+    R = proj_weight @ relu(conv(C) + conv_bias) + shift at unmasked positions, 0 elsewhere."""
+
+    conv_weight: Tensor  # [dc, C, 5, 5], C = nhead per coverage kind (cross first, then self)
+    conv_bias: Tensor  # [dc]
+    proj_weight: Tensor  # [nhead, dc]
+    shift: Tensor  # [nhead]
+    cross_coverage: bool
+    self_coverage: bool
 
 
 class MaskBatchNorm2d(nn.Module):
@@ -73,11 +85,11 @@ class AttentionRefinementModule(nn.Module):
         r = self.refine_coverage(coverage, mask)
         return r.view(b, t, n, L).transpose(1, 2).reshape(bn, t, L)
 
-    def folded_projection(self) -> Tuple[Tensor, Tensor]:
-        """Eval-mode BatchNorm folded into the 1x1 projection: (weight [nhead, dc], shift [nhead]),
-        so that R = weight @ relu(conv(C)) + shift at unmasked positions."""
+    def fold(self) -> FoldedARM:
+        """The eval-mode ARM with BatchNorm (running statistics) folded into the projection."""
         bn = self.post_norm.bn
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = self.proj.weight.flatten(1) * scale[:, None]
-        shift = bn.bias - bn.running_mean * scale
-        return weight, shift
+        return FoldedARM(
+            self.conv.weight, self.conv.bias, self.proj.weight.flatten(1) * scale[:, None],
+            bn.bias - bn.running_mean * scale, self.cross_coverage, self.self_coverage,
+        )
