@@ -5,77 +5,19 @@ import os
 import pytest
 import torch
 
-from fastcomer.model.arm import AttentionRefinementModule
+from conftest import assert_close_rel
+from decode_step_cases import COVERAGE_MODES, check_against_torch, clone, make_step
 from fastcomer.ops.decode_step import cross_attention_step
 from fastcomer.ops.decode_step_dispatch import fused_cross_attention_step
 
-from conftest import assert_close_rel
-
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (tests/run.sh does it)", allow_module_level=True)
-
-COVERAGE_MODES = {"cross": (True, False), "self": (False, True), "both": (True, True)}
-RTOL = 1e-5
-
-
-def make_arm(nhead, cross, self_, generator):
-    arm = AttentionRefinementModule(nhead, 32, cross, self_)
-    with torch.no_grad():
-        for p in arm.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-        bn = arm.post_norm.bn
-        bn.running_mean.copy_(torch.randn(nhead, generator=generator))
-        bn.running_var.copy_(torch.rand(nhead, generator=generator) + 0.5)
-        return arm.eval().fold()
-
-
-def make_step(nhead, mode, layer, height=5, width=7, head_dim=8, images=3, image_index=(2, 0, 2, 1, 0, 2), seed=0):
-    """Inputs of one step: images of different valid sizes (padding at the bottom and right,
-    plus scattered masked positions in one image), rows in no particular image order."""
-    g = torch.Generator().manual_seed(seed)
-    L = height * width
-    rows = len(image_index)
-    arm = make_arm(nhead, *COVERAGE_MODES[mode], g)
-    channels = arm.conv_weight.shape[1]
-    mask = torch.zeros(images, height, width, dtype=torch.bool)
-    mask[0, height - 2:] = True  # two whole rows
-    mask[1, :, width - 3:] = True  # three whole columns
-    mask = mask.view(images, L)
-    mask[2, torch.randperm(L, generator=g)[: L // 4]] = True  # scattered
-    coverage = None if layer == "first" else torch.rand(rows, channels, L, generator=g) * 3
-    next_coverage = None if layer == "last" else torch.rand(rows, channels, L, generator=g) * 3
-    return dict(
-        q=torch.randn(rows, nhead, head_dim, generator=g),
-        k=torch.randn(images, nhead, L, head_dim, generator=g) * 1.5,
-        v=torch.randn(images, nhead, L, head_dim, generator=g),
-        key_padding_mask=mask,
-        image_index=torch.tensor(image_index, dtype=torch.int32),
-        height=height,
-        arm=arm,
-        coverage=coverage,
-        next_coverage=next_coverage,
-    )
-
-
-def clone(step):
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
-
-
-def check_against_torch(step):
-    expected_step, actual_step = clone(step), clone(step)
-    expected = fused_cross_attention_step(**expected_step, backend="torch")
-    actual = fused_cross_attention_step(**actual_step, backend="triton")
-    assert_close_rel(actual, expected, RTOL, "A'V")
-    for name in ("coverage", "next_coverage"):
-        if step[name] is not None:
-            assert_close_rel(actual_step[name], expected_step[name], RTOL, name)
-
 
 @pytest.mark.parametrize("layer", ["first", "middle", "last"])
 @pytest.mark.parametrize("mode", list(COVERAGE_MODES))
 @pytest.mark.parametrize("nhead", [2, 8])
 def test_triton_matches_reference(nhead, mode, layer):
-    check_against_torch(make_step(nhead, mode, layer))
+    check_against_torch(make_step(nhead, mode, layer), "triton")
 
 
 def test_torch_path_is_the_reference_on_grouped_rows():
@@ -96,7 +38,7 @@ def test_torch_path_is_the_reference_on_grouped_rows():
 
 def test_odd_sizes_and_several_tiles():
     """h, w odd with L spanning several tiles (and a ragged last one); head_dim not a power of two."""
-    check_against_torch(make_step(8, "both", "middle", height=9, width=11, head_dim=12, seed=1))
+    check_against_torch(make_step(8, "both", "middle", height=9, width=11, head_dim=12, seed=1), "triton")
 
 
 def test_inactive_rows_are_untouched():
@@ -107,7 +49,7 @@ def test_inactive_rows_are_untouched():
     assert torch.equal(out[inactive], torch.zeros_like(out[inactive]))
     for name in ("coverage", "next_coverage"):
         assert torch.equal(step[name][inactive], before[name][inactive])
-    check_against_torch(before)
+    check_against_torch(before, "triton")
 
 
 def test_int64_image_index_and_strided_kv():
@@ -116,7 +58,7 @@ def test_int64_image_index_and_strided_kv():
     images, nhead, L, head_dim = step["k"].shape
     kv = torch.stack([step["k"], step["v"]], dim=3)  # [I, nhead, L, 2, hd]
     step.update(k=kv[:, :, :, 0], v=kv[:, :, :, 1], image_index=step["image_index"].long())
-    check_against_torch(step)
+    check_against_torch(step, "triton")
 
 
 def test_bad_inputs_raise_clearly():
