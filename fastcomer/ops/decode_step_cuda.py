@@ -18,10 +18,13 @@ DC = 32
 MAX_HEAD_DIM = 128
 
 
-def unsupported_reason(shape: DecodeStepShape, dtype: torch.dtype) -> Optional[str]:
+def unsupported_reason(shape: DecodeStepShape, q: Tensor, coverage: Optional[Tensor], next_coverage: Optional[Tensor]) -> Optional[str]:
     """Why this build's kernels cannot take the step, or None (mirrors csrc's checks)."""
-    if dtype not in DTYPE_CODES:
-        return f"dtype {dtype} (float32, float16, bfloat16 are compiled)"
+    if q.dtype not in DTYPE_CODES:
+        return f"dtype {q.dtype} (float32, float16, bfloat16 are compiled)"
+    for name, cov in (("coverage", coverage), ("next_coverage", next_coverage)):
+        if cov is not None and cov.dtype != torch.float32:
+            return f"{name} in {cov.dtype} (the running sums are float32)"
     if shape.nhead not in NHEADS:
         return f"nhead {shape.nhead} (compiled: {NHEADS})"
     if shape.head_dim > MAX_HEAD_DIM:
@@ -42,7 +45,8 @@ def _float32_weight(t: Tensor) -> Tensor:
 
 def cuda_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, next_coverage,
               shape: DecodeStepShape) -> Tensor:
-    """Launches csrc's kernel on inputs `check_inputs` accepted and `unsupported_reason` cleared."""
+    """Launches csrc's kernel on inputs `check_inputs` accepted and `unsupported_reason` cleared
+    (the dispatcher checks it)."""
     module, why = cuda_extension_status()
     if module is None:
         raise RuntimeError(why)
@@ -53,8 +57,6 @@ def cuda_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, nex
     refine = coverage is not None
     update_self = refine and arm.self_coverage
     update_next = next_coverage is not None and arm.cross_coverage
-    for name, cov in (("coverage", coverage), ("next_coverage", next_coverage)):
-        _require(cov is None or cov.dtype == torch.float32, f"{name} must be float32 (the running sums), got {getattr(cov, 'dtype', None)}")
     weights = [_float32_weight(t) for t in (arm.conv_weight, arm.conv_bias, arm.proj_weight, arm.shift)] if refine else []
     conv_weight, conv_bias, proj_weight, shift = (w.data_ptr() for w in weights) if refine else (0, 0, 0, 0)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)

@@ -116,7 +116,7 @@ def fused_cross_attention_step(
     if name == "cuda":
         from .decode_step_cuda import cuda_step, unsupported_reason
 
-        why = unsupported_reason(shape, q.dtype)
+        why = unsupported_reason(shape, q, coverage, next_coverage)
         if why is None:
             return cuda_step(*args, shape=shape)
         if backends.requested_backend(backend) == "cuda":
