@@ -75,7 +75,7 @@ class BuildExt(build_ext):
                            f'-DFASTCOMER_CUDA_ARCHS="{arch_names}"', *includes, "-c", str(source), "-o", str(obj)]
             else:
                 command = [cxx, "-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", *includes, "-c", str(source), "-o", str(obj)]
-            steps.append((obj, [source, ROOT / "csrc" / "decode_step.h"], command))
+            steps.append((obj, [source, *sorted((ROOT / "csrc").glob("*.h")), *sorted((ROOT / "csrc").glob("*.cuh"))], command))
         objects = [obj for obj, _, _ in steps]
         steps.append((target, objects, [nvcc, "-shared", "-cudart=static", *[str(o) for o in objects], "-o", str(target)]))
         ninja = shutil.which("ninja")
