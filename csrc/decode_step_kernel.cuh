@@ -19,8 +19,9 @@
 
 #include "decode_step.h"
 
-// Dynamic shared memory, sized by the launch (see shared_layout).
-extern __shared__ float decode_step_shared[];
+// Dynamic shared memory, sized by the launch (see shared_layout, whose offsets keep 16-byte
+// alignment for float4 reads).
+extern __shared__ __align__(16) float decode_step_shared[];
 
 namespace fastcomer {
 namespace {
@@ -29,6 +30,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kDC = 32;       // ARM conv channels (CoMER's dc)
 constexpr int kTaps = 25;     // 5x5
+static_assert(kDC % 4 == 0, "conv weights are read as float4");
 constexpr int kMaxHeadDim = 128;
 constexpr int kDimsPerLane = kMaxHeadDim / 32;
 // Finite start of the running maxima: exp(-inf - start) = 0, never inf - inf.
@@ -157,9 +159,14 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const DecodeStepP
               if (x + dx - 2 < 0 || x + dx - 2 >= width) continue;
               // patch index of (y + dy - 2, x + dx - 2) relative to patch_start
               const float value = patch_s[tid + dy * width + dx];
-              const float* w = weight_s + (dy * 5 + dx) * kDC;
+              // 16-byte broadcast reads: a tap's kDC weights start on a 16-byte boundary
+              const float4* w = reinterpret_cast<const float4*>(weight_s + (dy * 5 + dx) * kDC);
 #pragma unroll
-              for (int d = 0; d < kDC; ++d) conv[d] += w[d] * value;
+              for (int d = 0; d < kDC / 4; ++d) {
+                const float4 w4 = w[d];
+                conv[4 * d] += w4.x * value, conv[4 * d + 1] += w4.y * value;
+                conv[4 * d + 2] += w4.z * value, conv[4 * d + 3] += w4.w * value;
+              }
             }
           }
         }

@@ -13,6 +13,11 @@
 #define __shared__
 #define __forceinline__ inline
 #define __launch_bounds__(threads)
+#define __align__(bytes) __attribute__((aligned(bytes)))
+
+struct float4 {
+  float x, y, z, w;
+};
 
 struct EmulatedIndex {
   int64_t x = 0;

@@ -9,7 +9,7 @@
 
 #include "decode_step_kernel.cuh"
 
-float decode_step_shared[1 << 20];
+alignas(16) float decode_step_shared[1 << 20];
 
 namespace {
 
