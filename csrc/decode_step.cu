@@ -64,13 +64,15 @@ void launch_decode_step(const DecodeStepParams& p, void* stream) {
   require(p.rows >= 0 && p.rows < (int64_t{1} << 31), "rows out of range");
   require(p.head_dim >= 1 && p.head_dim <= kMaxHeadDim, "head_dim " + std::to_string(p.head_dim) + " unsupported; " + supported_shapes());
   require(p.height >= 1 && p.width >= 1 && p.height * p.width == p.length, "height * width != L");
-  require(p.q && p.k && p.v && p.key_padding_mask && p.image_index && p.scratch && p.out, "a required pointer is null");
-  if (p.coverage != nullptr || p.next_coverage != nullptr) {
+  require(p.q && p.k && p.v && p.key_padding_mask && p.image_index && p.returned && p.out, "a required pointer is null");
+  if (p.coverage != nullptr) {
     require(p.dc == kDC, "dc " + std::to_string(p.dc) + " unsupported; " + supported_shapes());
     require(p.channels == p.nhead || p.channels == 2 * p.nhead, "channels must be nhead or 2 * nhead");
+    require(p.conv_weight && p.conv_bias && p.proj_weight && p.shift, "ARM weights missing");
+    require(p.rows <= 1 || p.coverage_stride_row >= p.channels * p.length, "coverage rows overlap");
   }
-  if (p.coverage != nullptr) require(p.conv_weight && p.conv_bias && p.proj_weight && p.shift, "ARM weights missing");
-  require(!p.update_self || p.coverage != nullptr, "update_self needs coverage");
+  require(!p.update_self || (p.coverage != nullptr && p.scratch != nullptr), "update_self needs coverage and scratch");
+  require(p.prev_attn == nullptr || p.coverage != nullptr, "prev_attn (the cross-coverage update) needs coverage");
   if (p.rows == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {

@@ -19,14 +19,18 @@ struct DecodeStepParams {
   const uint8_t* key_padding_mask = nullptr;  // [images, L], nonzero = padding
   const void* image_index = nullptr;      // [rows] int32 or int64; negative = inactive row
   bool image_index_int64 = false;
-  float* coverage = nullptr;              // [rows, channels, L]; nullptr for layer 0 (no refinement)
-  float* next_coverage = nullptr;         // [rows, channels, L]; nullptr: no cross-coverage update
+  float* coverage = nullptr;              // [rows, channels, L], rows coverage_stride_row apart; nullptr:
+                                          // no refinement (layer 0). Updated after the conv reads it:
+  int64_t coverage_stride_row = 0;
+  const float* prev_attn = nullptr;       // [rows, nhead, L]: added to coverage's first nhead channels
+                                          // (cross coverage); nullptr: no cross update
   bool update_self = false;               // add A to coverage's last nhead channels
   const float* conv_weight = nullptr;     // [dc, channels, 5, 5]
   const float* conv_bias = nullptr;       // [dc]
   const float* proj_weight = nullptr;     // [nhead, dc], BatchNorm folded
   const float* shift = nullptr;           // [nhead]
-  float* scratch = nullptr;               // [rows, 2, nhead, L]
+  float* scratch = nullptr;               // [rows, nhead, L]; needed with update_self only
+  float* returned = nullptr;              // [rows, nhead, L]: A' (A without coverage), 0 for inactive rows
   void* out = nullptr;                    // [rows, nhead, head_dim], dtype, contiguous
   DType dtype = DType::kFloat32;          // of q, k, v, out
   int64_t rows = 0, nhead = 0, head_dim = 0, length = 0, height = 0, width = 0, channels = 0, dc = 0;

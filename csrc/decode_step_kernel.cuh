@@ -4,10 +4,12 @@
 // head; the ARM refinement R: the 5x5 conv over the coverage image, one input channel
 // at a time (its halo patch and weights staged in shared memory, 32 conv outputs per
 // thread in registers), ReLU, zero at padding, folded projection; running softmax
-// statistics of S and S - R per thread, and S, S - R parked in `scratch`.
+// statistics of S and S - R per thread; S - R parked in `returned`, S in `scratch` (only
+// when the self coverage is updated).
 // Pass 2, after a block-wide merge of the statistics (whose barriers also order every
-// conv read of the self coverage before its update): A and A' normalised, the coverage
-// sums updated, A' written back to scratch.
+// conv read of the coverage before its update): A' normalised into `returned` (what the
+// layer returns), and this step added to the layer's own coverage sums: A to the self
+// block, prev_attn (the previous layer's A') to the cross block.
 // Pass 3: A'V, one warp per (head, slice of L), lanes along head_dim (coalesced V rows).
 //
 // Device code only. The includer provides the CUDA built-ins (nvcc, after cuda_fp16.h and
@@ -84,8 +86,10 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const DecodeStepP
   const int64_t image = p.image_index_int64 ? static_cast<const int64_t*>(p.image_index)[row]
                                             : static_cast<const int32_t*>(p.image_index)[row];
   T* out = static_cast<T*>(p.out) + row * NHEAD * head_dim;
-  if (image < 0) {  // inactive row: output 0, coverage untouched
+  float* refined = p.returned + row * NHEAD * L;  // S - R [NHEAD][L], then A'
+  if (image < 0) {  // inactive row: output and returned attention 0, coverage untouched
     for (int i = tid; i < NHEAD * head_dim; i += kThreads) out[i] = from_float<T>(0.0f);
+    for (int64_t i = tid; i < NHEAD * L; i += kThreads) refined[i] = 0.0f;
     return;
   }
   const SharedLayout layout = shared_layout(NHEAD, head_dim, width);
@@ -111,9 +115,8 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const DecodeStepP
   const uint8_t* mask = p.key_padding_mask + image * p.mask_stride_image;
   const T* k = static_cast<const T*>(p.k) + image * p.k_stride_image;
   const T* v = static_cast<const T*>(p.v) + image * p.v_stride_image;
-  const float* coverage = refine ? p.coverage + row * p.channels * L : nullptr;
-  float* scores = p.scratch + row * 2 * NHEAD * L;  // S [NHEAD][L], then S - R / A' [NHEAD][L]
-  float* refined = scores + NHEAD * L;
+  float* coverage = refine ? p.coverage + row * p.coverage_stride_row : nullptr;
+  float* scores = p.update_self ? p.scratch + row * NHEAD * L : nullptr;  // S [NHEAD][L]
 
   float max_s[NHEAD], sum_s[NHEAD], max_t[NHEAD], sum_t[NHEAD];
 #pragma unroll
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const DecodeStepP
         add_sample(max_t[n], sum_t[n], t);
       }
       if (in_range) {
-        scores[n * L + pos] = s[n];
+        if (scores != nullptr) scores[n * L + pos] = s[n];
         refined[n * L + pos] = t;
       }
     }
@@ -219,16 +222,17 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const DecodeStepP
     }
   }
 
-  float* self_coverage = p.update_self ? p.coverage + (row * p.channels + p.channels - NHEAD) * L : nullptr;
-  float* next_cross = p.next_coverage != nullptr ? p.next_coverage + row * p.channels * L : nullptr;
+  // Each thread rewrites the positions it wrote in pass 1; the coverage updates come after
+  // the barrier above, so no conv (whose halo reaches other threads' positions) sees them.
+  float* self_coverage = p.update_self ? coverage + (p.channels - NHEAD) * L : nullptr;
+  float* cross_coverage = p.prev_attn != nullptr ? coverage : nullptr;
+  const float* prev_attn = p.prev_attn != nullptr ? p.prev_attn + row * NHEAD * L : nullptr;
   for (int64_t pos = tid; pos < L; pos += kThreads) {
 #pragma unroll
     for (int n = 0; n < NHEAD; ++n) {
-      const float attn = __expf(scores[n * L + pos] - max_s[n]) / sum_s[n];
-      const float attn_refined = __expf(refined[n * L + pos] - max_t[n]) / sum_t[n];
-      if (self_coverage != nullptr) self_coverage[n * L + pos] += attn;
-      if (next_cross != nullptr) next_cross[n * L + pos] += attn_refined;
-      refined[n * L + pos] = attn_refined;
+      refined[n * L + pos] = __expf(refined[n * L + pos] - max_t[n]) / sum_t[n];
+      if (self_coverage != nullptr) self_coverage[n * L + pos] += __expf(scores[n * L + pos] - max_s[n]) / sum_s[n];
+      if (cross_coverage != nullptr) cross_coverage[n * L + pos] += prev_attn[n * L + pos];
     }
   }
   __syncthreads();  // A' in scratch is read across warps below
