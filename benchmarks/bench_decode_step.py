@@ -1,10 +1,10 @@
 """Per-step latency of one decoder layer's fused cross-attention + ARM step, per backend.
 
-For each (images, L): all images x rows-per-image beams take one middle-layer step (cross
-and self coverage, refinement and both coverage updates), timed with CUDA events (or the
-wall clock on CPU). Beside each timing: the floor set by the bytes the step must read
-(K/V of every image, the coverage sums of every row) over the device's measured copy
-bandwidth. Writes JSON (device, date, versions, shapes, results) to --out.
+For each (images, L): all images x rows-per-image beams take one refining layer's step
+(cross and self coverage: refinement, the returned attention, both coverage updates),
+timed with CUDA events (or the wall clock on CPU). Beside each timing: the floor set by the
+bytes the step must move (K/V of every image, every row's coverage sums read and written,
+prev_attn read, the returned attention written) over the device's measured copy bandwidth. Writes JSON (device, date, versions, shapes, results) to --out.
 
     python benchmarks/bench_decode_step.py --out bench.json                      # GPU, full grid
     python benchmarks/bench_decode_step.py --device cpu --images 1 --lengths 64 \\
@@ -44,13 +44,15 @@ def make_step(images, rows_per_image, length, height, nhead, head_dim, dc, dtype
         height=height,
         arm=folded,
         coverage=torch.rand(rows, channels, length, generator=g).to(device),
-        next_coverage=torch.rand(rows, channels, length, generator=g).to(device),
+        prev_attn=torch.softmax(torch.randn(rows, nhead, length, generator=g), dim=-1).to(device),
     )
 
 
-def bytes_read(step) -> int:
-    """What a step cannot avoid reading: K and V of every image, every row's coverage sums."""
-    return sum(step[name].numel() * step[name].element_size() for name in ("k", "v", "coverage"))
+def bytes_moved(step) -> int:
+    """What a step cannot avoid moving: K and V of every image read, every row's coverage sums
+    read and written back, prev_attn read and the returned attention (as large) written."""
+    size = lambda name: step[name].numel() * step[name].element_size()
+    return size("k") + size("v") + 2 * size("coverage") + 2 * size("prev_attn")
 
 
 def time_ms(fn, device, warmup, iters):
@@ -105,10 +107,10 @@ def main():
         for images in map(int, args.images.split(",")):
             step = make_step(images, args.rows_per_image, length, height, args.nhead, args.head_dim, args.dc,
                              DTYPES[args.dtype], device)
-            floor_ms = bytes_read(step) / bandwidth * 1e3
+            floor_ms = bytes_moved(step) / bandwidth * 1e3
             for backend in args.backends.split(","):
                 entry = dict(backend=backend, images=images, rows=images * args.rows_per_image, length=length,
-                             height=height, width=length // height, bytes_read=bytes_read(step), floor_ms=floor_ms)
+                             height=height, width=length // height, bytes_moved=bytes_moved(step), floor_ms=floor_ms)
                 try:
                     with torch.no_grad():
                         entry["ms"] = time_ms(lambda: fused_cross_attention_step(**step, backend=backend), device,
@@ -126,7 +128,7 @@ def main():
         environment=env_report(),
         copy_bandwidth_gb_s=bandwidth / 1e9,
         shapes=dict(rows_per_image=args.rows_per_image, nhead=args.nhead, head_dim=args.head_dim, dc=args.dc,
-                    dtype=args.dtype, coverage="cross+self, middle layer"),
+                    dtype=args.dtype, coverage="cross+self, refining layer"),
         timing=dict(warmup=args.warmup, iters=args.iters, statistic="median"),
         results=results,
     )

@@ -48,23 +48,26 @@ Kernel kernel_for(int64_t nhead) {
 int main(int argc, char** argv) {
   if (argc != 2) return 2;
   directory = argv[1];
-  // rows nhead head_dim length height channels dc update_self has_coverage has_next image_index_int64
+  // rows nhead head_dim length height channels dc update_self has_coverage has_prev_attn image_index_int64
+  // coverage_stride_row
   const auto meta = load<int64_t>("meta");
   auto q = load<float>("q"), k = load<float>("k"), v = load<float>("v");
   auto mask = load<uint8_t>("key_padding_mask");
   auto image_index = load<uint8_t>("image_index");
-  auto coverage = load<float>("coverage"), next_coverage = load<float>("next_coverage");
+  auto coverage = load<float>("coverage");
+  const auto prev_attn = load<float>("prev_attn");
   auto conv_weight = load<float>("conv_weight"), conv_bias = load<float>("conv_bias");
   auto proj_weight = load<float>("proj_weight"), shift = load<float>("shift");
   fastcomer::DecodeStepParams p;
   p.rows = meta[0], p.nhead = meta[1], p.head_dim = meta[2], p.length = meta[3], p.height = meta[4];
   p.width = p.length / p.height, p.channels = meta[5], p.dc = meta[6], p.update_self = meta[7];
-  p.image_index_int64 = meta[10];
-  std::vector<float> scratch(p.rows * 2 * p.nhead * p.length), out(p.rows * p.nhead * p.head_dim, 12345.0f);
+  p.image_index_int64 = meta[10], p.coverage_stride_row = meta[11];
+  std::vector<float> scratch(p.rows * p.nhead * p.length, 54321.0f), out(p.rows * p.nhead * p.head_dim, 12345.0f);
+  std::vector<float> returned(p.rows * p.nhead * p.length, 12345.0f);
   p.q = q.data(), p.k = k.data(), p.v = v.data(), p.key_padding_mask = mask.data(), p.image_index = image_index.data();
-  p.coverage = meta[8] ? coverage.data() : nullptr, p.next_coverage = meta[9] ? next_coverage.data() : nullptr;
+  p.coverage = meta[8] ? coverage.data() : nullptr, p.prev_attn = meta[9] ? prev_attn.data() : nullptr;
   p.conv_weight = conv_weight.data(), p.conv_bias = conv_bias.data(), p.proj_weight = proj_weight.data(), p.shift = shift.data();
-  p.scratch = scratch.data(), p.out = out.data();
+  p.scratch = p.update_self ? scratch.data() : nullptr, p.returned = returned.data(), p.out = out.data();
   p.q_stride_row = p.nhead * p.head_dim, p.q_stride_head = p.head_dim;
   p.k_stride_image = p.v_stride_image = p.nhead * p.length * p.head_dim;
   p.k_stride_head = p.v_stride_head = p.length * p.head_dim;
@@ -81,6 +84,6 @@ int main(int argc, char** argv) {
   }
   save("out", out);
   save("coverage_out", coverage);
-  save("next_coverage_out", next_coverage);
+  save("returned", returned);
   return 0;
 }

@@ -17,9 +17,10 @@ if NVCC is None or not Path(NVCC).is_file():
     pytest.skip("nvcc not found in $CUDA_HOME/bin or on PATH: the CUDA extension cannot be built here", allow_module_level=True)
 pytest.importorskip("pybind11", reason="pybind11 (a build requirement, in the test extra) is not installed")
 
-EXPECTED_ARGS = ("q", "k", "v", "key_padding_mask", "image_index", "image_index_int64", "coverage", "next_coverage",
-                 "update_self", "conv_weight", "conv_bias", "proj_weight", "shift", "scratch", "out", "dtype", "rows",
-                 "nhead", "head_dim", "length", "height", "channels", "dc", "stream")
+EXPECTED_ARGS = ("q", "k", "v", "key_padding_mask", "image_index", "image_index_int64", "coverage",
+                 "coverage_stride_row", "prev_attn", "update_self", "conv_weight", "conv_bias", "proj_weight", "shift",
+                 "scratch", "returned", "out", "dtype", "rows", "nhead", "head_dim", "length", "height", "channels",
+                 "dc", "stream")
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +91,15 @@ def test_bad_shapes_raise_before_any_launch(built):
     """Validation runs on the host, before CUDA is touched: clear ValueErrors, no crash."""
     result = run_python("""
         base = dict(q=1, k=1, v=1, key_padding_mask=1, image_index=1, image_index_int64=False, coverage=0,
-                    next_coverage=0, update_self=False, conv_weight=0, conv_bias=0, proj_weight=0, shift=0, scratch=1,
-                    out=1, dtype=0, rows=4, nhead=8, head_dim=32, length=12, height=3, channels=0, dc=0,
+                    coverage_stride_row=0, prev_attn=0, update_self=False, conv_weight=0, conv_bias=0, proj_weight=0,
+                    shift=0, scratch=0, returned=1, out=1, dtype=0, rows=4, nhead=8, head_dim=32, length=12, height=3, channels=0, dc=0,
                     q_stride_row=256, q_stride_head=32, k_stride_image=3072, k_stride_head=384, k_stride_pos=32,
                     v_stride_image=3072, v_stride_head=384, v_stride_pos=32, mask_stride_image=12, stream=0)
+        arm = dict(coverage=1, coverage_stride_row=192, channels=16, dc=32, conv_weight=1, conv_bias=1,
+                   proj_weight=1, shift=1)
         for change in (dict(nhead=3), dict(head_dim=256), dict(height=5), dict(dtype=7),
-                       dict(coverage=1, channels=16, dc=16), dict(q=0)):
+                       dict(coverage=1, channels=16, dc=16), dict(q=0), dict(returned=0),
+                       dict(arm, coverage_stride_row=100), dict(arm, update_self=True), dict(prev_attn=1)):
             try:
                 C.decode_step(**{**base, **change})
             except ValueError as err:
@@ -103,8 +107,11 @@ def test_bad_shapes_raise_before_any_launch(built):
     """, built)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().split("\n")
-    assert len(lines) == 6 and all(line.startswith("ValueError: fastcomer._C.decode_step") for line in lines), result.stdout
+    assert len(lines) == 10 and all(line.startswith("ValueError: fastcomer._C.decode_step") for line in lines), result.stdout
     assert "nhead 3 is not compiled" in lines[0] and "dc 16 unsupported" in lines[4]
+    assert "required pointer is null" in lines[5] and "required pointer is null" in lines[6]
+    assert "coverage rows overlap" in lines[7] and "update_self needs coverage and scratch" in lines[8]
+    assert "prev_attn (the cross-coverage update) needs coverage" in lines[9]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a real device would run the launch on these fake pointers")
@@ -112,8 +119,8 @@ def test_launch_without_a_device_raises(built):
     result = run_python("""
         try:
             C.decode_step(q=16, k=16, v=16, key_padding_mask=16, image_index=16, image_index_int64=False, coverage=0,
-                          next_coverage=0, update_self=False, conv_weight=0, conv_bias=0, proj_weight=0, shift=0,
-                          scratch=16, out=16, dtype=0, rows=1, nhead=8, head_dim=32, length=12, height=3, channels=0,
+                          coverage_stride_row=0, prev_attn=0, update_self=False, conv_weight=0, conv_bias=0,
+                          proj_weight=0, shift=0, scratch=0, returned=16, out=16, dtype=0, rows=1, nhead=8, head_dim=32, length=12, height=3, channels=0,
                           dc=0, q_stride_row=256, q_stride_head=32, k_stride_image=3072, k_stride_head=384,
                           k_stride_pos=32, v_stride_image=3072, v_stride_head=384, v_stride_pos=32,
                           mask_stride_image=12, stream=0)

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from conftest import REPO, assert_close_rel
-from decode_step_cases import COVERAGE_MODES, clone, make_step
-from fastcomer.ops.decode_step_dispatch import check_inputs, fused_cross_attention_step
+from decode_step_cases import COVERAGE_MODES, check_chain, clone, make_chain, make_step
+from fastcomer.ops.decode_step_dispatch import check_inputs, fused_cross_attention_step, plan
 
+COVERAGE_GAP = 5  # floats between the coverage rows the emulated kernel gets
 CXX = shutil.which("g++") or shutil.which("c++")
 if CXX is None:
     pytest.skip("no C++ compiler to build the host emulation of the CUDA kernel", allow_module_level=True)
@@ -34,39 +35,61 @@ def driver(tmp_path_factory):
 
 
 def run_emulated(driver, step, workdir):
-    """The kernel's outputs (A'V and both coverages after the step) for a contiguous float32 step."""
+    """The kernel's outputs (A'V, the returned attention, and the coverage after the step,
+    also written back to step["coverage"]) for a float32 step. The kernel sees the coverage
+    rows COVERAGE_GAP floats apart, the gaps filled with NaN (a read there would show)."""
     shape = check_inputs(**step)
-    arm = step["arm"]
-    refine = step["coverage"] is not None
+    flags = plan(step["arm"], step["coverage"])
+    row_size = shape.channels * shape.length
     meta = [shape.rows, shape.nhead, shape.head_dim, shape.length, shape.height, shape.channels, shape.dc,
-            int(refine and arm.self_coverage), int(refine), int(step["next_coverage"] is not None and arm.cross_coverage),
-            int(step["image_index"].dtype == torch.int64)]
+            int(flags.update_self), int(flags.refine), int(flags.update_cross),
+            int(step["image_index"].dtype == torch.int64), row_size + COVERAGE_GAP]
     arrays = {"meta": torch.tensor(meta, dtype=torch.int64), "key_padding_mask": step["key_padding_mask"].to(torch.uint8)}
-    arrays.update({name: step[name] for name in ("q", "k", "v", "image_index", "coverage", "next_coverage") if step[name] is not None})
-    arrays.update({name: getattr(arm, name) for name in ("conv_weight", "conv_bias", "proj_weight", "shift")})
+    arrays.update({name: step[name] for name in ("q", "k", "v", "image_index") if step[name] is not None})
+    if flags.refine:
+        coverage = torch.full((shape.rows, row_size + COVERAGE_GAP), float("nan"))
+        coverage[:, :row_size] = step["coverage"].reshape(shape.rows, row_size)
+        arrays["coverage"] = coverage
+    if flags.update_cross:
+        arrays["prev_attn"] = step["prev_attn"]
+    arrays.update({name: getattr(step["arm"], name) for name in ("conv_weight", "conv_bias", "proj_weight", "shift")})
     for name, tensor in arrays.items():
         tensor.detach().contiguous().numpy().tofile(workdir / name)
     subprocess.run([str(driver), str(workdir)], check=True, timeout=300)
-    result = {"out": torch.from_numpy(np.fromfile(workdir / "out", np.float32)).view(step["q"].shape)}
-    for name in ("coverage", "next_coverage"):
-        if step[name] is not None:
-            result[name] = torch.from_numpy(np.fromfile(workdir / f"{name}_out", np.float32)).view(step[name].shape)
+    read = lambda name, shape: torch.from_numpy(np.fromfile(workdir / name, np.float32)).view(shape)
+    result = {"out": read("out", step["q"].shape), "returned": read("returned", (shape.rows, shape.nhead, shape.length))}
+    if flags.refine:
+        padded = read("coverage_out", coverage.shape)
+        assert padded[:, row_size:].isnan().all(), "the kernel wrote between coverage rows"
+        result["coverage"] = padded[:, :row_size].reshape(step["coverage"].shape)
+        step["coverage"].copy_(result["coverage"])
     return result
 
 
 def check(driver, step, tmp_path):
     expected_step = clone(step)
-    expected = fused_cross_attention_step(**expected_step, backend="torch")
+    expected, expected_returned = fused_cross_attention_step(**expected_step, backend="torch")
     actual = run_emulated(driver, step, tmp_path)
     assert_close_rel(actual["out"], expected, 1e-5, "A'V")
-    for name in ("coverage", "next_coverage"):
-        if step[name] is not None:
-            assert_close_rel(actual[name], expected_step[name], 1e-5, name)
+    assert_close_rel(actual["returned"], expected_returned, 1e-5, "returned")
+    if step["coverage"] is not None:
+        assert_close_rel(actual["coverage"], expected_step["coverage"], 1e-5, "coverage")
 
 
-@pytest.mark.parametrize("nhead,mode,layer", itertools.product([2, 8], COVERAGE_MODES, ["first", "middle", "last"]))
-def test_emulated_kernel_matches_reference(driver, tmp_path, nhead, mode, layer):
-    check(driver, make_step(nhead, mode, layer), tmp_path)
+@pytest.mark.parametrize("nhead,mode,refine", itertools.product([2, 8], COVERAGE_MODES, [False, True]))
+def test_emulated_kernel_matches_reference(driver, tmp_path, nhead, mode, refine):
+    check(driver, make_step(nhead, mode, refine), tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["cross", "both"])
+def test_emulated_kernel_chained_layers_and_steps(driver, tmp_path, mode):
+    """Three layers over three steps through the emulated kernel against the reference chained."""
+    def step_fn(*args):
+        names = ("q", "k", "v", "key_padding_mask", "image_index", "height", "arm", "coverage", "prev_attn")
+        result = run_emulated(driver, dict(zip(names, args)), tmp_path)
+        return result["out"], result["returned"]
+
+    check_chain(make_chain(4, mode, steps=3), step_fn)
 
 
 @pytest.mark.parametrize("nhead,height,width,head_dim,image_index", [
@@ -76,14 +99,14 @@ def test_emulated_kernel_matches_reference(driver, tmp_path, nhead, mode, layer)
     (4, 9, 11, 128, (2, 1)),  # the largest head_dim
 ])
 def test_emulated_kernel_shapes(driver, tmp_path, nhead, height, width, head_dim, image_index):
-    check(driver, make_step(nhead, "both", "middle", height, width, head_dim, images=4, image_index=image_index), tmp_path)
+    check(driver, make_step(nhead, "both", True, height, width, head_dim, images=4, image_index=image_index), tmp_path)
 
 
 def test_emulated_kernel_skips_inactive_rows(driver, tmp_path):
-    step = make_step(8, "both", "middle", image_index=(1, -1, 0, -1, 2))
+    step = make_step(8, "both", image_index=(1, -1, 0, -1, 2))
     step["image_index"] = step["image_index"].long()
     actual = run_emulated(driver, clone(step), tmp_path)
     assert torch.equal(actual["out"][[1, 3]], torch.zeros(2, 8, 8))
-    for name in ("coverage", "next_coverage"):
-        assert torch.equal(actual[name][[1, 3]], step[name][[1, 3]])
+    assert torch.equal(actual["returned"][[1, 3]], torch.zeros(2, 8, step["key_padding_mask"].shape[1]))
+    assert torch.equal(actual["coverage"][[1, 3]], step["coverage"][[1, 3]])
     check(driver, step, tmp_path)
