@@ -66,7 +66,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("image_index"),
         py::arg("image_index_int64"), py::arg("coverage"), py::arg("coverage_stride_row"), py::arg("prev_attn"),
         py::arg("update_self"), py::arg("conv_weight"), py::arg("conv_bias"), py::arg("proj_weight"), py::arg("shift"),
-        py::arg("scratch"), py::arg("returned"), py::arg("out"), py::arg("dtype"), py::arg("rows"), py::arg("nhead"), py::arg("head_dim"), py::arg("length"),
+        py::arg("scratch"), py::arg("returned"), py::arg("out"), py::arg("dtype"), py::arg("rows"), py::arg("nhead"),
+        py::arg("head_dim"), py::arg("length"),
         py::arg("height"), py::arg("channels"), py::arg("dc"), py::arg("q_stride_row"), py::arg("q_stride_head"),
         py::arg("k_stride_image"), py::arg("k_stride_head"), py::arg("k_stride_pos"), py::arg("v_stride_image"),
         py::arg("v_stride_head"), py::arg("v_stride_pos"), py::arg("mask_stride_image"), py::arg("stream"));

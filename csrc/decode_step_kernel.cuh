@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const DecodeStepP
       if (cross_coverage != nullptr) cross_coverage[n * L + pos] += prev_attn[n * L + pos];
     }
   }
-  __syncthreads();  // A' in scratch is read across warps below
+  __syncthreads();  // A' in `returned` is read across warps below
 
   // A'V: warp w takes head w % NHEAD and every slices-th position from w / NHEAD.
   const int slices = NHEAD >= kWarps ? 1 : kWarps / NHEAD;
