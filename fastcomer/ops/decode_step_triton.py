@@ -139,6 +139,7 @@ def _decode_step_kernel(
                 old = tl.load(self_ptrs, mask=store_ok, other=0.0)
                 tl.store(self_ptrs, (old.to(tl.float32) + attn / sum_s[None, :]).to(old.dtype), mask=store_ok)
 
+
 def _pow2_at_least(n: int, floor: int) -> int:
     return max(floor, triton.next_power_of_2(n))
 
