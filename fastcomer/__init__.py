@@ -1,4 +1,5 @@
 """fastcomer: fused kernels and a fast decoding engine for CoMER."""
+from .backend import env_report
 from .checkpoint import CheckpointError, load_comer
 from .model.comer import CoMER, CoMERConfig
 from .search.common import BeamSearchOutput, Hypothesis

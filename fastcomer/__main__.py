@@ -30,6 +30,17 @@ def decode_golden(args: argparse.Namespace) -> int:
     return 0 if [h.seq for h in hyps] == golden["beam_hyps"] else 1
 
 
+def print_env(args: argparse.Namespace) -> int:
+    """Versions, devices and which kernel backends can run (and why not)."""
+    import json
+
+    from .backend import env_report, format_env_report
+
+    report = env_report()
+    print(json.dumps(report, indent=2) if args.json else format_env_report(report))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fastcomer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +48,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     golden.add_argument("--golden", type=Path, default=default_golden(), help="path of comer_small_seed0.pt (default: %(default)s)")
     golden.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     golden.set_defaults(run=decode_golden)
+    env = commands.add_parser("env", help="print versions, devices and which kernel backends can run")
+    env.add_argument("--json", action="store_true", help="print the report as JSON")
+    env.set_defaults(run=print_env)
     args = parser.parse_args(argv)
     return args.run(args)
 

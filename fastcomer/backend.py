@@ -6,10 +6,12 @@ cannot run the given inputs raises; it never falls back silently. Under `auto`, 
 a kernel does not support (CPU tensors, float64) take the plain path, which computes
 the same function at least as precisely.
 """
+import importlib
 import importlib.util
 import os
+import platform
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -44,6 +46,67 @@ def triton_status() -> Tuple[bool, str]:
     if not (torch.cuda.is_available() or triton_interpreter()):
         return False, "no CUDA device and TRITON_INTERPRET is not 1"
     return True, "ok"
+
+
+@lru_cache(maxsize=None)
+def cuda_extension_status() -> Tuple[Optional[Any], str]:
+    """(module or None, reason): the compiled extension fastcomer._C (built by setup.py with nvcc)."""
+    try:
+        module = importlib.import_module("fastcomer._C")
+    except ImportError as err:
+        return None, f"fastcomer._C is not built or failed to load ({err}); rebuild with FASTCOMER_CUDA=1 pip install ."
+    return module, "ok"
+
+
+def cuda_extension_usable() -> bool:
+    """The extension is loaded and a CUDA device is there to run it."""
+    return cuda_extension_status()[0] is not None and torch.cuda.is_available()
+
+
+def env_report() -> Dict[str, Any]:
+    """Versions, devices and, per backend, whether it can run and why not."""
+    devices = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            devices.append(f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+    triton_ok, triton_why = triton_status()
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        try:
+            triton_version = importlib.import_module("triton").__version__
+        except Exception as err:  # noqa: BLE001 - reported, not raised
+            triton_version = f"unimportable: {err}"
+    extension, extension_why = cuda_extension_status()
+    if extension is not None and not torch.cuda.is_available():
+        extension_why = "fastcomer._C loaded, but torch sees no CUDA device"
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "fastcomer_C": getattr(extension, "build_info", lambda: None)() if extension is not None else None,
+        "devices": devices or ["cpu only"],
+        "requested_backend": os.environ.get(ENV_VAR, "auto"),
+        "backends": {
+            "cuda": "ok" if cuda_extension_usable() else extension_why,
+            "triton": "ok" if triton_ok else triton_why,
+            "torch": "ok",
+        },
+    }
+
+
+def format_env_report(report: Dict[str, Any]) -> str:
+    lines = []
+    for key, value in report.items():
+        if isinstance(value, dict):
+            lines += [f"{key}:"] + [f"  {name}: {why}" for name, why in value.items()]
+        elif isinstance(value, list):
+            lines += [f"{key}:"] + [f"  {item}" for item in value]
+        else:
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)
 
 
 def resolve(tensor: torch.Tensor, explicit: Optional[str] = None, cuda_available: bool = False) -> str:

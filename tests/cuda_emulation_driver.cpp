@@ -1,0 +1,89 @@
+// Runs csrc's decode-step kernel (float32) under tests/cuda_emulation.h on arrays stored
+// as raw files in the directory given as argv[1] (written by test_cuda_kernel_emulated.py).
+#include "cuda_emulation.h"
+
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "decode_step_kernel.cuh"
+
+alignas(16) float decode_step_shared[1 << 20];
+
+namespace {
+
+std::string directory;
+
+template <typename T>
+std::vector<T> load(const std::string& name) {
+  std::ifstream file(directory + "/" + name, std::ios::binary | std::ios::ate);
+  std::vector<T> values(file ? static_cast<size_t>(file.tellg()) / sizeof(T) : 0);
+  file.seekg(0);
+  file.read(reinterpret_cast<char*>(values.data()), values.size() * sizeof(T));
+  return values;
+}
+
+template <typename T>
+void save(const std::string& name, const std::vector<T>& values) {
+  std::ofstream(directory + "/" + name, std::ios::binary)
+      .write(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(T));
+}
+
+using Kernel = void (*)(fastcomer::DecodeStepParams);
+
+Kernel kernel_for(int64_t nhead) {
+  switch (nhead) {
+    case 1: return fastcomer::decode_step_kernel<float, 1>;
+    case 2: return fastcomer::decode_step_kernel<float, 2>;
+    case 4: return fastcomer::decode_step_kernel<float, 4>;
+    case 8: return fastcomer::decode_step_kernel<float, 8>;
+    case 16: return fastcomer::decode_step_kernel<float, 16>;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) return 2;
+  directory = argv[1];
+  // rows nhead head_dim length height channels dc update_self has_coverage has_prev_attn image_index_int64
+  // coverage_stride_row
+  const auto meta = load<int64_t>("meta");
+  auto q = load<float>("q"), k = load<float>("k"), v = load<float>("v");
+  auto mask = load<uint8_t>("key_padding_mask");
+  auto image_index = load<uint8_t>("image_index");
+  auto coverage = load<float>("coverage");
+  const auto prev_attn = load<float>("prev_attn");
+  auto conv_weight = load<float>("conv_weight"), conv_bias = load<float>("conv_bias");
+  auto proj_weight = load<float>("proj_weight"), shift = load<float>("shift");
+  fastcomer::DecodeStepParams p;
+  p.rows = meta[0], p.nhead = meta[1], p.head_dim = meta[2], p.length = meta[3], p.height = meta[4];
+  p.width = p.length / p.height, p.channels = meta[5], p.dc = meta[6], p.update_self = meta[7];
+  p.image_index_int64 = meta[10], p.coverage_stride_row = meta[11];
+  std::vector<float> scratch(p.rows * p.nhead * p.length, 54321.0f), out(p.rows * p.nhead * p.head_dim, 12345.0f);
+  std::vector<float> returned(p.rows * p.nhead * p.length, 12345.0f);
+  p.q = q.data(), p.k = k.data(), p.v = v.data(), p.key_padding_mask = mask.data(), p.image_index = image_index.data();
+  p.coverage = meta[8] ? coverage.data() : nullptr, p.prev_attn = meta[9] ? prev_attn.data() : nullptr;
+  p.conv_weight = conv_weight.data(), p.conv_bias = conv_bias.data(), p.proj_weight = proj_weight.data(), p.shift = shift.data();
+  p.scratch = p.update_self ? scratch.data() : nullptr, p.returned = returned.data(), p.out = out.data();
+  p.q_stride_row = p.nhead * p.head_dim, p.q_stride_head = p.head_dim;
+  p.k_stride_image = p.v_stride_image = p.nhead * p.length * p.head_dim;
+  p.k_stride_head = p.v_stride_head = p.length * p.head_dim;
+  p.k_stride_pos = p.v_stride_pos = p.head_dim, p.mask_stride_image = p.length;
+  const Kernel kernel = kernel_for(p.nhead);
+  if (kernel == nullptr) return 3;
+  std::barrier<> barrier(fastcomer::kThreads);
+  emulated_block_barrier = &barrier;
+  for (int64_t block = 0; block < p.rows; ++block) {
+    blockIdx.x = block;
+    std::vector<std::thread> threads;
+    for (int t = 0; t < fastcomer::kThreads; ++t) threads.emplace_back([&p, kernel, t] { threadIdx.x = t, kernel(p); });
+    for (auto& thread : threads) thread.join();
+  }
+  save("out", out);
+  save("coverage_out", coverage);
+  save("returned", returned);
+  return 0;
+}

@@ -1,0 +1,80 @@
+"""The Triton decode step (through Triton's interpreter, on CPU) against the reference
+`fastcomer.ops.decode_step.cross_attention_step`."""
+import os
+
+import pytest
+import torch
+
+from conftest import assert_close_rel
+from decode_step_cases import COVERAGE_MODES, check_against_torch, check_chain, clone, make_chain, make_step
+from fastcomer.ops.decode_step import cross_attention_step
+from fastcomer.ops.decode_step_dispatch import fused_cross_attention_step
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (tests/run.sh does it)", allow_module_level=True)
+
+@pytest.mark.parametrize("refine", [False, True], ids=["layer0", "refining"])
+@pytest.mark.parametrize("mode", list(COVERAGE_MODES))
+@pytest.mark.parametrize("nhead", [2, 8])
+def test_triton_matches_reference(nhead, mode, refine):
+    check_against_torch(make_step(nhead, mode, refine), "triton")
+
+
+@pytest.mark.parametrize("mode", list(COVERAGE_MODES))
+def test_triton_chained_layers_and_steps(mode):
+    """Three layers over four steps, each layer's coverage a slice of one all-layers tensor:
+    the coverage each layer refines with holds only the earlier steps."""
+    check_chain(make_chain(2, mode), lambda *args: fused_cross_attention_step(*args, backend="triton"))
+
+
+def test_torch_path_is_the_reference_on_grouped_rows():
+    """The flat-row torch path equals cross_attention_step on rows grouped [I, G]."""
+    step = make_step(8, "both", image_index=(0, 0, 1, 1, 2, 2))
+    grouped = clone(step)
+    flat_step = clone(step)
+    flat, flat_returned = fused_cross_attention_step(**flat_step, backend="torch")
+    images, nhead, L, head_dim = step["k"].shape
+    expected, expected_returned = cross_attention_step(
+        grouped["q"].view(images, 2, nhead, head_dim), grouped["k"], grouped["v"], grouped["key_padding_mask"],
+        grouped["height"], grouped["arm"], grouped["coverage"], grouped["prev_attn"],
+    )
+    assert_close_rel(flat, expected.reshape(-1, nhead, head_dim), 1e-6, "A'V")
+    assert_close_rel(flat_returned, expected_returned, 1e-6, "returned")
+    assert_close_rel(flat_step["coverage"], grouped["coverage"], 1e-6, "coverage")
+
+
+def test_odd_sizes_and_several_tiles():
+    """h, w odd with L spanning several tiles (and a ragged last one); head_dim not a power of two."""
+    check_against_torch(make_step(8, "both", height=9, width=11, head_dim=12, seed=1), "triton")
+
+
+def test_inactive_rows_are_untouched():
+    step = make_step(2, "both", image_index=(1, -1, 0, -1, 2))
+    inactive = torch.tensor([1, 3])
+    before = clone(step)
+    out, returned = fused_cross_attention_step(**step, backend="triton")
+    assert torch.equal(out[inactive], torch.zeros_like(out[inactive]))
+    assert torch.equal(returned[inactive], torch.zeros_like(returned[inactive]))
+    assert torch.equal(step["coverage"][inactive], before["coverage"][inactive])
+    check_against_torch(before, "triton")
+
+
+def test_int64_image_index_and_strided_kv():
+    """K/V as views of a wider projection output (non-unit image/position strides)."""
+    step = make_step(8, "cross")
+    images, nhead, L, head_dim = step["k"].shape
+    kv = torch.stack([step["k"], step["v"]], dim=3)  # [I, nhead, L, 2, hd]
+    step.update(k=kv[:, :, :, 0], v=kv[:, :, :, 1], image_index=step["image_index"].long())
+    check_against_torch(step, "triton")
+
+
+def test_bad_inputs_raise_clearly():
+    step = make_step(2, "both")
+    with pytest.raises(ValueError, match="image_index must be int32/int64"):
+        fused_cross_attention_step(**{**step, "image_index": step["image_index"].float()}, backend="triton")
+    with pytest.raises(ValueError, match="coverage must be"):
+        fused_cross_attention_step(**{**step, "coverage": step["coverage"][:, :2]}, backend="triton")
+    with pytest.raises(ValueError, match="height 4 does not divide"):
+        fused_cross_attention_step(**{**step, "height": 4}, backend="triton")
+    with pytest.raises(ValueError, match="prev_attn .* is needed"):
+        fused_cross_attention_step(**{**step, "prev_attn": None}, backend="triton")

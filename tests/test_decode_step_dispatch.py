@@ -1,0 +1,102 @@
+"""Backend choice and input checks of the fused decode step, and the environment report (CPU)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from decode_step_cases import COVERAGE_MODES, check_chain, clone, make_chain, make_step
+from fastcomer import env_report
+from fastcomer.ops.decode_step_cuda import unsupported_reason
+from fastcomer.ops.decode_step_dispatch import check_inputs, fused_cross_attention_step
+
+
+def test_auto_runs_cpu_tensors_on_torch(monkeypatch):
+    monkeypatch.delenv("FASTCOMER_BACKEND", raising=False)
+    step = make_step(2, "both")
+    expected_step, auto_step = clone(step), clone(step)
+    expected, expected_returned = fused_cross_attention_step(**expected_step, backend="torch")
+    out, returned = fused_cross_attention_step(**auto_step)
+    assert torch.equal(out, expected) and torch.equal(returned, expected_returned)
+    assert returned.dtype == torch.float32
+    assert torch.equal(auto_step["coverage"], expected_step["coverage"])
+
+
+@pytest.mark.parametrize("mode", list(COVERAGE_MODES))
+def test_chained_layers_and_steps(mode):
+    """Three layers over four steps through the dispatcher (rows of different images, unsorted,
+    one inactive; each layer's coverage a slice of one all-layers tensor) against the reference
+    chained on rows grouped by image: a layer must see only the earlier steps in its coverage."""
+    check_chain(make_chain(4, mode), lambda *args: fused_cross_attention_step(*args, backend="torch"), rtol=1e-6)
+
+
+def test_inactive_rows_on_torch():
+    step = make_step(2, "both", image_index=(1, -1, 0, -1, 2))
+    before = clone(step)
+    out, returned = fused_cross_attention_step(**step, backend="torch")
+    assert torch.equal(out[[1, 3]], torch.zeros_like(out[[1, 3]]))
+    assert torch.equal(returned[[1, 3]], torch.zeros_like(returned[[1, 3]]))
+    assert torch.equal(step["coverage"][[1, 3]], before["coverage"][[1, 3]])
+
+
+def test_forcing_a_backend_that_cannot_run_raises(monkeypatch):
+    step = make_step(2, "both")
+    with pytest.raises(RuntimeError, match="backend 'cuda' was forced"):
+        fused_cross_attention_step(**step, backend="cuda")
+    monkeypatch.setenv("FASTCOMER_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' was forced"):
+        fused_cross_attention_step(**step)
+    with pytest.raises(ValueError, match="must be one of"):
+        fused_cross_attention_step(**step, backend="cudnn")
+
+
+def test_float64_runs_on_torch_under_auto_only():
+    step = make_step(2, "cross")
+    step.update({name: step[name].double() for name in ("q", "k", "v")})
+    out, returned = fused_cross_attention_step(**step, backend="auto")
+    assert out.dtype == returned.dtype == torch.float64
+    with pytest.raises(ValueError, match="backend 'triton' supports"):
+        fused_cross_attention_step(**step, backend="triton")
+
+
+def test_unsupported_shapes_for_the_cuda_build_are_named():
+    step = make_step(2, "both")
+    shape = check_inputs(**step)
+    assert unsupported_reason(shape, step["q"], step["coverage"], step["prev_attn"]) is None
+    assert "nhead 3" in unsupported_reason(shape._replace(nhead=3), step["q"], None, None)
+    assert "head_dim 256" in unsupported_reason(shape._replace(head_dim=256), step["q"], None, None)
+    assert "dc 64" in unsupported_reason(shape._replace(dc=64), step["q"], None, None)
+    assert "float64" in unsupported_reason(shape, step["q"].double(), None, None)
+    assert "coverage in torch.float16" in unsupported_reason(shape, step["q"], step["coverage"].half(), None)
+    assert "prev_attn in torch.float64" in unsupported_reason(shape, step["q"], None, step["prev_attn"].double())
+
+
+def test_inputs_are_checked_with_clear_messages():
+    step = make_step(2, "both")
+    cases = [
+        (dict(q=step["q"][0]), "q must be"),
+        (dict(k=step["k"][:, :1]), "k must be"),
+        (dict(v=step["v"][:, :, :3]), "v must have k's shape"),
+        (dict(q=step["q"].double()), "share a dtype"),
+        (dict(key_padding_mask=step["key_padding_mask"].int()), "key_padding_mask must be bool"),
+        (dict(arm=None), "without the ARM"),
+        (dict(coverage=step["coverage"].transpose(1, 2).contiguous().transpose(1, 2)), "contiguous within each row"),
+        (dict(coverage=step["coverage"][:1].expand(step["q"].shape[0], -1, -1)), "rows not overlapping"),
+        (dict(coverage=step["coverage"][:, :2]), "coverage must be"),
+        (dict(prev_attn=None), r"prev_attn \(the previous layer's returned attention\) is needed"),
+        (dict(prev_attn=step["prev_attn"][:, :1]), "prev_attn must be"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fused_cross_attention_step(**{**step, **change}, backend="torch")
+
+
+def test_env_report_and_command():
+    report = env_report()
+    assert report["torch"] == torch.__version__
+    assert set(report["backends"]) == {"cuda", "triton", "torch"} and report["backends"]["torch"] == "ok"
+    result = subprocess.run([sys.executable, "-m", "fastcomer", "env", "--json"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["backends"]["torch"] == "ok"
