@@ -29,7 +29,7 @@ def _dropout(p, bh, offs_t, offs_l, T, L, seed, rng_offset, p_drop, DROPOUT: tl.
     """Inverted dropout with a counter-based RNG: the keep decision of element (bh, t, l)
     depends only on (seed, rng_offset + its flat index), so any kernel can replay it."""
     if DROPOUT:
-        flat = (bh * T + offs_t[:, None]).to(tl.int64) * L + offs_l[None, :] + rng_offset
+        flat = (bh * T + offs_t[:, None]) * L + offs_l[None, :] + rng_offset
         keep = tl.rand(seed, flat) >= p_drop
         p = tl.where(keep, p / (1.0 - p_drop), 0.0)
     return p
@@ -39,7 +39,7 @@ def _dropout(p, bh, offs_t, offs_l, T, L, seed, rng_offset, p_drop, DROPOUT: tl.
 def _scores(q, K, Z, Mask, bh, b, offs_t, l0, scale, shift, T, L, D,
             HAS_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """S - R for one [BLOCK_T, BLOCK_L] tile, -inf at padded or out-of-range keys."""
-    offs_l = l0 + tl.arange(0, BLOCK_L)
+    offs_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     l_ok = offs_l < L
     k = tl.load(K + (bh * L + offs_l[:, None]) * D + offs_d[None, :], mask=l_ok[:, None] & (offs_d < D)[None, :], other=0.0)
@@ -59,9 +59,9 @@ def attention_rows_kernel(
     HAS_R: tl.constexpr, WRITE_OUT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)
     b = bh // H
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     t_ok = offs_t < T
     d_ok = offs_d < D
@@ -109,23 +109,27 @@ def coverage_projection_kernel(
 ):
     b = tl.program_id(0)
     tile = tl.program_id(1)
-    offs_l = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    # int64 indices: no overflow for large tensors (and no overflow checks in the interpreter)
+    offs_l = tile * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
     l_ok = offs_l < L
     row = offs_l // WIDTH
     col = offs_l % WIDTH
     keep = l_ok & (tl.load(Mask + b * L + offs_l, mask=l_ok, other=1) == 0)
 
     # Input channel c: the previous layer's attention for c < N_CROSS, else this layer's.
-    offs_c = tl.arange(0, BLOCK_C)
+    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
     from_prev = offs_c < N_CROSS
     from_curr = (offs_c >= N_CROSS) & (offs_c < CIN)
     head = tl.where(from_prev, offs_c, offs_c - N_CROSS)
-    channel_row = (b * H + head).to(tl.int64) * T * L  # [BLOCK_C]
-    offs_dc = tl.arange(0, BLOCK_DC)
+    channel_pos = (b * H + head)[:, None] * T * L + offs_l[None, :]  # [BLOCK_C, BLOCK_L] at step 0
+    offs_dc = tl.arange(0, BLOCK_DC).to(tl.int64)
     dc_ok = offs_dc < DC
-    offs_h = tl.arange(0, BLOCK_H)
+    offs_h = tl.arange(0, BLOCK_H).to(tl.int64)
     h_ok = offs_h < H
+    w_idx = (offs_dc[:, None] * CIN + offs_c[None, :]) * 25
     w_ok = dc_ok[:, None] & (offs_c < CIN)[None, :]
+    z_pos = (b * H + offs_h)[:, None] * T * L + offs_l[None, :]
+    z_ok = h_ok[:, None] & l_ok[None, :]
     conv_b = tl.load(ConvB + offs_dc, mask=dc_ok, other=0.0)
     proj_w = tl.load(ProjW + offs_h[:, None] * DC + offs_dc[None, :], mask=h_ok[:, None] & dc_ok[None, :], other=0.0)
 
@@ -136,22 +140,22 @@ def coverage_projection_kernel(
         y = tl.maximum(conv + conv_b[:, None], 0.0)
         y = tl.where(keep[None, :], y, 0.0)
         z = tl.dot(proj_w, y, input_precision=PRECISION)  # [BLOCK_H, BLOCK_L]
-        z_rows = (b * H + offs_h).to(tl.int64) * T + t
-        tl.store(Z + z_rows[:, None] * L + offs_l[None, :], z, mask=h_ok[:, None] & l_ok[None, :])
+        tl.store(Z + z_pos + t * L, z, mask=z_ok)
         if STATS:
             zk = tl.where(keep[None, :], z, 0.0)
             sum_z += tl.sum(zk, 1)
             sum_z2 += tl.sum(zk * zk, 1)
         if t + 1 < T:
             # Step t+1's coverage adds step t's attention: add conv(X_t), tap by tap.
-            for tap in range(25):
-                dy = tap // 5 - 2
-                dx = tap % 5 - 2
-                inside = l_ok & (row + dy >= 0) & (row + dy < HEIGHT) & (col + dx >= 0) & (col + dx < WIDTH)
-                src = channel_row[:, None] + t * L + (offs_l + dy * WIDTH + dx)[None, :]
+            pos_t = channel_pos + t * L
+            for tap in tl.static_range(25):
+                dy: tl.constexpr = tap // 5 - 2
+                dx: tl.constexpr = tap % 5 - 2
+                inside = l_ok & (row >= -dy) & (row < HEIGHT - dy) & (col >= -dx) & (col < WIDTH - dx)
+                src = pos_t + (dy * WIDTH + dx)
                 x = tl.load(Prev + src, mask=from_prev[:, None] & inside[None, :], other=0.0).to(tl.float32)
                 x += tl.load(Curr + src, mask=from_curr[:, None] & inside[None, :], other=0.0).to(tl.float32)
-                w = tl.load(ConvW + (offs_dc[:, None] * CIN + offs_c[None, :]) * 25 + tap, mask=w_ok, other=0.0)
+                w = tl.load(ConvW + w_idx + tap, mask=w_ok, other=0.0)
                 conv += tl.dot(w, x, input_precision=PRECISION)
     if STATS:
         base = (b * tl.num_programs(1) + tile) * 2 * BLOCK_H
@@ -162,10 +166,10 @@ def coverage_projection_kernel(
 @triton.jit
 def dropout_keep_kernel(Keep, N, T, L, seed, rng_offset, p_drop, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr):
     """The keep mask [N, T, L] that `_dropout` applied, for the backward's recompute."""
-    bh = tl.program_id(0)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    bh = tl.program_id(0).to(tl.int64)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    offs_l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
     ones = tl.full([BLOCK_T, BLOCK_L], 1.0 - p_drop, tl.float32)
     kept = _dropout(ones, bh, offs_t, offs_l, T, L, seed, rng_offset, p_drop, True)
     ok = (offs_t < T)[:, None] & (offs_l < L)[None, :]
-    tl.store(Keep + (bh * T + offs_t[:, None]).to(tl.int64) * L + offs_l[None, :], (kept != 0).to(tl.int8), mask=ok)
+    tl.store(Keep + (bh * T + offs_t[:, None]) * L + offs_l[None, :], (kept != 0).to(tl.int8), mask=ok)
