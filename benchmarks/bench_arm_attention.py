@@ -164,6 +164,7 @@ def run_case(case_cls, t, h, w, device, dtype, variants, reps, train):
                     if name in calls and expected is not None:
                         err = (calls[name]()[0].double() - expected).abs().max() / expected.abs().max()
                         results.setdefault(name, {})["max_rel_err_vs_eager"] = err.item()
+        for name in variants:
             if name not in calls:
                 continue
 
