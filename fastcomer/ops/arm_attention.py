@@ -15,21 +15,23 @@ Forward, in Triton (see arm_attention_kernels.py):
   3. R = BatchNorm(Z) as a per-head affine map (batch statistics in training, running
      ones in eval; the running statistics are updated as nn.BatchNorm1d does), then
      A' = dropout(softmax(S - R)), written, and A'.V.
-Backward: recomputes the layer with the plain path (fastcomer.model: masked_softmax and
-the AttentionRefinementModule via torch.func.functional_call, in float32, replaying
-the forward's dropout masks) and differentiates it with autograd. It is exact but not
-fused: it materialises the coverage image. Fused backward kernels are not written yet.
+Backward: the ARM part in Triton (`arm_backward_kernel`: d prev_attn, d unrefined
+attention, conv, bias and projection gradients, again without the coverage image or the
+conv output; it reads Z's ReLU pattern, one int32 of bits per position, that the forward
+wrote); BatchNorm (weight, bias, batch statistics) and the attention parts (softmax
+backward, dq, dk, dv) in PyTorch on [B*H, T, L] float32 tensors: the same size as the
+attention the layer returns, but not yet flash-style kernels. Dropout masks are replayed
+from the same counter-based RNG. The ARM needs dc <= 32 (CoMER's is 32).
 """
-from functools import lru_cache
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 from torch import Tensor
 
-from ..model.arm import AttentionRefinementModule
 from ..model.attention import masked_softmax
-from .arm_attention_kernels import attention_rows_kernel, coverage_projection_kernel, dropout_keep_kernel
+from .arm_attention_kernels import (arm_backward_kernel, attention_rows_kernel, coverage_projection_kernel,
+                                    dropout_keep_kernel)
 
 COVERAGE_MODES = ("cross", "self", "both")
 PRECISIONS = ("ieee", "tf32")
@@ -84,6 +86,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, height: in
         if arm.coverage not in COVERAGE_MODES:
             raise ValueError(f"coverage must be one of {COVERAGE_MODES}, got {arm.coverage!r}")
         cin = nhead * (2 if arm.coverage == "both" else 1)
+        if arm.conv_weight.shape[0] > 32:
+            raise ValueError(f"the fused ARM supports up to 32 conv channels (CoMER's dc), got {arm.conv_weight.shape[0]}")
         if arm.conv_weight.shape[1:] != (cin, 5, 5) or arm.proj_weight.shape[:2] != (nhead, arm.conv_weight.shape[0]):
             raise ValueError(f"ARM weights do not fit {nhead} heads with coverage {arm.coverage!r}")
         if arm.coverage != "self" and (prev_attn is None or prev_attn.shape != (q.shape[0], q.shape[1], L)):
@@ -110,52 +114,54 @@ def _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, r
     )
 
 
-def _coverage_projection(prev, curr, mask_u8, nhead, height, width, arm: ARMWeights, stats: bool, precision):
-    """Z [B*H, T, L] float32 and, with stats, per-head (sum, sum of squares) of Z over unmasked positions."""
+def _arm_blocks(nhead: int, dc: int, cin: int, L: int) -> dict:
+    return dict(BLOCK_L=max(16, min(64, triton.next_power_of_2(L))), BLOCK_C=max(16, triton.next_power_of_2(cin)),
+                BLOCK_DC=max(16, triton.next_power_of_2(dc)), BLOCK_H=max(16, triton.next_power_of_2(nhead)))
+
+
+def _coverage_projection(prev, curr, mask_u8, nhead, height, width, arm: ARMWeights, stats: bool, relu_bits: bool,
+                         precision):
+    """Z [B*H, T, L] float32; with stats, per-head (sum, sum of squares) of Z over unmasked
+    positions; with relu_bits, the ReLU's on/off pattern [B, T, L] (bit c = conv channel c,
+    masked positions off) that the backward needs."""
     b, L = mask_u8.shape
     T = (prev if prev is not None else curr).shape[1]
     dc, cin = arm.conv_weight.shape[:2]
-    block_l = max(16, min(64, triton.next_power_of_2(L)))
-    block_h = max(16, triton.next_power_of_2(nhead))
-    tiles = triton.cdiv(L, block_l)
+    blocks = _arm_blocks(nhead, dc, cin, L)
+    tiles = triton.cdiv(L, blocks["BLOCK_L"])
     z = torch.empty(b * nhead, T, L, device=mask_u8.device, dtype=torch.float32)
-    partial = torch.empty(b, tiles, 2, block_h, device=mask_u8.device, dtype=torch.float32) if stats else z
+    partial = torch.empty(b, tiles, 2, blocks["BLOCK_H"], device=z.device, dtype=torch.float32) if stats else z
+    relu = torch.empty(b, T, L, device=z.device, dtype=torch.int32) if relu_bits else z
     coverage_projection_kernel[(b, tiles)](
         prev if prev is not None else curr, curr if curr is not None else prev, mask_u8,
         arm.conv_weight.float().contiguous(), arm.conv_bias.float().contiguous(),
-        arm.proj_weight.float().reshape(nhead, dc).contiguous(), z, partial,
+        arm.proj_weight.float().reshape(nhead, dc).contiguous(), z, partial, relu,
         T, L, width, height, nhead, dc, cin, nhead if prev is not None else 0,
-        STATS=stats, PRECISION=precision,
-        BLOCK_L=block_l, BLOCK_C=max(16, triton.next_power_of_2(cin)), BLOCK_DC=max(16, triton.next_power_of_2(dc)),
-        BLOCK_H=block_h,
+        STATS=stats, WRITE_RELU=relu_bits, PRECISION=precision, **blocks,
     )
-    if not stats:
-        return z, None
-    return z, partial.double().sum((0, 1))[:, :nhead]
+    sums = partial.double().sum((0, 1))[:, :nhead] if stats else None
+    return z, sums, (relu if relu_bits else None)
 
 
-def _batchnorm_affine(arm: ARMWeights, sums: Optional[Tensor], count: int) -> Tuple[Tensor, Tensor]:
-    """R = scale*Z + shift per head. With sums (training): batch statistics, and the
-    running statistics updated exactly as nn.BatchNorm1d updates them."""
+def _batchnorm_statistics(arm: ARMWeights, sums: Optional[Tensor], count: int) -> Tuple[Tensor, Tensor]:
+    """(mean, var) per head, float64: of the batch with sums (training; the running statistics
+    are then updated exactly as nn.BatchNorm1d updates them), else the running ones."""
     if sums is None:
-        mean, var = arm.running_mean.double(), arm.running_var.double()
-    else:
-        if count < 2:
-            raise ValueError("BatchNorm in training needs more than one unmasked position")
-        mean = sums[0] / count
-        var = (sums[1] / count - mean * mean).clamp_min(0.0)
-        with torch.no_grad():
-            if arm.num_batches_tracked is not None:
-                arm.num_batches_tracked.add_(1)
-            momentum = arm.momentum
-            if momentum is None:
-                momentum = 1.0 / float(arm.num_batches_tracked.item())
-            arm.running_mean.mul_(1 - momentum).add_((momentum * mean).to(arm.running_mean.dtype))
-            unbiased = var * count / (count - 1)
-            arm.running_var.mul_(1 - momentum).add_((momentum * unbiased).to(arm.running_var.dtype))
-    scale = arm.bn_weight.double() * torch.rsqrt(var + arm.eps)
-    shift = arm.bn_bias.double() - mean * scale
-    return scale.float().contiguous(), shift.float().contiguous()
+        return arm.running_mean.double(), arm.running_var.double()
+    if count < 2:
+        raise ValueError("BatchNorm in training needs more than one unmasked position")
+    mean = sums[0] / count
+    var = (sums[1] / count - mean * mean).clamp_min(0.0)
+    with torch.no_grad():
+        if arm.num_batches_tracked is not None:
+            arm.num_batches_tracked.add_(1)
+        momentum = arm.momentum
+        if momentum is None:
+            momentum = 1.0 / float(arm.num_batches_tracked.item())
+        arm.running_mean.mul_(1 - momentum).add_((momentum * mean).to(arm.running_mean.dtype))
+        unbiased = var * count / (count - 1)
+        arm.running_var.mul_(1 - momentum).add_((momentum * unbiased).to(arm.running_var.dtype))
+    return mean, var
 
 
 def _dropout_keep(shape, device, seed, rng_offset, p_drop):
@@ -166,37 +172,14 @@ def _dropout_keep(shape, device, seed, rng_offset, p_drop):
     return keep.bool()
 
 
-@lru_cache(maxsize=None)
-def _arm_template(nhead: int, dc: int, coverage: str) -> AttentionRefinementModule:
-    """A parameter-less stand-in of the ARM's structure for functional_call in the backward."""
-    with torch.device("meta"):
-        return AttentionRefinementModule(nhead, dc, coverage != "self", coverage != "cross")
+def _softmax_backward(p: Tensor, grad: Tensor) -> Tensor:
+    """d scores from d softmax (p: the softmax, 0 at masked keys)."""
+    return p * (grad - (grad * p).sum(-1, keepdim=True))
 
 
-def _reference(q, k, v, key_padding_mask, height, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight, bn_bias,
-               arm: Optional[ARMWeights], bn_batch_stats: bool, keep_a, keep_refined, p_drop):
-    """The plain path (fastcomer.model) of the layer, used by the backward."""
-    nhead = q.shape[0] // key_padding_mask.shape[0]
-    scores = torch.bmm(q, k.transpose(1, 2))
-    attn = masked_softmax(scores, key_padding_mask, None, nhead)
-    if keep_a is not None:
-        attn = attn * keep_a / (1 - p_drop)
-    if arm is not None:
-        template = _arm_template(nhead, conv_weight.shape[0], arm.coverage).train(bn_batch_stats)
-        state = {
-            "conv.weight": conv_weight, "conv.bias": conv_bias, "proj.weight": proj_weight,
-            "post_norm.bn.weight": bn_weight, "post_norm.bn.bias": bn_bias,
-            # copies: the forward already updated the real running statistics
-            "post_norm.bn.running_mean": arm.running_mean.detach().float().clone(),
-            "post_norm.bn.running_var": arm.running_var.detach().float().clone(),
-            "post_norm.bn.num_batches_tracked": torch.zeros((), dtype=torch.long, device=q.device),
-        }
-        prev = prev_attn if prev_attn is not None else attn
-        r = torch.func.functional_call(template, state, (prev, key_padding_mask, height, attn))
-        attn = masked_softmax(scores - r, key_padding_mask, None, nhead)
-        if keep_refined is not None:
-            attn = attn * keep_refined / (1 - p_drop)
-    return torch.bmm(attn, v), attn
+def _per_head(x: Tensor, nhead: int) -> Tensor:
+    """[nhead] -> broadcastable over [B, nhead, T, L]."""
+    return x.view(1, nhead, 1, 1)
 
 
 class ARMAttentionFunction(torch.autograd.Function):
@@ -210,6 +193,7 @@ class ARMAttentionFunction(torch.autograd.Function):
         mask_u8 = key_padding_mask.to(torch.uint8).contiguous()
         out = torch.empty_like(q)
         attn = torch.empty(BH, T, L, device=q.device, dtype=q.dtype)
+        z = relu = mean = var = None
         if arm is None:
             _attention_rows(q, k, v, mask_u8, nhead, None, None, None, out, attn, seed, 0, p_drop, precision)
         else:
@@ -218,41 +202,113 @@ class ARMAttentionFunction(torch.autograd.Function):
                 curr = torch.empty(BH, T, L, device=q.device, dtype=torch.float32)
                 _attention_rows(q, k, v, mask_u8, nhead, None, None, None, None, curr, seed, 0, p_drop, precision)
             prev = prev_attn.contiguous() if arm.coverage != "self" else None
-            z, sums = _coverage_projection(prev, curr, mask_u8, nhead, height, width, arm, bn_training, precision)
-            count = int((~key_padding_mask).sum().item()) * T
-            scale, shift = _batchnorm_affine(arm, sums, count)
-            _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, BH * T * L, p_drop, precision)
-        ctx.save_for_backward(q, k, v, key_padding_mask, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight, bn_bias)
-        ctx.config = (height, arm, bn_training, p_drop, seed)
+            z, sums, relu = _coverage_projection(prev, curr, mask_u8, nhead, height, width, arm, bn_training,
+                                                 any(ctx.needs_input_grad), precision)
+            mean, var = _batchnorm_statistics(arm, sums, int((~key_padding_mask).sum().item()) * T)
+            scale = arm.bn_weight.double() * torch.rsqrt(var + arm.eps)
+            shift = arm.bn_bias.double() - mean * scale
+            _attention_rows(q, k, v, mask_u8, nhead, z, scale.float().contiguous(), shift.float().contiguous(),
+                            out, attn, seed, BH * T * L, p_drop, precision)
+            prev_attn = prev
+        ctx.save_for_backward(q, k, v, key_padding_mask, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight,
+                              z, relu, mean, var)
+        ctx.config = (height, width, arm, bn_training, p_drop, seed, precision)
         return out, attn
 
     @staticmethod
     def backward(ctx, grad_out, grad_attn):
-        q, k, v, key_padding_mask, prev_attn, *weights = ctx.saved_tensors
-        height, arm, bn_training, p_drop, seed = ctx.config
-        keep_a = keep_refined = None
+        """Attention parts in PyTorch on [B*H, T, L] tensors (float32); the ARM through
+        `arm_backward_kernel`, which never materialises the coverage or the conv output."""
+        q, k, v, key_padding_mask, prev, conv_weight, conv_bias, proj_weight, bn_weight, z, relu, mean, var = \
+            ctx.saved_tensors
+        height, width, arm, bn_training, p_drop, seed, precision = ctx.config
+        b, L = key_padding_mask.shape
+        BH, T, _ = q.shape
+        nhead = BH // b
+        qf, kf, vf = q.float(), k.float(), v.float()
+        grad_out = grad_out.float()
+        scores = torch.bmm(qf, kf.transpose(1, 2))
+        dropout = lambda x, offset: x * _dropout_keep(x.shape, x.device, seed, offset, p_drop) / (1 - p_drop) \
+            if p_drop > 0 else x
+
+        if arm is not None:
+            unmasked = ~key_padding_mask[:, None, None, :]
+            rstd = torch.rsqrt(var + arm.eps)
+            xhat = ((z.view(b, nhead, T, L).double() - _per_head(mean, nhead)) * _per_head(rstd, nhead)).float()
+            r = torch.where(unmasked, _per_head(bn_weight.float(), nhead) * xhat + _per_head(arm.bn_bias.float(), nhead), 0.0)
+            scores_used = scores - r.view(BH, T, L)
+        else:
+            scores_used = scores
+        refined = masked_softmax(scores_used, key_padding_mask, None, nhead)
+        rng_offset = BH * T * L if arm is not None else 0
+        grad_attn_total = torch.bmm(grad_out, vf.transpose(1, 2))
+        if grad_attn is not None:
+            grad_attn_total = grad_attn_total + grad_attn.float()
+        grad_v = torch.bmm(dropout(refined, rng_offset).transpose(1, 2), grad_out)
+        grad_scores = _softmax_backward(refined, dropout(grad_attn_total, rng_offset))
+        grads_arm = [None] * 6
+        if arm is not None:
+            # R = BatchNorm(Z) at unmasked positions; dR = -d(S - R)
+            grad_r = torch.where(unmasked, -grad_scores.view(b, nhead, T, L), 0.0)
+            grad_bn_bias = grad_r.sum((0, 2, 3))
+            grad_bn_weight = (grad_r * xhat).sum((0, 2, 3))
+            grad_z = grad_r * _per_head((bn_weight.double() * rstd).float(), nhead)
+            if bn_training:  # through the batch statistics
+                count = int(unmasked.sum().item()) * T
+                correction = _per_head(grad_bn_bias / count, nhead) + xhat * _per_head(grad_bn_weight / count, nhead)
+                grad_z = torch.where(unmasked, grad_z - _per_head((bn_weight.double() * rstd).float(), nhead) * correction, 0.0)
+            grad_prev, grad_curr, grad_conv_w, grad_conv_b, grad_proj = _arm_backward(
+                prev, key_padding_mask, height, width, grad_z.reshape(BH, T, L).contiguous(), relu, scores, arm,
+                conv_weight, conv_bias, proj_weight, seed, p_drop, precision)
+            grads_arm = [grad_prev, grad_conv_w, grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias]
+            if grad_curr is not None:  # the self coverage: through this layer's unrefined attention
+                unrefined = masked_softmax(scores, key_padding_mask, None, nhead)
+                grad_scores = grad_scores + _softmax_backward(unrefined, dropout(grad_curr, 0))
+        grad_q = torch.bmm(grad_scores, kf)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), qf)
+        cast = lambda g, like: None if g is None or like is None else g.to(like.dtype)
+        grad_prev, grad_conv_w, grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias = (
+            cast(g, like) for g, like in zip(grads_arm, (prev, conv_weight, conv_bias, proj_weight, bn_weight, bn_weight)))
+        return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, grad_prev, grad_conv_w,
+                grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias, None, None, None, None, None)
+
+
+def _arm_backward(prev, key_padding_mask, height, width, grad_z, relu, scores, arm, conv_weight, conv_bias,
+                  proj_weight, seed, p_drop, precision):
+    """Gradients of Z = proj(mask(relu(conv(coverage) + bias))) through `arm_backward_kernel`:
+    (d prev_attn, d unrefined attention, d conv.weight, d conv.bias, d proj.weight)."""
+    b, L = key_padding_mask.shape
+    BH, T, _ = grad_z.shape
+    nhead = BH // b
+    dc, cin = conv_weight.shape[:2]
+    curr = None
+    if arm.coverage != "cross":  # the unrefined attention, as the forward's first kernel wrote it
+        curr = masked_softmax(scores, key_padding_mask, None, nhead)
         if p_drop > 0:
-            shape = (q.shape[0], q.shape[1], k.shape[1])
-            keep_a = _dropout_keep(shape, q.device, seed, 0, p_drop)
-            if arm is not None:
-                keep_refined = _dropout_keep(shape, q.device, seed, shape[0] * shape[1] * shape[2], p_drop)
-        inputs = [q, k, v, prev_attn, *weights]
-        wanted = [i for i, x in enumerate(inputs) if x is not None and ctx.needs_input_grad[(0, 1, 2, 6, 7, 8, 9, 10, 11)[i]]]
-        with torch.enable_grad():
-            leaves = [x.detach().float().requires_grad_(i in wanted) if x is not None else None for i, x in enumerate(inputs)]
-            fq, fk, fv, fprev, *fweights = leaves
-            out, attn = _reference(fq, fk, fv, key_padding_mask, height, fprev, *fweights, arm, bn_training,
-                                   keep_a, keep_refined, p_drop)
-            grads = torch.autograd.grad(
-                (out, attn), [leaves[i] for i in wanted],
-                (grad_out.float(), grad_attn.float() if grad_attn is not None else torch.zeros_like(attn)),
-                allow_unused=True,
-            )
-        result = [None] * len(inputs)
-        for i, g in zip(wanted, grads):
-            result[i] = None if g is None else g.to(inputs[i].dtype)
-        gq, gk, gv, gprev, gconv_w, gconv_b, gproj, gbn_w, gbn_b = result
-        return gq, gk, gv, None, None, None, gprev, gconv_w, gconv_b, gproj, gbn_w, gbn_b, None, None, None, None, None
+            curr = curr * _dropout_keep(curr.shape, curr.device, seed, 0, p_drop) / (1 - p_drop)
+        curr = curr.contiguous()
+    blocks = _arm_blocks(nhead, dc, cin, L)
+    tiles = triton.cdiv(L, blocks["BLOCK_L"])
+    programs = b * tiles
+    device = grad_z.device
+    grad_prev = torch.zeros(BH, T, L, device=device) if prev is not None else None
+    grad_curr = torch.zeros(BH, T, L, device=device) if curr is not None else None
+    part_w = torch.zeros(programs, 25, blocks["BLOCK_DC"], blocks["BLOCK_C"], device=device)
+    part_b = torch.empty(programs, blocks["BLOCK_DC"], device=device)
+    part_proj = torch.empty(programs, blocks["BLOCK_H"], blocks["BLOCK_DC"], device=device)
+    first = prev if prev is not None else curr
+    arm_backward_kernel[(b, tiles)](
+        first, curr if curr is not None else first, key_padding_mask.to(torch.uint8).contiguous(),
+        conv_weight.float().contiguous(), conv_bias.float().contiguous(), proj_weight.float().reshape(nhead, dc).contiguous(),
+        grad_z, relu, grad_prev if grad_prev is not None else grad_curr, grad_curr if grad_curr is not None else grad_prev,
+        part_w, part_b, part_proj,
+        T, L, width, height, nhead, dc, cin, nhead if prev is not None else 0,
+        PRECISION=precision, **blocks,
+    )
+    grad_conv_w = part_w.sum(0)[:, :dc, :cin].permute(1, 2, 0).reshape(dc, cin, 5, 5)
+    grad_conv_b = part_b.sum(0)[:dc]
+    grad_proj = part_proj.sum(0)[:nhead, :dc].reshape(nhead, dc, 1, 1)
+    return grad_prev, grad_curr, grad_conv_w, grad_conv_b, grad_proj
 
 
 def arm_attention(

@@ -23,6 +23,11 @@ def test_matches_plain_path(coverage, training, t, h, w):
     check_layer(2, t, h, w, coverage, training, NHEAD, HEAD_DIM, DC, RTOL)
 
 
+def test_several_tiles_of_l():
+    """L = 99 spans two 64-position tiles: the conv halo crosses tile boundaries."""
+    check_layer(2, 3, 9, 11, "both", True, NHEAD, HEAD_DIM, DC, RTOL)
+
+
 def test_float16_matches_plain_path():
     """float16 inputs (float32 accumulation and coverage), to float16's precision. bfloat16 is
     tested on CUDA only: the interpreter's tl.dot mishandles bfloat16 operands."""
