@@ -187,6 +187,7 @@ def main():
     parser.add_argument("--tf32", action="store_true", help="allow tf32 in float32 matmuls (both paths)")
     parser.add_argument("--variants", default="eager,compiled,composite,fused")
     parser.add_argument("--train", action="store_true", help="training mode (BatchNorm batch statistics)")
+    parser.add_argument("--levels", default="layer,decoder", help="what to time: layer, decoder or both")
     parser.add_argument("--smoke", action="store_true", help="one tiny shape, a few reps (CPU check)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (CUDA uses do_bench)")
     args = parser.parse_args()
@@ -206,6 +207,8 @@ def main():
     rows = []
     for t, h, w in shapes:
         for level, case_cls in (("layer", LayerCase), ("decoder", DecoderCase)):
+            if level not in args.levels.split(","):
+                continue
             results = run_case(case_cls, t, h, w, device, dtype, variants, args.reps, args.train)
             flops = layer_flops(t, h * w)
             if level == "decoder":  # layer 0 has no ARM: QK^T and PV once

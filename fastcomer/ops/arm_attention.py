@@ -29,6 +29,7 @@ import torch
 import triton
 from torch import Tensor
 
+from ..backend import triton_interpreter
 from ..model.attention import masked_softmax
 from .arm_attention_kernels import (arm_backward_kernel, attention_rows_kernel, coverage_projection_kernel,
                                     dropout_keep_kernel)
@@ -115,7 +116,9 @@ def _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, r
 
 
 def _arm_blocks(nhead: int, dc: int, cin: int, L: int) -> dict:
-    return dict(BLOCK_L=max(16, min(64, triton.next_power_of_2(L))), BLOCK_C=max(16, triton.next_power_of_2(cin)),
+    # Triton's interpreter pays per operation, not per element: wider tiles, fewer programs.
+    widest = 128 if triton_interpreter() else 64
+    return dict(BLOCK_L=max(16, min(widest, triton.next_power_of_2(L))), BLOCK_C=max(16, triton.next_power_of_2(cin)),
                 BLOCK_DC=max(16, triton.next_power_of_2(dc)), BLOCK_H=max(16, triton.next_power_of_2(nhead)))
 
 

@@ -63,7 +63,7 @@ def check_layer(b, t, h, w, coverage, training, nhead, head_dim, dc, rtol, devic
                 precision="ieee"):
     """Forward, returned attention, BatchNorm running statistics and the gradients of every
     input and ARM parameter, against the plain path in float64. Each error may be up to
-    rtol of the tensor's scale, or 4x the plain path's own error in `dtype` (some ARM
+    rtol of the tensor's scale (4 rtol for the ARM parameters' gradients), or 4x the plain path's own error in `dtype` (some ARM
     gradients are sums with heavy cancellation, the BatchNorm bias's exactly zero)."""
     from fastcomer.ops import ARMWeights, arm_attention
 
@@ -83,9 +83,9 @@ def check_layer(b, t, h, w, coverage, training, nhead, head_dim, dc, rtol, devic
     low = plain_layer(*low_in[:3], mask, h, low_in[3], arm_low, nhead)
     assert out.dtype == attn.dtype == dtype
 
-    def check(name, got, want, plain_low):
+    def check(name, got, want, plain_low, tol=rtol):
         err = (got.double() - want).abs().max().item()
-        allowed = max(rtol * want.abs().max().item(), 4 * (plain_low.double() - want).abs().max().item())
+        allowed = max(tol * want.abs().max().item(), 4 * (plain_low.double() - want).abs().max().item())
         assert err <= allowed, f"{name}: error {err:.3e} > {allowed:.3e}"
 
     for name, got, want, plain_low in zip(["output", "returned attention"], (out, attn), ref, low):
@@ -104,4 +104,5 @@ def check_layer(b, t, h, w, coverage, training, nhead, head_dim, dc, rtol, devic
         if r is None:  # prev_attn does not reach R with self coverage only
             assert g is None or not g.any(), name
             continue
-        check(f"gradient of {name}", g, r, p)
+        # ARM parameter gradients are sums over every (b, t, l), accumulated in float32 in another order
+        check(f"gradient of {name}", g, r, p, 4 * rtol if name in ARM_PARAMS else rtol)
