@@ -103,7 +103,7 @@ def attention_rows_kernel(
 
 
 @triton.jit
-def _tap_inside(l_ok, row, col, HEIGHT, WIDTH, dy: tl.constexpr, dx: tl.constexpr):
+def _tap_inside(l_ok, row, col, HEIGHT, WIDTH, dy, dx):
     """Positions whose neighbour at (dy, dx) lies inside the image (zero padding elsewhere)."""
     return l_ok & (row >= -dy) & (row < HEIGHT - dy) & (col >= -dx) & (col < WIDTH - dx)
 
@@ -114,9 +114,9 @@ def _conv_of_step(Prev, Curr, ConvW, pos, from_prev, from_curr, l_ok, row, col, 
     """conv5x5 (no bias) of one step's attention X_t over a tile: 25 implicit-GEMM taps
     [dc, C] x [C, tile], each reading the tile's neighbours (the two-cell halo)."""
     conv = tl.zeros([BLOCK_DC, BLOCK_L], tl.float32)
-    for tap in tl.static_range(25):
-        dy: tl.constexpr = tap // 5 - 2
-        dx: tl.constexpr = tap % 5 - 2
+    for tap in range(25):
+        dy = tap // 5 - 2
+        dx = tap % 5 - 2
         inside = _tap_inside(l_ok, row, col, HEIGHT, WIDTH, dy, dx)
         src = pos + (dy * WIDTH + dx)
         x = tl.load(Prev + src, mask=from_prev[:, None] & inside[None, :], other=0.0).to(tl.float32)
@@ -261,9 +261,9 @@ def arm_backward_kernel(
         d_y = tl.where(((bits[None, :] >> relu_shift) & 1) != 0, tl.dot(proj_w_t, dz, input_precision=PRECISION), 0.0)
         d_bias += tl.sum(d_y, 1)
         e = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
-        for tap in tl.static_range(25):
-            dy: tl.constexpr = tap // 5 - 2
-            dx: tl.constexpr = tap % 5 - 2
+        for tap in range(25):  # a loop, not unrolled: 25 copies of these dots' buffers overflow shared memory
+            dy = tap // 5 - 2
+            dx = tap % 5 - 2
             inside = _tap_inside(l_ok, row, col, HEIGHT, WIDTH, dy, dx)
             # d conv.weight[:, :, tap] += G_t X_t(l + tap)^T
             x = tl.load(Prev + pos_t + (dy * WIDTH + dx), mask=from_prev[:, None] & inside[None, :], other=0.0).to(tl.float32)
