@@ -75,3 +75,34 @@ def test_patched_golden_training_step(golden, golden_model):
         err = (grads[name].double() - want).abs().max().item()
         allowed = max(2e-3 * max(want.abs().max().item(), 1e-3 * overall), 4 * (ref_grads[name].double() - want).abs().max().item())
         assert err <= allowed, f"gradient of {name}: {err:.3e} > {allowed:.3e}"
+
+
+def test_fused_layer_uses_less_memory_than_plain():
+    """The fused layer never holds the coverage image or the conv output: its forward+backward
+    peak stays well below the plain path's."""
+    import functools
+
+    from fastcomer.model.arm import AttentionRefinementModule
+    from fastcomer.model.attention import MultiheadAttention
+    from fastcomer.modules import FusedARMAttention
+
+    b, t, h, w = BATCH, 64, 16, 64
+    attn = MultiheadAttention(NHEAD * HEAD_DIM, NHEAD).cuda().train()
+    arm = AttentionRefinementModule(NHEAD, DC, True, True).cuda().train()
+    fused = FusedARMAttention.from_module(attn, backend="triton")
+    query = torch.randn(b, t, NHEAD * HEAD_DIM, device="cuda", requires_grad=True)
+    memory = torch.randn(b, h * w, NHEAD * HEAD_DIM, device="cuda", requires_grad=True)
+    mask = torch.zeros(b, h * w, dtype=torch.bool, device="cuda")
+    prev = torch.softmax(torch.randn(b * NHEAD, t, h * w, device="cuda"), -1).requires_grad_()
+
+    def peak(module):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out, returned = module(query, memory, mask, None, functools.partial(arm, prev, mask, h))
+        (out.square().mean() + returned.square().mean()).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    plain_peak, fused_peak = peak(attn), peak(fused)
+    assert fused_peak < 0.5 * plain_peak, (fused_peak, plain_peak)
