@@ -7,3 +7,4 @@ from .search.reference import reference_beam_search
 from .vocab import Vocab, vocab
 
 __version__ = "0.1.0"
+from .patch import patch, unpatch

@@ -1,0 +1,357 @@
+"""Fused cross-attention with CoMER's Attention Refinement Module (SPEC section 2).
+
+`arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, ...)` returns
+the attention output before out_proj [B*H, T, D] and the attention the layer returns,
+[B*H, T, L] (the refined one A' after dropout, or the plain one without ARM), which is
+the next layer's `prev_attn`. The coverage (running sum over target steps) is built
+inside the conv kernel from the per-step attentions themselves, so `prev_attn` is the
+previous layer's returned attention, as CoMER passes it.
+
+Forward, in Triton (see arm_attention_kernels.py):
+  1. unrefined attention A = dropout(softmax(S)) [B*H, T, L], float32 (only when the
+     ARM covers this layer's own attention: self or both coverage);
+  2. Z = proj(mask(relu(conv5x5(coverage) + bias))) [B*H, T, L], float32, plus the
+     BatchNorm partial sums in training;
+  3. R = BatchNorm(Z) as a per-head affine map (batch statistics in training, running
+     ones in eval; the running statistics are updated as nn.BatchNorm1d does), then
+     A' = dropout(softmax(S - R)), written, and A'.V.
+Backward: the ARM part in Triton (`arm_backward_kernel`: d prev_attn, d unrefined
+attention, conv, bias and projection gradients, again without the coverage image or the
+conv output; it reads Z's ReLU pattern, one int32 of bits per position, that the forward
+wrote); BatchNorm (weight, bias, batch statistics) and the attention parts (softmax
+backward, dq, dk, dv) in PyTorch on [B*H, T, L] float32 tensors: the same size as the
+attention the layer returns, but not yet flash-style kernels. Dropout masks are replayed
+from the same counter-based RNG. The ARM needs dc <= 32 (CoMER's is 32).
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+from torch import Tensor
+
+from ..backend import triton_interpreter
+from ..model.attention import masked_softmax
+from .arm_attention_kernels import (arm_backward_kernel, attention_rows_kernel, coverage_projection_kernel,
+                                    dropout_keep_kernel)
+
+COVERAGE_MODES = ("cross", "self", "both")
+PRECISIONS = ("ieee", "tf32")
+
+
+class ARMWeights(NamedTuple):
+    """The ARM's parameters and BatchNorm state, as tensors (shared, not copied)."""
+
+    conv_weight: Tensor  # [dc, C, 5, 5], C = nhead per coverage kind (cross first)
+    conv_bias: Tensor  # [dc]
+    proj_weight: Tensor  # [nhead, dc, 1, 1]
+    bn_weight: Tensor  # [nhead]
+    bn_bias: Tensor  # [nhead]
+    running_mean: Tensor  # [nhead], updated in place in training
+    running_var: Tensor  # [nhead], updated in place in training
+    num_batches_tracked: Optional[Tensor]  # scalar long, incremented in training
+    momentum: Optional[float]  # None: cumulative average, as nn.BatchNorm1d
+    eps: float
+    coverage: str  # 'cross', 'self' or 'both'
+
+    @classmethod
+    def from_module(cls, arm) -> "ARMWeights":
+        """From an AttentionRefinementModule (fastcomer's or the public CoMER code's)."""
+        bn = arm.post_norm.bn
+        coverage = {(True, False): "cross", (False, True): "self", (True, True): "both"}[
+            (bool(arm.cross_coverage), bool(arm.self_coverage))
+        ]
+        return cls(arm.conv.weight, arm.conv.bias, arm.proj.weight, bn.weight, bn.bias, bn.running_mean,
+                   bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps, coverage)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, height: int, width: int,
+           prev_attn: Optional[Tensor], arm: Optional[ARMWeights], precision: str) -> int:
+    """Validate shapes, dtypes and devices; returns the number of heads."""
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q [B*H, T, D], k and v [B*H, L, D] expected, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == key_padding_mask.device):
+        raise ValueError("q, k, v and key_padding_mask must be on one device")
+    if key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2:
+        raise ValueError(f"key_padding_mask must be bool [B, L], got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    b, L = key_padding_mask.shape
+    if height * width != L or k.shape[1] != L:
+        raise ValueError(f"height*width = {height}*{width} must equal L = {L} (k has {k.shape[1]} keys)")
+    if q.shape[0] % b:
+        raise ValueError(f"q has {q.shape[0]} rows, not a multiple of the batch {b}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    nhead = q.shape[0] // b
+    if arm is not None:
+        if arm.coverage not in COVERAGE_MODES:
+            raise ValueError(f"coverage must be one of {COVERAGE_MODES}, got {arm.coverage!r}")
+        cin = nhead * (2 if arm.coverage == "both" else 1)
+        if arm.conv_weight.shape[0] > 32:
+            raise ValueError(f"the fused ARM supports up to 32 conv channels (CoMER's dc), got {arm.conv_weight.shape[0]}")
+        if arm.conv_weight.shape[1:] != (cin, 5, 5) or arm.proj_weight.shape[:2] != (nhead, arm.conv_weight.shape[0]):
+            raise ValueError(f"ARM weights do not fit {nhead} heads with coverage {arm.coverage!r}")
+        if arm.coverage != "self" and (prev_attn is None or prev_attn.shape != (q.shape[0], q.shape[1], L)):
+            raise ValueError(f"coverage {arm.coverage!r} needs prev_attn [B*H, T, L] = {(q.shape[0], q.shape[1], L)}")
+    return nhead
+
+
+def _blocks(D: int, L: int) -> dict:
+    return dict(BLOCK_T=16, BLOCK_L=max(16, min(64, triton.next_power_of_2(L))), BLOCK_D=max(16, triton.next_power_of_2(D)))
+
+
+def _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, rng_offset, p_drop, precision):
+    BH, T, D = q.shape
+    L = k.shape[1]
+    blocks = _blocks(D, L)
+    grid = (BH, triton.cdiv(T, blocks["BLOCK_T"]))
+    has_r = z is not None
+    dummy = attn  # never read when the matching constexpr flag is off
+    attention_rows_kernel[grid](
+        q, k, v, z if has_r else dummy, scale if has_r else dummy, shift if has_r else dummy, mask_u8,
+        out if out is not None else dummy, attn,
+        T, L, D, nhead, seed, rng_offset, p_drop,
+        HAS_R=has_r, WRITE_OUT=out is not None, DROPOUT=p_drop > 0, PRECISION=precision, **blocks,
+    )
+
+
+def _arm_blocks(nhead: int, dc: int, cin: int, L: int) -> dict:
+    # Triton's interpreter pays per operation, not per element: wider tiles, fewer programs.
+    widest = 128 if triton_interpreter() else 64
+    return dict(BLOCK_L=max(16, min(widest, triton.next_power_of_2(L))), BLOCK_C=max(16, triton.next_power_of_2(cin)),
+                BLOCK_DC=max(16, triton.next_power_of_2(dc)), BLOCK_H=max(16, triton.next_power_of_2(nhead)))
+
+
+def _coverage_projection(prev, curr, mask_u8, nhead, height, width, arm: ARMWeights, stats: bool, relu_bits: bool,
+                         precision):
+    """Z [B*H, T, L] float32; with stats, per-head (sum, sum of squares) of Z over unmasked
+    positions; with relu_bits, the ReLU's on/off pattern [B, T, L] (bit c = conv channel c,
+    masked positions off) that the backward needs."""
+    b, L = mask_u8.shape
+    T = (prev if prev is not None else curr).shape[1]
+    dc, cin = arm.conv_weight.shape[:2]
+    blocks = _arm_blocks(nhead, dc, cin, L)
+    tiles = triton.cdiv(L, blocks["BLOCK_L"])
+    z = torch.empty(b * nhead, T, L, device=mask_u8.device, dtype=torch.float32)
+    partial = torch.empty(b, tiles, 2, blocks["BLOCK_H"], device=z.device, dtype=torch.float32) if stats else z
+    relu = torch.empty(b, T, L, device=z.device, dtype=torch.int32) if relu_bits else z
+    coverage_projection_kernel[(b, tiles)](
+        prev if prev is not None else curr, curr if curr is not None else prev, mask_u8,
+        arm.conv_weight.float().contiguous(), arm.conv_bias.float().contiguous(),
+        arm.proj_weight.float().reshape(nhead, dc).contiguous(), z, partial, relu,
+        T, L, width, height, nhead, dc, cin, nhead if prev is not None else 0,
+        STATS=stats, WRITE_RELU=relu_bits, PRECISION=precision, **blocks,
+    )
+    sums = partial.double().sum((0, 1))[:, :nhead] if stats else None
+    return z, sums, (relu if relu_bits else None)
+
+
+def _batchnorm_statistics(arm: ARMWeights, sums: Optional[Tensor], count: int) -> Tuple[Tensor, Tensor]:
+    """(mean, var) per head, float64: of the batch with sums (training; the running statistics
+    are then updated exactly as nn.BatchNorm1d updates them), else the running ones."""
+    if sums is None:
+        return arm.running_mean.double(), arm.running_var.double()
+    if count < 2:
+        raise ValueError("BatchNorm in training needs more than one unmasked position")
+    mean = sums[0] / count
+    var = (sums[1] / count - mean * mean).clamp_min(0.0)
+    with torch.no_grad():
+        if arm.num_batches_tracked is not None:
+            arm.num_batches_tracked.add_(1)
+        momentum = arm.momentum
+        if momentum is None:
+            momentum = 1.0 / float(arm.num_batches_tracked.item())
+        arm.running_mean.mul_(1 - momentum).add_((momentum * mean).to(arm.running_mean.dtype))
+        unbiased = var * count / (count - 1)
+        arm.running_var.mul_(1 - momentum).add_((momentum * unbiased).to(arm.running_var.dtype))
+    return mean, var
+
+
+def _dropout_keep(shape, device, seed, rng_offset, p_drop):
+    BH, T, L = shape
+    keep = torch.empty(shape, dtype=torch.int8, device=device)
+    grid = (BH, triton.cdiv(T, 16), triton.cdiv(L, 64))
+    dropout_keep_kernel[grid](keep, BH, T, L, seed, rng_offset, p_drop, BLOCK_T=16, BLOCK_L=64)
+    return keep.bool()
+
+
+def _softmax_backward(p: Tensor, grad: Tensor) -> Tensor:
+    """d scores from d softmax (p: the softmax, 0 at masked keys)."""
+    return p * (grad - (grad * p).sum(-1, keepdim=True))
+
+
+def _per_head(x: Tensor, nhead: int) -> Tensor:
+    """[nhead] -> broadcastable over [B, nhead, T, L]."""
+    return x.view(1, nhead, 1, 1)
+
+
+class ARMAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, height, width, prev_attn, conv_weight, conv_bias, proj_weight,
+                bn_weight, bn_bias, arm, bn_training, p_drop, seed, precision):
+        nhead = q.shape[0] // key_padding_mask.shape[0]
+        BH, T, D = q.shape
+        L = k.shape[1]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        mask_u8 = key_padding_mask.to(torch.uint8).contiguous()
+        out = torch.empty_like(q)
+        attn = torch.empty(BH, T, L, device=q.device, dtype=q.dtype)
+        z = relu = mean = var = None
+        if arm is None:
+            _attention_rows(q, k, v, mask_u8, nhead, None, None, None, out, attn, seed, 0, p_drop, precision)
+        else:
+            curr = None
+            if arm.coverage != "cross":
+                curr = torch.empty(BH, T, L, device=q.device, dtype=torch.float32)
+                _attention_rows(q, k, v, mask_u8, nhead, None, None, None, None, curr, seed, 0, p_drop, precision)
+            prev = prev_attn.contiguous() if arm.coverage != "self" else None
+            z, sums, relu = _coverage_projection(prev, curr, mask_u8, nhead, height, width, arm, bn_training,
+                                                 any(ctx.needs_input_grad), precision)
+            mean, var = _batchnorm_statistics(arm, sums, int((~key_padding_mask).sum().item()) * T)
+            scale = arm.bn_weight.double() * torch.rsqrt(var + arm.eps)
+            shift = arm.bn_bias.double() - mean * scale
+            _attention_rows(q, k, v, mask_u8, nhead, z, scale.float().contiguous(), shift.float().contiguous(),
+                            out, attn, seed, BH * T * L, p_drop, precision)
+            prev_attn = prev
+        ctx.save_for_backward(q, k, v, key_padding_mask, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight,
+                              z, relu, mean, var)
+        ctx.config = (height, width, arm, bn_training, p_drop, seed, precision)
+        return out, attn
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_attn):
+        """Attention parts in PyTorch on [B*H, T, L] tensors (float32); the ARM through
+        `arm_backward_kernel`, which never materialises the coverage or the conv output."""
+        q, k, v, key_padding_mask, prev, conv_weight, conv_bias, proj_weight, bn_weight, z, relu, mean, var = \
+            ctx.saved_tensors
+        height, width, arm, bn_training, p_drop, seed, precision = ctx.config
+        b, L = key_padding_mask.shape
+        BH, T, _ = q.shape
+        nhead = BH // b
+        qf, kf, vf = q.float(), k.float(), v.float()
+        grad_out = grad_out.float()
+        scores = torch.bmm(qf, kf.transpose(1, 2))
+        dropout = lambda x, offset: x * _dropout_keep(x.shape, x.device, seed, offset, p_drop) / (1 - p_drop) \
+            if p_drop > 0 else x
+
+        if arm is not None:
+            unmasked = ~key_padding_mask[:, None, None, :]
+            rstd = torch.rsqrt(var + arm.eps)
+            xhat = ((z.view(b, nhead, T, L).double() - _per_head(mean, nhead)) * _per_head(rstd, nhead)).float()
+            r = torch.where(unmasked, _per_head(bn_weight.float(), nhead) * xhat + _per_head(arm.bn_bias.float(), nhead), 0.0)
+            scores_used = scores - r.view(BH, T, L)
+        else:
+            scores_used = scores
+        refined = masked_softmax(scores_used, key_padding_mask, None, nhead)
+        rng_offset = BH * T * L if arm is not None else 0
+        grad_attn_total = torch.bmm(grad_out, vf.transpose(1, 2))
+        if grad_attn is not None:
+            grad_attn_total = grad_attn_total + grad_attn.float()
+        grad_v = torch.bmm(dropout(refined, rng_offset).transpose(1, 2), grad_out)
+        grad_scores = _softmax_backward(refined, dropout(grad_attn_total, rng_offset))
+        grads_arm = [None] * 6
+        if arm is not None:
+            # R = BatchNorm(Z) at unmasked positions; dR = -d(S - R)
+            grad_r = torch.where(unmasked, -grad_scores.view(b, nhead, T, L), 0.0)
+            grad_bn_bias = grad_r.sum((0, 2, 3))
+            grad_bn_weight = (grad_r * xhat).sum((0, 2, 3))
+            grad_z = grad_r * _per_head((bn_weight.double() * rstd).float(), nhead)
+            if bn_training:  # through the batch statistics
+                count = int(unmasked.sum().item()) * T
+                correction = _per_head(grad_bn_bias / count, nhead) + xhat * _per_head(grad_bn_weight / count, nhead)
+                grad_z = torch.where(unmasked, grad_z - _per_head((bn_weight.double() * rstd).float(), nhead) * correction, 0.0)
+            grad_prev, grad_curr, grad_conv_w, grad_conv_b, grad_proj = _arm_backward(
+                prev, key_padding_mask, height, width, grad_z.reshape(BH, T, L).contiguous(), relu, scores, arm,
+                conv_weight, conv_bias, proj_weight, seed, p_drop, precision)
+            grads_arm = [grad_prev, grad_conv_w, grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias]
+            if grad_curr is not None:  # the self coverage: through this layer's unrefined attention
+                unrefined = masked_softmax(scores, key_padding_mask, None, nhead)
+                grad_scores = grad_scores + _softmax_backward(unrefined, dropout(grad_curr, 0))
+        grad_q = torch.bmm(grad_scores, kf)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), qf)
+        cast = lambda g, like: None if g is None or like is None else g.to(like.dtype)
+        grad_prev, grad_conv_w, grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias = (
+            cast(g, like) for g, like in zip(grads_arm, (prev, conv_weight, conv_bias, proj_weight, bn_weight, bn_weight)))
+        return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, grad_prev, grad_conv_w,
+                grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias, None, None, None, None, None)
+
+
+def _arm_backward(prev, key_padding_mask, height, width, grad_z, relu, scores, arm, conv_weight, conv_bias,
+                  proj_weight, seed, p_drop, precision):
+    """Gradients of Z = proj(mask(relu(conv(coverage) + bias))) through `arm_backward_kernel`:
+    (d prev_attn, d unrefined attention, d conv.weight, d conv.bias, d proj.weight)."""
+    b, L = key_padding_mask.shape
+    BH, T, _ = grad_z.shape
+    nhead = BH // b
+    dc, cin = conv_weight.shape[:2]
+    curr = None
+    if arm.coverage != "cross":  # the unrefined attention, as the forward's first kernel wrote it
+        curr = masked_softmax(scores, key_padding_mask, None, nhead)
+        if p_drop > 0:
+            curr = curr * _dropout_keep(curr.shape, curr.device, seed, 0, p_drop) / (1 - p_drop)
+        curr = curr.contiguous()
+    blocks = _arm_blocks(nhead, dc, cin, L)
+    tiles = triton.cdiv(L, blocks["BLOCK_L"])
+    programs = b * tiles
+    device = grad_z.device
+    grad_prev = torch.zeros(BH, T, L, device=device) if prev is not None else None
+    grad_curr = torch.zeros(BH, T, L, device=device) if curr is not None else None
+    part_w = torch.zeros(programs, 25, blocks["BLOCK_DC"], blocks["BLOCK_C"], device=device)
+    part_b = torch.empty(programs, blocks["BLOCK_DC"], device=device)
+    part_proj = torch.empty(programs, blocks["BLOCK_H"], blocks["BLOCK_DC"], device=device)
+    first = prev if prev is not None else curr
+    arm_backward_kernel[(b, tiles)](
+        first, curr if curr is not None else first, key_padding_mask.to(torch.uint8).contiguous(),
+        conv_weight.float().contiguous(), conv_bias.float().contiguous(), proj_weight.float().reshape(nhead, dc).contiguous(),
+        grad_z, relu, grad_prev if grad_prev is not None else grad_curr, grad_curr if grad_curr is not None else grad_prev,
+        part_w, part_b, part_proj,
+        T, L, width, height, nhead, dc, cin, nhead if prev is not None else 0,
+        PRECISION=precision, **blocks,
+    )
+    grad_conv_w = part_w.sum(0)[:, :dc, :cin].permute(1, 2, 0).reshape(dc, cin, 5, 5)
+    grad_conv_b = part_b.sum(0)[:dc]
+    grad_proj = part_proj.sum(0)[:nhead, :dc].reshape(nhead, dc, 1, 1)
+    return grad_prev, grad_curr, grad_conv_w, grad_conv_b, grad_proj
+
+
+def arm_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor,
+    height: int,
+    width: int,
+    prev_attn: Optional[Tensor] = None,
+    arm: Optional[ARMWeights] = None,
+    *,
+    bn_training: bool = False,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    precision: str = "ieee",
+) -> Tuple[Tensor, Tensor]:
+    """Cross-attention of CoMER's decoder layer, with the ARM refinement when `arm` is given.
+
+    q [B*H, T, D] (already scaled by D^-0.5), k, v [B*H, L, D], key_padding_mask [B, L]
+    bool (True = padding), L = height*width row-major; prev_attn [B*H, T, L]: the
+    attention the previous layer returned (needed for 'cross' and 'both' coverage).
+    bn_training: BatchNorm on batch statistics (and running statistics updated in place).
+    dropout_p > 0 applies attention dropout (pass it only in training); seed picks the
+    random stream (drawn from torch's generator when None); forward and backward agree.
+    precision: 'ieee' (exact float32 products) or 'tf32' (float32 inputs only).
+    Returns out [B*H, T, D] (before out_proj) and the returned attention [B*H, T, L].
+    """
+    _check(q, k, v, key_padding_mask, height, width, prev_attn, arm, precision)
+    if q.dtype == torch.float64:
+        raise ValueError("arm_attention runs float32, float16 and bfloat16; float64 takes the plain path")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item()) if dropout_p > 0 else 0
+    if arm is None:
+        weights = (None,) * 5
+    else:
+        weights = (arm.conv_weight, arm.conv_bias, arm.proj_weight, arm.bn_weight, arm.bn_bias)
+    prev = prev_attn if arm is not None and arm.coverage != "self" else None
+    return ARMAttentionFunction.apply(q, k, v, key_padding_mask, height, width, prev, *weights, arm, bn_training,
+                                      float(dropout_p), seed, precision)
+
