@@ -2,9 +2,9 @@
 from .backend import env_report
 from .checkpoint import CheckpointError, load_comer
 from .model.comer import CoMER, CoMERConfig
+from .patch import patch, unpatch
 from .search.common import BeamSearchOutput, Hypothesis
 from .search.reference import reference_beam_search
 from .vocab import Vocab, vocab
 
 __version__ = "0.1.0"
-from .patch import patch, unpatch
