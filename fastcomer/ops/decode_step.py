@@ -1,13 +1,14 @@
 """One decoding step of cross-attention with the ARM, for every live row, in plain PyTorch.
 
-This is the reference of the fused decode kernels. State per layer j (coverage mode
-cross+self): coverage[j] [rows, 2*nhead, L] holds the running sums over the steps so
-far of the attention layer j-1 returned (channels :nhead) and of layer j's unrefined
-attention (channels nhead:). A step reads coverage[j] to refine, then adds this step's
-unrefined attention to coverage[j]'s self part and the refined attention to
-coverage[j+1]'s cross part, so step t costs O(L) per row, not O(t*L).
+This is the reference of the fused decode kernels. State per refining layer j > 0
+(coverage mode cross+self): coverage[j] [rows, 2*nhead, L] holds the running sums over
+the steps before this one of the attention layer j-1 returned (channels :nhead) and of
+layer j's unrefined attention (channels nhead:). A step refines with coverage[j], then
+adds this step's two attentions to it, so step t costs O(L) per row, not O(t*L). Each
+layer updates only its own sums: were layer j-1 to add to coverage[j], layer j would
+see the current step in a sum that must hold only the earlier ones.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,29 +34,31 @@ def cross_attention_step(
     height: int,
     arm: Optional[FoldedARM],
     coverage: Optional[Tensor],
-    next_coverage: Optional[Tensor],
-) -> Tensor:
+    prev_attn: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
     """One query per row; rows grouped by image, G rows per image.
 
     q [I, G, nhead, hd] (scaled), k, v [I, nhead, L, hd] (each image's memory once, shared
-    by its rows, never copied per row), key_padding_mask [I, L]; coverage [I*G, C, L] for
-    a refining layer (None for layer 0), next_coverage likewise for the next layer (None
-    for the last). Returns A'V [I, G, nhead, hd] and updates both coverages in place.
+    by its rows, never copied per row), key_padding_mask [I, L] (True = padding).
+    For a refining layer: arm, coverage [I*G, C, L] (the sums over the previous steps),
+    and with cross coverage prev_attn [I*G, nhead, L] (what the previous layer returned
+    at this step); for layer 0, or a model without ARM, coverage is None.
+    Returns A'V [I, G, nhead, hd] and the attention this layer returns, [I*G, nhead, L]
+    (its prev_attn for the next layer); adds this step's attentions to coverage in place.
     """
     i, g, nhead, _ = q.shape
     L = k.shape[2]
     scores = torch.matmul(q.transpose(1, 2), k.transpose(2, 3))  # [I, nhead, G, L]
     mask = key_padding_mask[:, None, None, :]
     attn = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
-    rows_mask = key_padding_mask.repeat_interleave(g, dim=0)
-    if coverage is not None:
-        r = refine_folded(arm, coverage, rows_mask, height)  # [I*G, nhead, L]
-        r = r.view(i, g, nhead, L).transpose(1, 2)
-        refined = torch.softmax((scores - r).masked_fill(mask, float("-inf")), dim=-1)
+    if coverage is None:
+        refined = attn
+    else:
+        r = refine_folded(arm, coverage, key_padding_mask.repeat_interleave(g, dim=0), height)  # [I*G, nhead, L]
+        refined = torch.softmax((scores - r.view(i, g, nhead, L).transpose(1, 2)).masked_fill(mask, float("-inf")), dim=-1)
+        if arm.cross_coverage:
+            coverage[:, :nhead] += prev_attn
         if arm.self_coverage:
             coverage[:, -nhead:] += attn.transpose(1, 2).reshape(i * g, nhead, L)
-    else:
-        refined = attn
-    if next_coverage is not None and arm.cross_coverage:
-        next_coverage[:, :nhead] += refined.transpose(1, 2).reshape(i * g, nhead, L)
-    return torch.matmul(refined, v).transpose(1, 2)
+    returned = refined.transpose(1, 2).reshape(i * g, nhead, L)
+    return torch.matmul(refined, v).transpose(1, 2), returned

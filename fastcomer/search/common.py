@@ -2,7 +2,7 @@
 rescoring of first-pass hypotheses by the opposite direction, and the choice of the
 final answer (SPEC section 3)."""
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ class BeamSearchOutput:
     hyps: List[Hypothesis]
     first_pass_hyps: List[List[int]]
     first_pass_scores: Tensor  # float32, as CoMER's finalisation stores them
-    rescore: Tensor
+    rescore: Optional[Tensor]  # None for a single-direction search, which is not rescored
 
 
 def check_search_args(model, img: Tensor, img_mask: Tensor, beam_size: int, max_len: int, temperature: float) -> None:
@@ -71,18 +71,24 @@ def sequence_scores(logits: Tensor, tgt: Tensor, out: Tensor, alpha: float, temp
     return -loss.view(out.shape).sum(dim=1) / penalty
 
 
-def first_pass_in_l2r_order(first_pass_hyps: Sequence[Sequence[int]], batch: int, beam_size: int) -> List[List[int]]:
-    """First-pass hypotheses in left-to-right reading order (right-to-left ones reversed)."""
-    half = batch * beam_size
-    return [list(h) if i < half else list(h)[::-1] for i, h in enumerate(first_pass_hyps)]
+def first_pass_in_l2r_order(
+    first_pass_hyps: Sequence[Sequence[int]], batch: int, beam_size: int, l2r: Sequence[bool] = (True, False)
+) -> List[List[int]]:
+    """First-pass hypotheses in left-to-right reading order (right-to-left ones reversed);
+    l2r gives the direction of each block of batch*beam_size hypotheses."""
+    block = batch * beam_size
+    return [list(h) if l2r[i // block] else list(h)[::-1] for i, h in enumerate(first_pass_hyps)]
 
 
-def select_best(first_pass_hyps: Sequence[Sequence[int]], scores: Tensor, batch: int, beam_size: int) -> List[Hypothesis]:
-    """Per image the best of its 2*beam_size hypotheses (left-to-right ones first, first
-    maximum wins), read left to right."""
-    seqs = first_pass_in_l2r_order(first_pass_hyps, batch, beam_size)
-    per_item = scores.view(2, batch, beam_size)
-    per_image = torch.cat((per_item[0], per_item[1]), dim=1)
+def select_best(
+    first_pass_hyps: Sequence[Sequence[int]], scores: Tensor, batch: int, beam_size: int,
+    l2r: Sequence[bool] = (True, False),
+) -> List[Hypothesis]:
+    """Per image the best of its hypotheses over the directions `l2r` (in that order,
+    first maximum wins), read left to right."""
+    seqs = first_pass_in_l2r_order(first_pass_hyps, batch, beam_size, l2r)
+    per_item = scores.view(len(l2r), batch, beam_size)
+    per_image = torch.cat(tuple(per_item), dim=1)
     best_scores, best = per_image.max(dim=1)
     answers = []
     for image, (k, score) in enumerate(zip(best.tolist(), best_scores.tolist())):
