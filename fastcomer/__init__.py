@@ -1,7 +1,9 @@
 """fastcomer: fused kernels and a fast decoding engine for CoMER."""
 from .checkpoint import CheckpointError, load_comer
 from .model.comer import CoMER, CoMERConfig
+from .search.batch import decode_images
 from .search.common import BeamSearchOutput, Hypothesis
+from .search.engine import beam_search, greedy_search
 from .search.reference import reference_beam_search
 from .vocab import Vocab, vocab
 
