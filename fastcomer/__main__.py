@@ -30,6 +30,27 @@ def decode_golden(args: argparse.Namespace) -> int:
     return 0 if [h.seq for h in hyps] == golden["beam_hyps"] else 1
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Time the engine against the reference beam search; fail if they answer differently."""
+    import torch
+
+    from .bench import FULL_SHAPES, QUICK_SHAPES, format_table, run_benchmark, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    images = args.images or (1 if args.quick else 2)
+    max_len = args.max_len or (60 if args.quick else 200)
+    print(f"decoding {images} image(s) of each of {', '.join(f'{h}x{w}' for h, w in shapes)}, beam {args.beam_size}, "
+          f"max_len {max_len}, on {args.device} with {torch.get_num_threads()} thread(s)", flush=True)
+    report = run_benchmark(shapes, images, args.beam_size, max_len, args.device, args.seed, log=lambda s: print(s, flush=True))
+    print(format_table(report))
+    path = write_report(report, args.out)
+    if path is not None:
+        print(f"wrote {path}")
+    return 0 if all(row["identical"] for row in report["results"]) else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fastcomer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +58,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     golden.add_argument("--golden", type=Path, default=default_golden(), help="path of comer_small_seed0.pt (default: %(default)s)")
     golden.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     golden.set_defaults(run=decode_golden)
+    timing = commands.add_parser(
+        "bench",
+        help="time the decoding engine against the reference beam search (published config, random weights)",
+        description="Decode random images with the published CoMER configuration (seeded random weights scaled so "
+        "that beams end at various lengths), one image per call, with the engine and with the reference beam "
+        "search; check that they answer identically; print the time per image of each and the ratio. Default: "
+        "2 images of 128x512 and 2 of 256x1024, beam 10, max_len 200. --quick: one 128x512 image with max_len 60 "
+        "(about a minute on 2 CPU cores; the ratio grows with the decoded length, so it understates the full run's).",
+    )
+    timing.add_argument("--quick", action="store_true", help="one 128x512 image, max_len 60")
+    timing.add_argument("--images", type=int, default=0, help="images per shape (default: 2, or 1 with --quick)")
+    timing.add_argument("--max-len", type=int, default=0, help="default: 200, or 60 with --quick")
+    timing.add_argument("--beam-size", type=int, default=10)
+    timing.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default: %(default)s)")
+    timing.add_argument("--seed", type=int, default=0)
+    timing.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    timing.add_argument("--out", type=Path, help="write the results as JSON to this file, or into this directory")
+    timing.set_defaults(run=bench)
     args = parser.parse_args(argv)
     return args.run(args)
 

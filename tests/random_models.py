@@ -1,41 +1,11 @@
-"""Seeded random CoMER models and image batches whose beam searches end at various
-lengths: random BatchNorm statistics, a strong ARM, a peaked output projection and
-biased end tokens (as the golden file's weights are scaled)."""
+"""Seeded random CoMER models (small, weights scaled by fastcomer.bench.scale_weights so
+that beams end at various lengths) and padded batches of random images."""
 import random
 
 import torch
 
 from fastcomer import CoMER
-from fastcomer.vocab import EOS_IDX, SOS_IDX
-
-
-@torch.no_grad()
-def scale_weights(
-    model: CoMER, seed: int, end_bias: float, end_scale: float, arm_scale: float = 4.0, proj_scale: float = 2.0
-) -> CoMER:
-    """Make every part of a freshly initialised CoMER matter, in place; returns it in eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-            module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-    arm = model.decoder.model.arm
-    if arm is not None:
-        arm.conv.weight.mul_(arm_scale)
-        arm.proj.weight.mul_(arm_scale)
-        bn = arm.post_norm.bn
-        bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen))
-        bn.bias.copy_(torch.randn(bn.num_features, generator=gen))
-    proj = model.decoder.proj
-    proj.weight.mul_(proj_scale)
-    proj.bias.copy_(torch.randn(proj.out_features, generator=gen))
-    for end in (EOS_IDX, SOS_IDX):  # end tokens whose odds swing from step to step
-        proj.weight[end] *= end_scale
-        proj.bias[end] += end_bias
-    return model.eval()
+from fastcomer.bench import scale_weights
 
 
 def random_model(seed: int, dtype=torch.float64) -> CoMER:

@@ -21,8 +21,9 @@ def refine_folded(arm: FoldedARM, coverage: Tensor, mask: Tensor, height: int) -
     """coverage [N, C, L], mask [N, L] (True = padding) -> R [N, nhead, L], 0 where masked."""
     n, c, L = coverage.shape
     y = F.relu(F.conv2d(coverage.view(n, c, height, L // height), arm.conv_weight, arm.conv_bias, padding=2))
-    y = y.flatten(2).masked_fill(mask[:, None], 0.0)
-    r = torch.matmul(arm.proj_weight, y) + arm.shift[:, None]
+    # The ARM zeroes Y at masked positions before its 1x1 projection; the projection is
+    # pointwise, so zeroing R there instead gives the same R.
+    r = torch.matmul(arm.proj_weight, y.flatten(2)) + arm.shift[:, None]
     return r.masked_fill(mask[:, None], 0.0)
 
 
