@@ -37,26 +37,29 @@ def first_pass(
     batch, device = feature.shape[0], feature.device
     directions = len(l2r)
     vocab_size = decoder.proj.out_features
-    state = DecodingState(decoder, feature, mask, directions, directions * beam_size, max_len)
+    state = DecodingState(decoder, feature, mask, batch * directions * beam_size, max_len)
 
-    # Live items in row order (image by image, its directions side by side); item_ids
-    # are their places in the output order (direction by direction, image by image).
-    forward = torch.tensor(l2r, device=device).repeat(batch)
-    item_ids = (torch.arange(directions, device=device) * batch + torch.arange(batch, device=device)[:, None]).view(-1)
+    # Live items (image, direction) in row order, each beam_size rows (one at the first
+    # step); item_ids are their places in the output order (direction by direction, image
+    # by image). Images with every direction live share one segment of rows, those with
+    # fewer (their other searches done) another, so done searches cost nothing.
+    items = [(image, d) for image in range(batch) for d in range(directions)]
+    state.set_layout([(list(range(batch)), directions)])
+    forward = torch.tensor([l2r[d] for _, d in items], device=device)
+    item_ids = torch.tensor([d * batch + image for image, d in items], device=device)
     end_token = torch.where(forward, EOS_IDX, SOS_IDX)
     state.append(torch.where(forward, SOS_IDX, EOS_IDX))
-    live_images = list(range(batch))
     finished = FinishedLists(directions * batch, beam_size, max_len, alpha, early_stopping, device)
     done = torch.zeros(directions * batch, dtype=torch.bool, device=device)
     beam_scores = torch.zeros(directions * batch, dtype=torch.float32, device=device)  # as CoMER starts them
     rows_per_item = 1  # the first step expands each item's one row
+    layout = None
 
     while state.length < max_len:
         cur_len = state.length
-        items = len(item_ids)
         scores = F.log_softmax(state.step() / temperature, dim=-1) + beam_scores[:, None]
-        top_scores, top_ids = scores.view(items, -1).topk(2 * beam_size, dim=1)
-        rows = torch.arange(items, device=device)[:, None] * rows_per_item + top_ids // vocab_size
+        top_scores, top_ids = scores.view(len(items), -1).topk(2 * beam_size, dim=1)
+        rows = torch.arange(len(items), device=device)[:, None] * rows_per_item + top_ids // vocab_size
         tokens = top_ids % vocab_size
         ends = tokens == end_token[:, None]
         was_done = done[item_ids]
@@ -71,25 +74,31 @@ def first_pass(
         done_now = done.tolist()  # the step's one host sync
         if all(done_now):
             break
-        still = [p for p, image in enumerate(live_images) if not all(done_now[d * batch + image] for d in range(directions))]
-        if len(still) < len(live_images):
-            still_items = torch.tensor([p * directions + d for p in still for d in range(directions)], device=device)
-            beam_scores, next_tokens = beam_scores[still_items], next_tokens[still_items]
-            item_ids, end_token = item_ids[still_items], end_token[still_items]
-            # Parents index the rows before compaction; the state gathers them.
-            state.reorder(parents[still_items].view(-1), directions * beam_size, torch.tensor(still, device=device))
-            live_images = [live_images[p] for p in still]
+        live = [(image, d) for image, d in items if not done_now[d * batch + image]]
+        if live != items or layout is None:
+            images = list(dict.fromkeys(image for image, _ in live))
+            live_directions = {image: [d for i, d in live if i == image] for image in images}
+            both = [image for image in images if len(live_directions[image]) == directions]
+            some = [image for image in images if len(live_directions[image]) < directions]
+            new_items = [(image, d) for image in both + some for d in live_directions[image]]
+            place = {item: p for p, item in enumerate(items)}
+            moved = torch.tensor([place[item] for item in new_items], device=device)
+            beam_scores, next_tokens, parents = beam_scores[moved], next_tokens[moved], parents[moved]
+            item_ids, end_token = item_ids[moved], end_token[moved]
+            layout = [(group, n * beam_size) for group, n in ((both, directions), (some, 1)) if group]
+            items = new_items
+            # Parents index the rows before the new layout; the state gathers them.
+            state.reorder(parents.view(-1), layout)
         else:
-            state.reorder(parents.view(-1), directions * beam_size)
+            state.reorder(parents.view(-1))
         state.append(next_tokens.view(-1))
         beam_scores = beam_scores.view(-1)
         rows_per_item = beam_size
 
     if state.length == max_len:  # max_len reached: unfinished items add all their beams
-        items = len(item_ids)
-        rows = torch.arange(items * beam_size, device=device).view(items, beam_size)
-        offered = ~done[item_ids][:, None].expand(items, beam_size)
-        finished.add(item_ids, beam_scores.view(items, beam_size), offered, rows, state.tokens, max_len)
+        rows = torch.arange(len(items) * beam_size, device=device).view(len(items), beam_size)
+        offered = ~done[item_ids][:, None].expand(len(items), beam_size)
+        finished.add(item_ids, beam_scores.view(len(items), beam_size), offered, rows, state.tokens, max_len)
     return finished.results()
 
 
@@ -148,7 +157,8 @@ def greedy_search(
     start, end = (SOS_IDX, EOS_IDX) if forward else (EOS_IDX, SOS_IDX)
     feature, mask = model.encoder(img, img_mask)
     batch = feature.shape[0]
-    state = DecodingState(model.decoder, feature, mask, 1, 1, max_len)
+    state = DecodingState(model.decoder, feature, mask, batch, max_len)
+    state.set_layout([(list(range(batch)), 1)])
     state.append(torch.full((batch,), start, device=feature.device))
     sums = feature.new_zeros(batch)
     ended = torch.zeros(batch, dtype=torch.bool, device=feature.device)

@@ -1,15 +1,17 @@
 """The incremental decoder: one step of CoMER's decoder for the newest token of every
 live row, over a cache allocated once per search.
 
-Rows are grouped by image: the live images' rows lie side by side, `group` rows each
-(e.g. both directions' beams of one image). Per decoder layer the state holds
-- the cross-attention K/V of each live image, computed once and shared by its rows;
+Rows are grouped by image, in segments: a segment is a list of images with the same
+number of rows each (e.g. both directions' beams, or one direction's once the other is
+done). Per decoder layer the state holds
+- the cross-attention K/V of each image, computed once and shared by all its rows
+  (a segment over a subset of the images holds its own copy, made when the layout changes);
 - self-attention K/V of every row for the steps so far, preallocated to max_len;
 - the ARM coverage running sums of every row (see ops/decode_step.py),
 so a step costs O(L) per row for the cross-attention and the ARM, whatever the prefix.
 """
 import weakref
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +43,20 @@ def split_heads(x: Tensor, nhead: int) -> Tensor:
     return x.view(b, L, nhead, d // nhead).transpose(1, 2).contiguous()
 
 
+class Segment(NamedTuple):
+    images: List[int]  # ids among the search's images
+    group: int  # rows per image
+    memory_kv: List[Tuple[Tensor, Tensor]]  # per layer k, v [images, nhead, L, head_dim]
+    memory_mask: Tensor  # [images, L], True = padding
+
+    @property
+    def rows(self) -> int:
+        return len(self.images) * self.group
+
+
 class DecodingState:
-    def __init__(self, decoder, feature: Tensor, feature_mask: Tensor, group: int, max_rows_per_image: int, max_len: int):
-        """feature [b, h, w, d], feature_mask [b, h, w]; rows start as `group` per image
-        and may grow to max_rows_per_image; sequences hold up to max_len tokens."""
+    def __init__(self, decoder, feature: Tensor, feature_mask: Tensor, max_rows: int, max_len: int):
+        """feature [b, h, w, d], feature_mask [b, h, w]; at most max_rows rows of up to max_len tokens."""
         b, h, w, d = feature.shape
         layers = decoder.model.layers
         self.decoder = decoder
@@ -56,23 +68,35 @@ class DecodingState:
         self.memory_kv = [
             tuple(split_heads(x, self.nhead) for x in layer.multihead_attn.project_key_value(memory)) for layer in layers
         ]
-        capacity = b * max_rows_per_image
         head_dim = d // self.nhead
-        self.self_k = [feature.new_empty(capacity, self.nhead, max_len, head_dim) for _ in layers]
-        self.self_v = [feature.new_empty(capacity, self.nhead, max_len, head_dim) for _ in layers]
-        # Layer j > 0 refines with coverage[j]; layer 0 only feeds coverage[1].
+        self.self_k = [feature.new_empty(max_rows, self.nhead, max_len, head_dim) for _ in layers]
+        self.self_v = [feature.new_empty(max_rows, self.nhead, max_len, head_dim) for _ in layers]
+        # Layer j > 0 refines with coverage[j]; layer 0 has none.
         channels = self.nhead * (int(self.arm.cross_coverage) + int(self.arm.self_coverage)) if self.arm else 0
         self.coverage: List[Optional[Tensor]] = [None] + [
-            feature.new_zeros(capacity, channels, h * w) if self.arm else None for _ in layers[1:]
+            feature.new_zeros(max_rows, channels, h * w) if self.arm else None for _ in layers[1:]
         ]
-        self.tokens = torch.full((capacity, max_len), PAD_IDX, dtype=torch.long, device=feature.device)
-        self.images = b
-        self.group = group
+        self.tokens = torch.full((max_rows, max_len), PAD_IDX, dtype=torch.long, device=feature.device)
+        self.segments: List[Segment] = []
         self.length = 0  # tokens per row so far
 
     @property
     def rows(self) -> int:
-        return self.images * self.group
+        return sum(segment.rows for segment in self.segments)
+
+    def set_layout(self, layout: Sequence[Tuple[List[int], int]]) -> None:
+        """Rows from now on: per (images, group) pair, a segment of `group` rows per image."""
+        everyone = list(range(self.memory_mask.shape[0]))
+        self.segments = []
+        for images, group in layout:
+            if images == everyone:
+                kv, mask = self.memory_kv, self.memory_mask
+            else:
+                index = torch.tensor(images, device=self.memory_mask.device)
+                kv, mask = [(k[index], v[index]) for k, v in self.memory_kv], self.memory_mask[index]
+            self.segments.append(Segment(list(images), group, kv, mask))
+        if self.rows > self.tokens.shape[0]:
+            raise ValueError(f"layout of {self.rows} rows exceeds the state's {self.tokens.shape[0]}")
 
     def append(self, tokens: Tensor) -> None:
         """Add one token to every live row: tokens [rows]."""
@@ -81,25 +105,20 @@ class DecodingState:
         self.tokens[: self.rows, self.length] = tokens
         self.length += 1
 
-    def reorder(self, parents: Tensor, group: int, images: Optional[Tensor] = None) -> None:
-        """New rows, `group` per image: new row r continues old row parents[r]. With
-        `images` (positions among the live images, ascending), only those images stay live;
-        parents must then lie in their rows."""
-        images_after = self.images if images is None else len(images)
-        if len(parents) != images_after * group:
-            raise ValueError(f"reorder got {len(parents)} rows for {images_after} images of {group}")
-        t = self.length
-        self.tokens[: len(parents), :t] = self.tokens[parents, :t]
+    def reorder(self, parents: Tensor, layout: Optional[Sequence[Tuple[List[int], int]]] = None) -> None:
+        """New row r continues old row parents[r], in one gather per state tensor; with
+        `layout`, the rows are laid out anew (see set_layout)."""
+        if layout is not None:
+            self.set_layout(layout)
+        if len(parents) != self.rows:
+            raise ValueError(f"reorder got {len(parents)} parents for {self.rows} rows")
+        t, n = self.length, len(parents)
+        self.tokens[:n, :t] = self.tokens[parents, :t]
         for cache in (*self.self_k, *self.self_v):
-            cache[: len(parents), :, :t] = cache[parents, :, :t]
+            cache[:n, :, :t] = cache[parents, :, :t]
         for coverage in self.coverage[1:]:
             if coverage is not None:
-                coverage[: len(parents)] = coverage[parents]
-        if images is not None:
-            self.memory_mask = self.memory_mask[images]
-            self.memory_kv = [(k[images], v[images]) for k, v in self.memory_kv]
-            self.images = len(images)
-        self.group = group
+                coverage[:n] = coverage[parents]
 
     def step(self) -> Tensor:
         """The decoder's logits for the newest token of every live row: [rows, vocab]."""
@@ -109,11 +128,22 @@ class DecodingState:
         returned = None  # the attention the previous layer returned at this step
         for j, layer in enumerate(decoder.model.layers):
             x = layer.norm1(x + self.self_attention(layer.self_attn, j, x, pad))
-            q = layer.multihead_attn.project_query(x).view(self.images, self.group, self.nhead, -1)
-            k, v = self.memory_kv[j]
-            coverage = None if self.coverage[j] is None else self.coverage[j][:rows]
-            out, returned = cross_attention_step(q, k, v, self.memory_mask, self.height, self.arm, coverage, returned)
-            x = layer.norm2(x + layer.multihead_attn.out_proj(out.reshape(rows, -1)))
+            q = layer.multihead_attn.project_query(x)
+            outs, returns, start = [], [], 0
+            for segment in self.segments:
+                rows_here = slice(start, start + segment.rows)
+                out, ret = cross_attention_step(
+                    q[rows_here].view(len(segment.images), segment.group, self.nhead, -1),
+                    *segment.memory_kv[j], segment.memory_mask, self.height, self.arm,
+                    None if self.coverage[j] is None else self.coverage[j][rows_here],
+                    None if returned is None else returned[rows_here],
+                )
+                outs.append(out.reshape(segment.rows, -1))
+                returns.append(ret)
+                start += segment.rows
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            returned = returns[0] if len(returns) == 1 else torch.cat(returns)
+            x = layer.norm2(x + layer.multihead_attn.out_proj(out))
             x = layer.feed_forward(x)
         return decoder.proj(x)
 
