@@ -97,14 +97,34 @@ def select_best(
     return answers
 
 
+def length_batches(lengths: Sequence[int]) -> List[List[int]]:
+    """Indices grouped longest first into batches in which no sequence is padded to more
+    than twice its length (+1)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: List[List[int]] = []
+    for i in order:
+        if batches and 2 * (lengths[i] + 1) >= lengths[batches[-1][0]] + 1:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def rescore(decoder, feature: Tensor, feature_mask: Tensor, first_pass_hyps, beam_size: int, alpha: float, temperature: float) -> Tensor:
-    """Score every first-pass hypothesis by the opposite direction, in one teacher-forced
-    forward: row i of the result belongs to first_pass_hyps[i]."""
+    """Score every first-pass hypothesis by the opposite direction, teacher-forced: row i
+    of the result belongs to first_pass_hyps[i]. Hypotheses of similar lengths run in one
+    forward each: padding a short one to a long one's length would cost time, not change
+    its score."""
     batch = feature.shape[0]
     half = batch * beam_size
     seqs = first_pass_in_l2r_order(first_pass_hyps, batch, beam_size)
-    rescore_l2r = [i >= half for i in range(len(seqs))]
-    tgt, out = teacher_forcing_batch(seqs, rescore_l2r, feature.device)
-    image = (torch.arange(len(seqs), device=feature.device) // beam_size) % batch
-    logits = decoder(feature[image], feature_mask[image], tgt)
-    return sequence_scores(logits, tgt, out, alpha, temperature)
+    scores = []
+    order = []
+    for rows in length_batches([len(s) for s in seqs]):
+        tgt, out = teacher_forcing_batch([seqs[i] for i in rows], [i >= half for i in rows], feature.device)
+        image = torch.tensor([(i // beam_size) % batch for i in rows], device=feature.device)
+        logits = decoder(feature[image], feature_mask[image], tgt)
+        scores.append(sequence_scores(logits, tgt, out, alpha, temperature))
+        order += rows
+    result = torch.cat(scores)
+    return result[torch.tensor(order, device=result.device).argsort()]
