@@ -39,7 +39,7 @@ def bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    images = args.images or (1 if args.quick else 2)
+    images = args.images
     max_len = args.max_len or (60 if args.quick else 200)
     print(f"decoding {images} image(s) of each of {', '.join(f'{h}x{w}' for h, w in shapes)}, beam {args.beam_size}, "
           f"max_len {max_len}, on {args.device} with {torch.get_num_threads()} thread(s)", flush=True)
@@ -64,11 +64,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         description="Decode random images with the published CoMER configuration (seeded random weights scaled so "
         "that beams end at various lengths), one image per call, with the engine and with the reference beam "
         "search; check that they answer identically; print the time per image of each and the ratio. Default: "
-        "2 images of 128x512 and 2 of 256x1024, beam 10, max_len 200. --quick: one 128x512 image with max_len 60 "
-        "(about a minute on 2 CPU cores; the ratio grows with the decoded length, so it understates the full run's).",
+        "one image of 128x512 and one of 256x1024 (--images for more), beam 10, max_len 200; on 2 CPU cores the "
+        "reference needs minutes per image. --quick: 128x512 only, max_len 60 (about a minute on 2 idle CPU "
+        "cores; the ratio grows with the decoded length, so it understates the full run's).",
     )
-    timing.add_argument("--quick", action="store_true", help="one 128x512 image, max_len 60")
-    timing.add_argument("--images", type=int, default=0, help="images per shape (default: 2, or 1 with --quick)")
+    timing.add_argument("--quick", action="store_true", help="128x512 only, max_len 60")
+    timing.add_argument("--images", type=int, default=1, help="images per shape (default: %(default)s)")
     timing.add_argument("--max-len", type=int, default=0, help="default: 200, or 60 with --quick")
     timing.add_argument("--beam-size", type=int, default=10)
     timing.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default: %(default)s)")

@@ -27,6 +27,19 @@ def search_directions(direction: str, allowed: Sequence[str] = tuple(DIRECTIONS)
     return DIRECTIONS[direction]
 
 
+def live_layout(live: List[Tuple[int, int]], directions: int, beam_size: int):
+    """Row order for the live items (image, direction): images with every direction live
+    first, as one segment of directions*beam_size rows per image, then those with fewer,
+    beam_size rows per item. Returns the items in their new order and the state layout."""
+    images = list(dict.fromkeys(image for image, _ in live))
+    live_directions = {image: [d for i, d in live if i == image] for image in images}
+    both = [image for image in images if len(live_directions[image]) == directions]
+    some = [image for image in images if len(live_directions[image]) < directions]
+    new_items = [(image, d) for image in both + some for d in live_directions[image]]
+    layout = [(group, n * beam_size) for group, n in ((both, directions), (some, 1)) if group]
+    return new_items, layout
+
+
 def first_pass(
     decoder, feature: Tensor, mask: Tensor, beam_size: int, max_len: int, alpha: float,
     early_stopping: bool, temperature: float, l2r: Tuple[bool, ...],
@@ -41,8 +54,8 @@ def first_pass(
 
     # Live items (image, direction) in row order, each beam_size rows (one at the first
     # step); item_ids are their places in the output order (direction by direction, image
-    # by image). Images with every direction live share one segment of rows, those with
-    # fewer (their other searches done) another, so done searches cost nothing.
+    # by image). A search leaves the batch as soon as it is done (see live_layout), so
+    # every item in the batch is live.
     items = [(image, d) for image in range(batch) for d in range(directions)]
     state.set_layout([(list(range(batch)), directions)])
     forward = torch.tensor([l2r[d] for _, d in items], device=device)
@@ -53,7 +66,6 @@ def first_pass(
     done = torch.zeros(directions * batch, dtype=torch.bool, device=device)
     beam_scores = torch.zeros(directions * batch, dtype=torch.float32, device=device)  # as CoMER starts them
     rows_per_item = 1  # the first step expands each item's one row
-    layout = None
 
     while state.length < max_len:
         cur_len = state.length
@@ -62,42 +74,33 @@ def first_pass(
         rows = torch.arange(len(items), device=device)[:, None] * rows_per_item + top_ids // vocab_size
         tokens = top_ids % vocab_size
         ends = tokens == end_token[:, None]
-        was_done = done[item_ids]
         # Ended candidates ranked below beam_size are dropped, as CoMER does.
-        offered = ends[:, :beam_size] & ~was_done[:, None]
-        finished.add(item_ids, top_scores[:, :beam_size], offered, rows[:, :beam_size], state.tokens, cur_len)
+        finished.add(item_ids, top_scores[:, :beam_size], ends[:, :beam_size], rows[:, :beam_size], state.tokens, cur_len)
         # The next beams: the first beam_size candidates that do not end, in rank order.
         keep = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :beam_size]
         beam_scores, next_tokens, parents = top_scores.gather(1, keep), tokens.gather(1, keep), rows.gather(1, keep)
-        done[item_ids] = was_done | finished.is_done(item_ids, beam_scores.max(dim=1).values, cur_len)
+        done[item_ids] = finished.is_done(item_ids, beam_scores.max(dim=1).values, cur_len)
 
         done_now = done.tolist()  # the step's one host sync
         if all(done_now):
             break
         live = [(image, d) for image, d in items if not done_now[d * batch + image]]
-        if live != items or layout is None:
-            images = list(dict.fromkeys(image for image, _ in live))
-            live_directions = {image: [d for i, d in live if i == image] for image in images}
-            both = [image for image in images if len(live_directions[image]) == directions]
-            some = [image for image in images if len(live_directions[image]) < directions]
-            new_items = [(image, d) for image in both + some for d in live_directions[image]]
+        if live != items or cur_len == 1:  # a search finished, or the first step's rows become beams
+            new_items, layout = live_layout(live, directions, beam_size)
             place = {item: p for p, item in enumerate(items)}
             moved = torch.tensor([place[item] for item in new_items], device=device)
             beam_scores, next_tokens, parents = beam_scores[moved], next_tokens[moved], parents[moved]
-            item_ids, end_token = item_ids[moved], end_token[moved]
-            layout = [(group, n * beam_size) for group, n in ((both, directions), (some, 1)) if group]
-            items = new_items
-            # Parents index the rows before the new layout; the state gathers them.
-            state.reorder(parents.view(-1), layout)
+            item_ids, end_token, items = item_ids[moved], end_token[moved], new_items
+            state.reorder(parents.view(-1), layout)  # parents index the rows of the old layout
         else:
             state.reorder(parents.view(-1))
         state.append(next_tokens.view(-1))
         beam_scores = beam_scores.view(-1)
         rows_per_item = beam_size
 
-    if state.length == max_len:  # max_len reached: unfinished items add all their beams
+    if state.length == max_len:  # max_len reached: the unfinished items add all their beams
         rows = torch.arange(len(items) * beam_size, device=device).view(len(items), beam_size)
-        offered = ~done[item_ids][:, None].expand(len(items), beam_size)
+        offered = torch.ones(len(items), beam_size, dtype=torch.bool, device=device)
         finished.add(item_ids, beam_scores.view(len(items), beam_size), offered, rows, state.tokens, max_len)
     return finished.results()
 
