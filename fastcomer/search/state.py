@@ -69,13 +69,11 @@ class DecodingState:
             tuple(split_heads(x, self.nhead) for x in layer.multihead_attn.project_key_value(memory)) for layer in layers
         ]
         head_dim = d // self.nhead
-        self.self_k = [feature.new_empty(max_rows, self.nhead, max_len, head_dim) for _ in layers]
-        self.self_v = [feature.new_empty(max_rows, self.nhead, max_len, head_dim) for _ in layers]
-        # Layer j > 0 refines with coverage[j]; layer 0 has none.
+        # One tensor per kind of state, rows first, so that a reorder is one gather each.
+        self.self_kv = feature.new_empty(max_rows, len(layers), 2, self.nhead, max_len, head_dim)
+        # Layer j > 0 refines with coverage[:, j - 1]; layer 0 has none.
         channels = self.nhead * (int(self.arm.cross_coverage) + int(self.arm.self_coverage)) if self.arm else 0
-        self.coverage: List[Optional[Tensor]] = [None] + [
-            feature.new_zeros(max_rows, channels, h * w) if self.arm else None for _ in layers[1:]
-        ]
+        self.coverage = feature.new_zeros(max_rows, len(layers) - 1, channels, h * w) if self.arm else None
         self.tokens = torch.full((max_rows, max_len), PAD_IDX, dtype=torch.long, device=feature.device)
         self.segments: List[Segment] = []
         self.length = 0  # tokens per row so far
@@ -114,11 +112,9 @@ class DecodingState:
             raise ValueError(f"reorder got {len(parents)} parents for {self.rows} rows")
         t, n = self.length, len(parents)
         self.tokens[:n, :t] = self.tokens[parents, :t]
-        for cache in (*self.self_k, *self.self_v):
-            cache[:n, :, :t] = cache[parents, :, :t]
-        for coverage in self.coverage[1:]:
-            if coverage is not None:
-                coverage[:n] = coverage[parents]
+        self.self_kv[:n, :, :, :, :t] = self.self_kv[parents, :, :, :, :t]
+        if self.coverage is not None:
+            self.coverage[:n] = self.coverage[parents]
 
     def step(self) -> Tensor:
         """The decoder's logits for the newest token of every live row: [rows, vocab]."""
@@ -135,7 +131,7 @@ class DecodingState:
                 out, ret = cross_attention_step(
                     q[rows_here].view(len(segment.images), segment.group, self.nhead, -1),
                     *segment.memory_kv[j], segment.memory_mask, self.height, self.arm,
-                    None if self.coverage[j] is None else self.coverage[j][rows_here],
+                    None if self.coverage is None or j == 0 else self.coverage[rows_here, j - 1],
                     None if returned is None else returned[rows_here],
                 )
                 outs.append(out.reshape(segment.rows, -1))
@@ -150,11 +146,11 @@ class DecodingState:
     def self_attention(self, attn, layer: int, x: Tensor, pad: Tensor) -> Tensor:
         """Causal self-attention of the newest position over the cached ones: x [rows, d]."""
         rows, t, d = self.rows, self.length - 1, x.shape[1]
-        q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(rows, 3, self.nhead, -1).unbind(1)
-        cache_k, cache_v = self.self_k[layer], self.self_v[layer]
-        cache_k[:rows, :, t] = k
-        cache_v[:rows, :, t] = v
-        scores = torch.matmul((q * attn.head_dim**-0.5)[:, :, None], cache_k[:rows, :, : t + 1].transpose(2, 3))
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(rows, 3, self.nhead, -1)
+        cache = self.self_kv[:rows, layer]  # [rows, k/v, nhead, max_len, head_dim]
+        cache[:, :, :, t] = qkv[:, 1:]
+        k, v = cache[:, :, :, : t + 1].unbind(1)
+        scores = torch.matmul((qkv[:, 0] * attn.head_dim**-0.5)[:, :, None], k.transpose(2, 3))
         weights = torch.softmax(scores.masked_fill(pad[:, None, None], float("-inf")), dim=-1)
-        out = torch.matmul(weights, cache_v[:rows, :, : t + 1])  # [rows, nhead, 1, head_dim]
+        out = torch.matmul(weights, v)  # [rows, nhead, 1, head_dim]
         return attn.out_proj(out.view(rows, d))
