@@ -3,7 +3,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 
 def default_golden() -> Path:
@@ -38,17 +38,30 @@ def bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    images = args.images
+    shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     max_len = args.max_len or (60 if args.quick else 200)
-    print(f"decoding {images} image(s) of each of {', '.join(f'{h}x{w}' for h, w in shapes)}, beam {args.beam_size}, "
+    print(f"decoding {args.images} image(s) of each of {', '.join(f'{h}x{w}' for h, w in shapes)}, beam {args.beam_size}, "
           f"max_len {max_len}, on {args.device} with {torch.get_num_threads()} thread(s)", flush=True)
-    report = run_benchmark(shapes, images, args.beam_size, max_len, args.device, args.seed, log=lambda s: print(s, flush=True))
+    report = None
+    for shape in shapes:  # the report is written after each shape, so a long run keeps what it measured
+        part = run_benchmark([shape], args.images, args.beam_size, max_len, args.device, args.seed, log=lambda s: print(s, flush=True))
+        if report is None:
+            report = part
+        else:
+            report["results"] += part["results"]
+        path = write_report(report, args.out)
     print(format_table(report))
-    path = write_report(report, args.out)
     if path is not None:
         print(f"wrote {path}")
     return 0 if all(row["identical"] for row in report["results"]) else 1
+
+
+def image_shape(text: str) -> Tuple[int, int]:
+    try:
+        height, width = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, e.g. 128x512, got {text!r}") from None
+    return height, width
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -69,6 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "cores; the ratio grows with the decoded length, so it understates the full run's).",
     )
     timing.add_argument("--quick", action="store_true", help="128x512 only, max_len 60")
+    timing.add_argument("--shape", type=image_shape, action="append", help="HEIGHTxWIDTH, repeatable (default: 128x512 and 256x1024)")
     timing.add_argument("--images", type=int, default=1, help="images per shape (default: %(default)s)")
     timing.add_argument("--max-len", type=int, default=0, help="default: 200, or 60 with --quick")
     timing.add_argument("--beam-size", type=int, default=10)

@@ -136,7 +136,8 @@ def format_table(report: Dict) -> str:
 
 
 def write_report(report: Dict, out: Optional[Path]) -> Optional[Path]:
-    """Write the report as JSON: into `out` when it is a directory (named by date), else to `out`."""
+    """Write the report as JSON: into `out` when it is an existing directory (named by the
+    report's date), else to the file `out`."""
     if out is None:
         return None
     path = out / f"bench-{report['date'].replace(':', '')}.json" if out.is_dir() else out
