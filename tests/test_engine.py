@@ -45,7 +45,7 @@ def random_search_case(seed: int):
     img, mask = random_images(seed, sizes)
     settings = dict(
         beam_size=seed % 12 + 1,
-        max_len=rng.randint(2, 20),
+        max_len=rng.randint(2, 16),
         alpha=rng.choice([1.0, 0.6, 1.4]),
         early_stopping=rng.random() < 0.4,
         temperature=rng.choice([1.0, 0.7, 1.6]),
