@@ -2,6 +2,7 @@
 published configuration with seeded random weights (`python -m fastcomer bench`)."""
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -64,6 +65,14 @@ def bench_image(shape: Tuple[int, int], seed: int, device: str, dtype: torch.dty
     return img, torch.zeros(1, *shape, dtype=torch.bool, device=device)
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def timed(fn: Callable, device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -109,7 +118,9 @@ def run_benchmark(
         rows.append(row)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({cpu_name()})",
+        # Other processes on the machine slow both searches, the engine's many small ops most.
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "model": "CoMER() published config, seeded random weights (fastcomer.bench.bench_model), float32",
