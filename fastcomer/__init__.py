@@ -3,7 +3,9 @@ from .backend import env_report
 from .checkpoint import CheckpointError, load_comer
 from .model.comer import CoMER, CoMERConfig
 from .patch import patch, unpatch
+from .search.batch import decode_images
 from .search.common import BeamSearchOutput, Hypothesis
+from .search.engine import beam_search, greedy_search
 from .search.reference import reference_beam_search
 from .vocab import Vocab, vocab
 

@@ -2,7 +2,7 @@
 rescoring of first-pass hypotheses by the opposite direction, and the choice of the
 final answer (SPEC section 3)."""
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ class BeamSearchOutput:
     hyps: List[Hypothesis]
     first_pass_hyps: List[List[int]]
     first_pass_scores: Tensor  # float32, as CoMER's finalisation stores them
-    rescore: Tensor
+    rescore: Optional[Tensor]  # None for a single-direction search, which is not rescored
 
 
 def check_search_args(model, img: Tensor, img_mask: Tensor, beam_size: int, max_len: int, temperature: float) -> None:
@@ -71,18 +71,24 @@ def sequence_scores(logits: Tensor, tgt: Tensor, out: Tensor, alpha: float, temp
     return -loss.view(out.shape).sum(dim=1) / penalty
 
 
-def first_pass_in_l2r_order(first_pass_hyps: Sequence[Sequence[int]], batch: int, beam_size: int) -> List[List[int]]:
-    """First-pass hypotheses in left-to-right reading order (right-to-left ones reversed)."""
-    half = batch * beam_size
-    return [list(h) if i < half else list(h)[::-1] for i, h in enumerate(first_pass_hyps)]
+def first_pass_in_l2r_order(
+    first_pass_hyps: Sequence[Sequence[int]], batch: int, beam_size: int, l2r: Sequence[bool] = (True, False)
+) -> List[List[int]]:
+    """First-pass hypotheses in left-to-right reading order (right-to-left ones reversed);
+    l2r gives the direction of each block of batch*beam_size hypotheses."""
+    block = batch * beam_size
+    return [list(h) if l2r[i // block] else list(h)[::-1] for i, h in enumerate(first_pass_hyps)]
 
 
-def select_best(first_pass_hyps: Sequence[Sequence[int]], scores: Tensor, batch: int, beam_size: int) -> List[Hypothesis]:
-    """Per image the best of its 2*beam_size hypotheses (left-to-right ones first, first
-    maximum wins), read left to right."""
-    seqs = first_pass_in_l2r_order(first_pass_hyps, batch, beam_size)
-    per_item = scores.view(2, batch, beam_size)
-    per_image = torch.cat((per_item[0], per_item[1]), dim=1)
+def select_best(
+    first_pass_hyps: Sequence[Sequence[int]], scores: Tensor, batch: int, beam_size: int,
+    l2r: Sequence[bool] = (True, False),
+) -> List[Hypothesis]:
+    """Per image the best of its hypotheses over the directions `l2r` (in that order,
+    first maximum wins), read left to right."""
+    seqs = first_pass_in_l2r_order(first_pass_hyps, batch, beam_size, l2r)
+    per_item = scores.view(len(l2r), batch, beam_size)
+    per_image = torch.cat(tuple(per_item), dim=1)
     best_scores, best = per_image.max(dim=1)
     answers = []
     for image, (k, score) in enumerate(zip(best.tolist(), best_scores.tolist())):
@@ -91,14 +97,34 @@ def select_best(first_pass_hyps: Sequence[Sequence[int]], scores: Tensor, batch:
     return answers
 
 
+def length_batches(lengths: Sequence[int]) -> List[List[int]]:
+    """Indices grouped longest first into batches in which no sequence is padded to more
+    than twice its length (+1)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: List[List[int]] = []
+    for i in order:
+        if batches and 2 * (lengths[i] + 1) >= lengths[batches[-1][0]] + 1:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def rescore(decoder, feature: Tensor, feature_mask: Tensor, first_pass_hyps, beam_size: int, alpha: float, temperature: float) -> Tensor:
-    """Score every first-pass hypothesis by the opposite direction, in one teacher-forced
-    forward: row i of the result belongs to first_pass_hyps[i]."""
+    """Score every first-pass hypothesis by the opposite direction, teacher-forced: row i
+    of the result belongs to first_pass_hyps[i]. Hypotheses of similar lengths run in one
+    forward each: padding a short one to a long one's length would cost time, not change
+    its score."""
     batch = feature.shape[0]
     half = batch * beam_size
     seqs = first_pass_in_l2r_order(first_pass_hyps, batch, beam_size)
-    rescore_l2r = [i >= half for i in range(len(seqs))]
-    tgt, out = teacher_forcing_batch(seqs, rescore_l2r, feature.device)
-    image = (torch.arange(len(seqs), device=feature.device) // beam_size) % batch
-    logits = decoder(feature[image], feature_mask[image], tgt)
-    return sequence_scores(logits, tgt, out, alpha, temperature)
+    scores = []
+    order = []
+    for rows in length_batches([len(s) for s in seqs]):
+        tgt, out = teacher_forcing_batch([seqs[i] for i in rows], [i >= half for i in rows], feature.device)
+        image = torch.tensor([(i // beam_size) % batch for i in rows], device=feature.device)
+        logits = decoder(feature[image], feature_mask[image], tgt)
+        scores.append(sequence_scores(logits, tgt, out, alpha, temperature))
+        order += rows
+    result = torch.cat(scores)
+    return result[torch.tensor(order, device=result.device).argsort()]

@@ -1,0 +1,1 @@
+"""Beam and greedy searches: the reference (CoMER step for step) and the decoding engine."""
