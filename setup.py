@@ -15,7 +15,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import Extension, find_namespace_packages, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -114,7 +114,7 @@ setup(
     description="Fused GPU kernels and a fast decoding engine for CoMER (handwritten maths recognition)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_namespace_packages(include=["fastcomer", "fastcomer.*"], exclude=["*.__pycache__"]),  # model/, search/: no __init__.py
+    packages=find_packages(include=["fastcomer", "fastcomer.*"]),
     package_data={"fastcomer": ["dictionary.txt"]},
     ext_modules=cuda_extensions(),
     cmdclass={"build_ext": BuildExt},
