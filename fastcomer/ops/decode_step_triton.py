@@ -13,6 +13,7 @@ from typing import Tuple
 import triton
 import triton.language as tl
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .decode_step_dispatch import DecodeStepShape, plan
@@ -153,15 +154,18 @@ def triton_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, p
     if key_padding_mask.stride(1) != 1:
         raise ValueError("triton decode step: key_padding_mask needs a unit stride along L")
     flags = plan(arm, coverage)
-    if shape.dc and (shape.dc & (shape.dc - 1) or shape.dc < MIN_DOT):
-        raise ValueError(f"triton decode step: dc must be a power of two >= {MIN_DOT}, got {shape.dc}")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     returned = torch.empty((shape.rows, shape.nhead, shape.length), device=q.device, dtype=torch.float32)
     scratch = torch.empty((shape.rows, shape.nhead, shape.length) if flags.update_self else (1,),
                           device=q.device, dtype=torch.float32)
     dummy = returned  # stands for the tensors a mode does not read; the constexpr flags keep it untouched
+    # The conv's output channels are the operand of tl.dot: a power of two >= 16. Zero filters
+    # with zero bias and zero projection columns add nothing to R.
+    dc = _pow2_at_least(shape.dc, MIN_DOT)
     conv_weight, conv_bias, proj_weight, shift = (
-        (t.contiguous() for t in (arm.conv_weight, arm.conv_bias, arm.proj_weight, arm.shift)) if flags.refine
+        (F.pad(arm.conv_weight, (0, 0, 0, 0, 0, 0, 0, dc - shape.dc)).contiguous(),
+         F.pad(arm.conv_bias, (0, dc - shape.dc)).contiguous(),
+         F.pad(arm.proj_weight, (0, dc - shape.dc)).contiguous(), arm.shift.contiguous()) if flags.refine
         else (dummy,) * 4
     )
     if shape.rows == 0:
@@ -176,7 +180,7 @@ def triton_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, p
         v.stride(0), v.stride(1), v.stride(2),
         key_padding_mask.stride(0), coverage.stride(0) if flags.refine else 0,
         REFINE=flags.refine, UPDATE_CROSS=flags.update_cross, UPDATE_SELF=flags.update_self,
-        DC=shape.dc if flags.refine else MIN_DOT, BLOCK_L=block_l,
+        DC=dc, BLOCK_L=block_l,
         BLOCK_H=_pow2_at_least(shape.nhead, 1), BLOCK_D=_pow2_at_least(shape.head_dim, 1),
         BLOCK_C=_pow2_at_least(max(shape.channels, 1), MIN_DOT),
         num_warps=num_warps,

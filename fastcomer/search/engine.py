@@ -6,7 +6,7 @@ vectorised over items and candidates (top-k, end tokens of both directions, the
 finished lists, done flags), then one gather that reorders the state. The only host
 sync of a step reads the done flags; images whose searches are all done leave the batch.
 """
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ def live_layout(live: List[Tuple[int, int]], directions: int, beam_size: int):
 
 def first_pass(
     decoder, feature: Tensor, mask: Tensor, beam_size: int, max_len: int, alpha: float,
-    early_stopping: bool, temperature: float, l2r: Tuple[bool, ...],
+    early_stopping: bool, temperature: float, l2r: Tuple[bool, ...], backend: Optional[str] = None,
 ) -> Tuple[List[List[int]], Tensor]:
     """The beam searches of every image in the given directions. Returns the finished
     lists, item after item (all images' first direction, then the second), hypotheses
@@ -50,7 +50,7 @@ def first_pass(
     batch, device = feature.shape[0], feature.device
     directions = len(l2r)
     vocab_size = decoder.proj.out_features
-    state = DecodingState(decoder, feature, mask, batch * directions * beam_size, max_len)
+    state = DecodingState(decoder, feature, mask, batch * directions * beam_size, max_len, backend)
 
     # Live items (image, direction) in row order, each beam_size rows (one at the first
     # step); item_ids are their places in the output order (direction by direction, image
@@ -117,6 +117,7 @@ def beam_search(
     temperature: float = 1.0,
     return_details: bool = False,
     direction: str = "both",
+    backend: Optional[str] = None,
 ) -> Union[List[Hypothesis], BeamSearchOutput]:
     """CoMER's beam search (SPEC section 3), the same answers as `reference_beam_search`.
 
@@ -124,12 +125,17 @@ def beam_search(
     direction "both" is CoMER's bidirectional search with rescoring by the opposite
     direction; "l2r" or "r2l" runs that direction's searches alone, without rescoring:
     each image's answer is its best first-pass hypothesis (first maximum wins) and
-    BeamSearchOutput.rescore is None.
+    BeamSearchOutput.rescore is None. backend picks the cross-attention step: 'auto' (the
+    fused kernels for CUDA float32/16/bf16 models), 'cuda', 'triton' or 'torch'; None reads
+    FASTCOMER_BACKEND. The kernels compute the same function in float32 arithmetic, so
+    answers equal the reference's up to float32 near-ties.
     """
     check_search_args(model, img, img_mask, beam_size, max_len, temperature)
     l2r = search_directions(direction)
     feature, mask = model.encoder(img, img_mask)
-    hyps, scores = first_pass(model.decoder, feature, mask, beam_size, max_len, alpha, early_stopping, temperature, l2r)
+    hyps, scores = first_pass(
+        model.decoder, feature, mask, beam_size, max_len, alpha, early_stopping, temperature, l2r, backend
+    )
     batch = feature.shape[0]
     if len(l2r) == 1:
         best = select_best(hyps, scores, batch, beam_size, l2r)
@@ -148,19 +154,21 @@ def greedy_search(
     alpha: float = 1.0,
     temperature: float = 1.0,
     direction: str = "l2r",
+    backend: Optional[str] = None,
 ) -> List[Hypothesis]:
     """Per image the most likely token at every step, in one direction ("l2r" or "r2l"),
     until the end token or max_len tokens (start token included).
 
     Score: sum of the chosen tokens' log-probabilities (end token included) / len**alpha,
     len counting the start token but not the end token, as a beam hypothesis's.
+    backend: as beam_search's.
     """
     check_search_args(model, img, img_mask, 1, max_len, temperature)
     (forward,) = search_directions(direction, ("l2r", "r2l"))
     start, end = (SOS_IDX, EOS_IDX) if forward else (EOS_IDX, SOS_IDX)
     feature, mask = model.encoder(img, img_mask)
     batch = feature.shape[0]
-    state = DecodingState(model.decoder, feature, mask, batch, max_len)
+    state = DecodingState(model.decoder, feature, mask, batch, max_len, backend)
     state.set_layout([(list(range(batch)), 1)])
     state.append(torch.full((batch,), start, device=feature.device))
     sums = feature.new_zeros(batch)

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import backend as backends
 from ..model.arm import AttentionRefinementModule, FoldedARM
 from ..ops.decode_step import cross_attention_step
+from ..ops.decode_step_dispatch import fused_cross_attention_step
 from ..vocab import PAD_IDX
 
 _folded_arms: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -48,6 +50,7 @@ class Segment(NamedTuple):
     group: int  # rows per image
     memory_kv: List[Tuple[Tensor, Tensor]]  # per layer k, v [images, nhead, L, head_dim]
     memory_mask: Tensor  # [images, L], True = padding
+    image_index: Tensor  # [rows]: each row's image within the segment, for the fused kernels
 
     @property
     def rows(self) -> int:
@@ -55,9 +58,13 @@ class Segment(NamedTuple):
 
 
 class DecodingState:
-    def __init__(self, decoder, feature: Tensor, feature_mask: Tensor, max_rows: int, max_len: int):
-        """feature [b, h, w, d], feature_mask [b, h, w]; at most max_rows rows of up to max_len tokens."""
+    def __init__(self, decoder, feature: Tensor, feature_mask: Tensor, max_rows: int, max_len: int,
+                 backend: Optional[str] = None):
+        """feature [b, h, w, d], feature_mask [b, h, w]; at most max_rows rows of up to max_len tokens.
+        backend runs the cross-attention step: 'torch' (the grouped reference step), 'triton' or
+        'cuda' (the fused kernels), 'auto' (kernels for CUDA float32/16/bf16), None ($FASTCOMER_BACKEND)."""
         b, h, w, d = feature.shape
+        self.kernel = backends.resolve(feature, backend, cuda_available=backends.cuda_extension_usable())
         layers = decoder.model.layers
         self.decoder = decoder
         self.arm = folded_arm(decoder.model.arm)
@@ -73,7 +80,9 @@ class DecodingState:
         self.self_kv = feature.new_empty(max_rows, len(layers), 2, self.nhead, max_len, head_dim)
         # Layer j > 0 refines with coverage[:, j - 1]; layer 0 has none.
         channels = self.nhead * (int(self.arm.cross_coverage) + int(self.arm.self_coverage)) if self.arm else 0
-        self.coverage = feature.new_zeros(max_rows, len(layers) - 1, channels, h * w) if self.arm else None
+        # The kernels keep the coverage sums in float32 whatever the model's dtype.
+        coverage_dtype = feature.dtype if self.kernel == "torch" else torch.float32
+        self.coverage = feature.new_zeros(max_rows, len(layers) - 1, channels, h * w, dtype=coverage_dtype) if self.arm else None
         self.tokens = torch.full((max_rows, max_len), PAD_IDX, dtype=torch.long, device=feature.device)
         self.segments: List[Segment] = []
         self.length = 0  # tokens per row so far
@@ -92,7 +101,8 @@ class DecodingState:
             else:
                 index = torch.tensor(images, device=self.memory_mask.device)
                 kv, mask = [(k[index], v[index]) for k, v in self.memory_kv], self.memory_mask[index]
-            self.segments.append(Segment(list(images), group, kv, mask))
+            image_index = torch.arange(len(images), dtype=torch.int32, device=mask.device).repeat_interleave(group)
+            self.segments.append(Segment(list(images), group, kv, mask, image_index))
         if self.rows > self.tokens.shape[0]:
             raise ValueError(f"layout of {self.rows} rows exceeds the state's {self.tokens.shape[0]}")
 
@@ -128,12 +138,18 @@ class DecodingState:
             outs, returns, start = [], [], 0
             for segment in self.segments:
                 rows_here = slice(start, start + segment.rows)
-                out, ret = cross_attention_step(
-                    q[rows_here].view(len(segment.images), segment.group, self.nhead, -1),
-                    *segment.memory_kv[j], segment.memory_mask, self.height, self.arm,
-                    None if self.coverage is None or j == 0 else self.coverage[rows_here, j - 1],
-                    None if returned is None else returned[rows_here],
-                )
+                coverage = None if self.coverage is None or j == 0 else self.coverage[rows_here, j - 1]
+                prev_attn = None if returned is None else returned[rows_here]
+                if self.kernel == "torch":
+                    out, ret = cross_attention_step(
+                        q[rows_here].view(len(segment.images), segment.group, self.nhead, -1),
+                        *segment.memory_kv[j], segment.memory_mask, self.height, self.arm, coverage, prev_attn,
+                    )
+                else:
+                    out, ret = fused_cross_attention_step(
+                        q[rows_here].view(segment.rows, self.nhead, -1), *segment.memory_kv[j], segment.memory_mask,
+                        segment.image_index, self.height, self.arm, coverage, prev_attn, backend=self.kernel,
+                    )
                 outs.append(out.reshape(segment.rows, -1))
                 returns.append(ret)
                 start += segment.rows

@@ -1,0 +1,35 @@
+"""The decoding engine with its cross-attention step on the Triton kernel (through the
+interpreter, on CPU) against the engine's torch step, on small float32 random models."""
+import os
+
+import pytest
+import torch
+
+from conftest import assert_close_rel
+from fastcomer import beam_search, greedy_search
+from random_models import random_images, random_model
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (tests/run.sh does it)", allow_module_level=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_search_on_the_triton_step(seed):
+    model = random_model(seed, torch.float32).eval()
+    img, img_mask = random_images(seed, [(40, 72), (24, 100)], torch.float32)
+    args = dict(beam_size=3, max_len=8, return_details=True)
+    fused = beam_search(model, img, img_mask, backend="triton", **args)
+    plain = beam_search(model, img, img_mask, backend="torch", **args)
+    assert fused.first_pass_hyps == plain.first_pass_hyps
+    assert [h.seq for h in fused.hyps] == [h.seq for h in plain.hyps]
+    assert_close_rel(fused.first_pass_scores, plain.first_pass_scores, 1e-5, "first-pass scores")
+    assert_close_rel([h.score for h in fused.hyps], [h.score for h in plain.hyps], 1e-5, "final scores")
+
+
+def test_greedy_search_on_the_triton_step():
+    model = random_model(3, torch.float32).eval()
+    img, img_mask = random_images(3, [(40, 72), (24, 100)], torch.float32)
+    fused = greedy_search(model, img, img_mask, max_len=8, backend="triton")
+    plain = greedy_search(model, img, img_mask, max_len=8, backend="torch")
+    assert [h.seq for h in fused] == [h.seq for h in plain]
+    assert_close_rel([h.score for h in fused], [h.score for h in plain], 1e-5, "scores")
