@@ -55,7 +55,8 @@ def bench(args: argparse.Namespace) -> int:
           f"max_len {max_len}, on {args.device} with {torch.get_num_threads()} thread(s)", flush=True)
     report = None
     for shape in shapes:  # the report is written after each shape, so a long run keeps what it measured
-        part = run_benchmark([shape], args.images, args.beam_size, max_len, args.device, args.seed, log=lambda s: print(s, flush=True))
+        part = run_benchmark([shape], args.images, args.beam_size, max_len, args.device, args.seed,
+                             log=lambda s: print(s, flush=True), batch=args.batch, backend=args.backend)
         if report is None:
             report = part
         else:
@@ -98,6 +99,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     timing.add_argument("--quick", action="store_true", help="128x512 only, max_len 60")
     timing.add_argument("--shape", type=image_shape, action="append", help="HEIGHTxWIDTH, repeatable (default: 128x512 and 256x1024)")
     timing.add_argument("--images", type=int, default=1, help="images per shape (default: %(default)s)")
+    timing.add_argument("--batch", type=int, default=1, help="images per call, --images is a multiple of it (default: %(default)s)")
+    timing.add_argument("--backend", choices=["auto", "cuda", "triton", "torch"], help="the engine's cross-attention step (default: $FASTCOMER_BACKEND, else auto)")
     timing.add_argument("--max-len", type=int, default=0, help="default: 200, or 60 with --quick")
     timing.add_argument("--beam-size", type=int, default=10)
     timing.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default: %(default)s)")

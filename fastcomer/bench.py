@@ -58,11 +58,11 @@ def bench_model(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.f
     return scale_weights(CoMER(), seed, end_bias=1.0, end_scale=4.0).to(device=device, dtype=dtype)
 
 
-def bench_image(shape: Tuple[int, int], seed: int, device: str, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A random image of exactly `shape`: img [1, 1, H, W], img_mask [1, H, W] (no padding)."""
+def bench_images(shape: Tuple[int, int], seed: int, count: int, device: str, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`count` random images of exactly `shape`: img [count, 1, H, W], img_mask [count, H, W] (no padding)."""
     gen = torch.Generator().manual_seed(seed)
-    img = torch.rand(1, 1, *shape, generator=gen).to(device=device, dtype=dtype)
-    return img, torch.zeros(1, *shape, dtype=torch.bool, device=device)
+    img = torch.rand(count, 1, *shape, generator=gen).to(device=device, dtype=dtype)
+    return img, torch.zeros(count, *shape, dtype=torch.bool, device=device)
 
 
 def cpu_name() -> str:
@@ -91,19 +91,24 @@ def run_benchmark(
     device: str = "cpu",
     seed: int = 0,
     log: Callable[[str], None] = print,
+    batch: int = 1,
+    backend: Optional[str] = None,
 ) -> Dict:
-    """Decode `images` random images per shape with both searches, one image per call;
-    check that they answer identically; return the measurements."""
+    """Decode `images` random images per shape with both searches, `batch` images per call;
+    check that they answer identically; return the measurements (seconds per call)."""
+    if images % batch:
+        raise ValueError(f"images ({images}) must be a multiple of batch ({batch})")
     model = bench_model(seed, device)
     search = dict(beam_size=beam_size, max_len=max_len)
     rows: List[Dict] = []
     for shape in shapes:
-        row = {"shape": list(shape), "images": images, "engine_s": [], "reference_s": [], "identical": True, "hyp_lengths": []}
-        for k in range(images):
-            img, mask = bench_image(shape, seed + k, device, torch.float32)
-            label = f"{shape[0]}x{shape[1]} image {k + 1}/{images}"
-            beam_search(model, img, mask, beam_size=1, max_len=2)  # warm-up (allocator, kernels)
-            fast, engine_s = timed(lambda: beam_search(model, img, mask, **search, return_details=True), device)
+        row = {"shape": list(shape), "images": images, "batch": batch, "engine_s": [], "reference_s": [],
+               "identical": True, "hyp_lengths": []}
+        for k in range(0, images, batch):
+            img, mask = bench_images(shape, seed + k, batch, device, torch.float32)
+            label = f"{shape[0]}x{shape[1]} images {k + 1}-{k + batch}/{images}"
+            beam_search(model, img, mask, beam_size=1, max_len=2, backend=backend)  # warm-up (allocator, kernels)
+            fast, engine_s = timed(lambda: beam_search(model, img, mask, **search, return_details=True, backend=backend), device)
             log(f"{label}: engine {engine_s:.2f} s; reference running ...")
             slow, reference_s = timed(lambda: reference_beam_search(model, img, mask, **search), device)
             same = [h.seq for h in fast.hyps] == [h.seq for h in slow]
@@ -112,8 +117,8 @@ def run_benchmark(
             row["identical"] &= same
             row["hyp_lengths"] += [len(h) for h in fast.first_pass_hyps]
             log(f"{label}: reference {reference_s:.2f} s, {reference_s / engine_s:.1f}x, answers {'identical' if same else 'DIFFER'}")
-        row["engine_s_per_image"] = statistics.mean(row["engine_s"])
-        row["reference_s_per_image"] = statistics.mean(row["reference_s"])
+        row["engine_s_per_image"] = statistics.mean(row["engine_s"]) / batch
+        row["reference_s_per_image"] = statistics.mean(row["reference_s"]) / batch
         row["ratio"] = row["reference_s_per_image"] / row["engine_s_per_image"]
         rows.append(row)
     return {
@@ -125,6 +130,7 @@ def run_benchmark(
         "threads": torch.get_num_threads(),
         "model": "CoMER() published config, seeded random weights (fastcomer.bench.bench_model), float32",
         "search": {**search, "alpha": 1.0, "early_stopping": False, "temperature": 1.0, "direction": "both"},
+        "engine_backend": backend or os.environ.get("FASTCOMER_BACKEND", "auto"),
         "results": rows,
     }
 
@@ -133,14 +139,14 @@ def format_table(report: Dict) -> str:
     lines = [
         f"{report['device']}, torch {report['torch']}, {report['threads']} threads, {report['date']}, "
         f"beam {report['search']['beam_size']}, max_len {report['search']['max_len']}",
-        "| image | images | reference s/image | engine s/image | speed-up | answers | first-pass lengths (min/median/max) |",
-        "|---|---|---|---|---|---|---|",
+        "| image | images | per call | reference s/image | engine s/image | speed-up | answers | first-pass lengths (min/median/max) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in report["results"]:
         lengths = row["hyp_lengths"]
         lines.append(
-            f"| {row['shape'][0]}x{row['shape'][1]} | {row['images']} | {row['reference_s_per_image']:.2f} | "
-            f"{row['engine_s_per_image']:.2f} | {row['ratio']:.1f}x | {'identical' if row['identical'] else 'DIFFER'} | "
+            f"| {row['shape'][0]}x{row['shape'][1]} | {row['images']} | {row.get('batch', 1)} | {row['reference_s_per_image']:.3f} | "
+            f"{row['engine_s_per_image']:.3f} | {row['ratio']:.1f}x | {'identical' if row['identical'] else 'DIFFER'} | "
             f"{min(lengths)}/{statistics.median(lengths):g}/{max(lengths)} |"
         )
     return "\n".join(lines)
