@@ -1,38 +1,38 @@
 #!/usr/bin/env bash
 # Everything a GPU session owes, in one call of the device tool (see the README's "GPU runs"):
 # install with the CUDA extension, run the whole test suite on the GPU, run every benchmark.
-# Results land in $OUT (the device tool brings them back), logs included.
+# Results land in $OUT (the device tool brings back at most 8 files): JSON per benchmark, one log.
 #
 #   mkdir -p .carry && cp -r ../shared/golden .carry/     # once, here; .carry/ is git-ignored
 #   device run, carry [".carry"], command: bash benchmarks/gpu_run.sh [quick]
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d)}
 mkdir -p "$OUT"
+LOG="$OUT/run.log"
 export PYTHONUNBUFFERED=1
 export FASTCOMER_GOLDEN_DIR=${FASTCOMER_GOLDEN_DIR:-$PWD/.carry/golden}
-quick=${1:-}
 status=0
-step() { echo "== $*"; "$@" || { echo "== FAILED ($?): $*"; status=1; }; }
+run() {  # run CMD..., appending its output to the log; a failure marks the run failed and goes on
+  echo "== $*" | tee -a "$LOG"
+  "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "== FAILED with $rc: $*" | tee -a "$LOG"; status=1; }
+}
 
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  # No network there: build with the image's setuptools, pybind11 and ninja.
-  step env FASTCOMER_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps -e .
-  step python3 -m fastcomer env --json
-} 2>&1 | tee "$OUT/setup.log"
+run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+# No network there: build with the image's setuptools, pybind11 and ninja.
+run env FASTCOMER_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps -e .
 python3 -m fastcomer env --json > "$OUT/env.json"
-
 # The suite with CUDA present: the GPU tests run instead of skipping.
-step python3 -m pytest tests --ignore=tests/interpreter -q -rs 2>&1 | tee "$OUT/tests.log"
-
-if [ "$quick" = quick ]; then
-  step python3 benchmarks/bench_decode_step.py --images 1,8 --lengths 256 --out "$OUT/decode_step.json"
-  step python3 -m fastcomer bench --device cuda --quick --out "$OUT/engine.json"
+run python3 -m pytest tests --ignore=tests/interpreter -q -rs
+if [ "${1:-}" = quick ]; then
+  run python3 benchmarks/bench_decode_step.py --images 1,8 --lengths 256 --out "$OUT/decode_step.json"
+  run python3 -m fastcomer bench --device cuda --quick --out "$OUT/engine_1image.json"
 else
-  step python3 benchmarks/bench_decode_step.py --out "$OUT/decode_step.json" 2>&1 | tee "$OUT/decode_step.log"
-  step python3 benchmarks/bench_arm_attention.py --out "$OUT/arm_attention.json" 2>&1 | tee "$OUT/arm_attention.log"
-  step python3 benchmarks/bench_arm_attention.py --train --out "$OUT/arm_attention_train.json" 2>&1 | tee -a "$OUT/arm_attention.log"
-  step python3 -m fastcomer bench --device cuda --shape 128x512 --shape 256x1024 --out "$OUT/engine_1image.json" 2>&1 | tee "$OUT/engine.log"
-  step python3 -m fastcomer bench --device cuda --shape 128x512 --images 16 --batch 16 --out "$OUT/engine_16images.json" 2>&1 | tee -a "$OUT/engine.log"
+  run python3 benchmarks/bench_decode_step.py --out "$OUT/decode_step.json"
+  run python3 benchmarks/bench_arm_attention.py --out "$OUT/arm_attention.json"
+  run python3 benchmarks/bench_arm_attention.py --train --out "$OUT/arm_attention_train.json"
+  run python3 -m fastcomer bench --device cuda --shape 128x512 --shape 256x1024 --out "$OUT/engine_1image.json"
+  run python3 -m fastcomer bench --device cuda --shape 128x512 --images 16 --batch 16 --out "$OUT/engine_16images.json"
 fi
 exit $status
