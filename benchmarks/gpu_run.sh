@@ -4,7 +4,8 @@
 # Results land in $OUT (the device tool brings back at most 8 files): JSON per benchmark, one log.
 #
 #   mkdir -p .carry && cp -r ../shared/golden .carry/     # once, here; .carry/ is git-ignored
-#   device run, carry [".carry"], command: bash benchmarks/gpu_run.sh [quick]
+#   device run, carry [".carry"], command: bash benchmarks/gpu_run.sh [all|tests|bench|quick]
+# A device command may run 10 minutes: where `all` would not fit, call `tests`, then `bench`.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d)}
 mkdir -p "$OUT"
@@ -24,11 +25,12 @@ run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 run env FASTCOMER_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps -e .
 python3 -m fastcomer env --json > "$OUT/env.json"
 # The suite with CUDA present: the GPU tests run instead of skipping.
-run python3 -m pytest tests --ignore=tests/interpreter -q -rs
-if [ "${1:-}" = quick ]; then
+what=${1:-all}
+case "$what" in all|tests|quick) run python3 -m pytest tests --ignore=tests/interpreter -q -rs ;; esac
+if [ "$what" = quick ]; then
   run python3 benchmarks/bench_decode_step.py --images 1,8 --lengths 256 --out "$OUT/decode_step.json"
   run python3 -m fastcomer bench --device cuda --quick --out "$OUT/engine_1image.json"
-else
+elif [ "$what" = all ] || [ "$what" = bench ]; then
   run python3 benchmarks/bench_decode_step.py --out "$OUT/decode_step.json"
   run python3 benchmarks/bench_arm_attention.py --out "$OUT/arm_attention.json"
   run python3 benchmarks/bench_arm_attention.py --train --out "$OUT/arm_attention_train.json"
