@@ -14,13 +14,17 @@ Forward, in Triton (see arm_attention_kernels.py):
      BatchNorm partial sums in training;
   3. R = BatchNorm(Z) as a per-head affine map (batch statistics in training, running
      ones in eval; the running statistics are updated as nn.BatchNorm1d does), then
-     A' = dropout(softmax(S - R)), written, and A'.V.
-Backward: the ARM part in Triton (`arm_backward_kernel`: d prev_attn, d unrefined
-attention, conv, bias and projection gradients, again without the coverage image or the
-conv output; it reads Z's ReLU pattern, one int32 of bits per position, that the forward
-wrote); BatchNorm (weight, bias, batch statistics) and the attention parts (softmax
-backward, dq, dk, dv) in PyTorch on [B*H, T, L] float32 tensors: the same size as the
-attention the layer returns, but not yet flash-style kernels. Dropout masks are replayed
+     A' = dropout(softmax(S - R)), written, and A'.V; the row logsumexp is saved.
+Backward, in Triton (see `_attention_backward` for the passes): flash-style row passes
+over query tiles recompute softmax(S - R) from the logsumexp and dA' = dO.V^T per tile
+(never stored), write the refined score gradient dS [B*H, T, L] float32 (-dR, which the
+ARM backward reads at neighbouring positions, so it is kept) and dq; BatchNorm's backward
+is per-head arithmetic in PyTorch (vectors of length nhead) that turns dS into dZ as an
+affine map applied inside `arm_backward_kernel` (d prev_attn, d unrefined attention,
+conv, bias and projection gradients, without the coverage image, the conv output or dZ
+in memory; it reads Z's ReLU pattern, one int32 of bits per position, that the forward
+wrote); with self coverage a second row pass adds the unrefined softmax's term to dS and
+dq; a pass over key tiles gives dk = dS^T.q and dv = A'^T.dO. Dropout masks are replayed
 from the same counter-based RNG. The ARM needs dc <= 32 (CoMER's is 32).
 """
 from typing import NamedTuple, Optional, Tuple

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused ARM cross-attention (forward).
+"""Triton kernels of the fused ARM cross-attention (forward and backward).
 
 Layouts (all contiguous): q [B*H, T, D], k and v [B*H, L, D], attention-shaped tensors
 (the previous layer's attention, this layer's unrefined attention, the projection
@@ -7,8 +7,9 @@ output Z, the refined attention) [B*H, T, L], key padding mask [B, L] as uint8
 
 Forward:
 - `attention_rows_kernel`: one program per (head row, block of target steps). Pass 1
-  finds the softmax normaliser of S - R over L tiles (online max and sum); pass 2
-  writes the normalised (and dropped-out) attention and, if asked, accumulates P.V.
+  finds the softmax normaliser of S - R over L tiles (online max and sum), saved as the
+  row logsumexp if asked; pass 2 writes the normalised (and dropped-out) attention and,
+  if asked, accumulates P.V.
   With HAS_R = False it is the unrefined softmax of S (the first pass of CoMER's
   attention, and layer 0 without ARM).
 - `coverage_projection_kernel`: one program per (image, tile of L positions). It walks
@@ -20,7 +21,13 @@ Forward:
   Z = proj(mask(relu(conv + bias))) [B*H, T, L], in training per-program BatchNorm
   partial sums of Z over unmasked positions, and (for the backward) the ReLU's on/off
   pattern as one int32 of bits per position (dc <= 32).
-Backward: `arm_backward_kernel` (see its docstring); `dropout_keep_kernel` replays masks.
+Backward (the order of the passes: fastcomer.ops.arm_attention._attention_backward):
+- `attention_backward_rows_kernel`: per query tile, the refined softmax's dS (written),
+  dq and BatchNorm partial sums; dA' and the softmax recomputed per tile.
+- `arm_backward_kernel`: the ARM's gradients from dS (dZ applied on the fly).
+- `unrefined_backward_rows_kernel`: the unrefined softmax's term of dS and dq (self coverage).
+- `attention_backward_keys_kernel`: per key tile, dk and dv.
+Dropout masks are replayed by `_dropout` from (seed, element index), never stored.
 """
 import triton
 import triton.language as tl
