@@ -46,7 +46,7 @@ def cases():
         yield (K.attention_rows_kernel,
                arm_signature(["Q", "K", "V", "Z", "Scale", "Shift", "Mask", "Out", "Attn", "Lse", "T", "L", "D", "H", "seed",
                               "rng_offset", "p_drop"], attention_ptrs),
-               dict(HAS_R=True, WRITE_OUT=True, WRITE_ATTN=True, WRITE_LSE=True, DROPOUT=True, PRECISION=precision,
+               dict(HAS_R=True, WRITE_OUT=True, WRITE_LSE=True, DROPOUT=True, PRECISION=precision,
                     **blocks))
         yield (K.attention_backward_rows_kernel,
                arm_signature(["Q", "K", "V", "Z", "Scale", "Shift", "Mean", "Mask", "DOut", "DAttn", "Lse", "DS", "DQ",

@@ -110,12 +110,12 @@ def _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, r
     blocks = _blocks(D, L)
     grid = (BH, triton.cdiv(T, blocks["BLOCK_T"]))
     has_r = z is not None
-    dummy = lse if attn is None else attn  # never read when the matching constexpr flag is off
+    dummy = attn  # never read when the matching constexpr flag is off
     attention_rows_kernel[grid](
         q, k, v, z if has_r else dummy, scale if has_r else dummy, shift if has_r else dummy, mask_u8,
-        out if out is not None else dummy, attn if attn is not None else dummy, lse if lse is not None else dummy,
+        out if out is not None else dummy, attn, lse if lse is not None else dummy,
         T, L, D, nhead, seed, rng_offset, p_drop,
-        HAS_R=has_r, WRITE_OUT=out is not None, WRITE_ATTN=attn is not None, WRITE_LSE=lse is not None,
+        HAS_R=has_r, WRITE_OUT=out is not None, WRITE_LSE=lse is not None,
         DROPOUT=p_drop > 0, PRECISION=precision, **blocks,
     )
 

@@ -65,7 +65,7 @@ def _scores(q, K, Z, Mask, bh, b, offs_t, l0, scale, shift, T, L, D,
 def attention_rows_kernel(
     Q, K, V, Z, Scale, Shift, Mask, Out, Attn, Lse,
     T, L, D, H, seed, rng_offset, p_drop,
-    HAS_R: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_ATTN: tl.constexpr, WRITE_LSE: tl.constexpr,
+    HAS_R: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_LSE: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -100,13 +100,12 @@ def attention_rows_kernel(
     # Pass 2: normalised attention, written (the next layer's ARM reads it), and P.V.
     inv = 1.0 / denom
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    for l0 in range(0, L if WRITE_ATTN or WRITE_OUT else 0, BLOCK_L):
+    for l0 in range(0, L, BLOCK_L):
         s, offs_l = _scores(q, K, Z, Mask, bh, b, offs_t, l0, scale, shift, T, L, D, HAS_R, PRECISION, BLOCK_L, BLOCK_D)
         p = tl.exp(s - m[:, None]) * inv[:, None]
         p = _dropout(p, bh, offs_t, offs_l, T, L, seed, rng_offset, p_drop, DROPOUT)
         l_ok = offs_l < L
-        if WRITE_ATTN:
-            tl.store(Attn + (bh * T + offs_t[:, None]) * L + offs_l[None, :], p.to(Attn.dtype.element_ty), mask=t_ok[:, None] & l_ok[None, :])
+        tl.store(Attn + (bh * T + offs_t[:, None]) * L + offs_l[None, :], p.to(Attn.dtype.element_ty), mask=t_ok[:, None] & l_ok[None, :])
         if WRITE_OUT:
             v = tl.load(V + (bh * L + offs_l[:, None]) * D + offs_d[None, :], mask=l_ok[:, None] & d_ok[None, :], other=0.0)
             acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
