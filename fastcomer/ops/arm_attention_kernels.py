@@ -366,7 +366,7 @@ def attention_backward_rows_kernel(
         delta += tl.sum(p * dp, 1)
         total += tl.sum(p, 1)
     # exp(S - R - lse) sums to 1 only to lse's rounding: renormalise, so that rows of dS sum to 0
-    renorm = tl.where(total > 0, 1.0 / total, 0.0)
+    renorm = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)  # 0 for rows past T
     delta *= renorm
     dq = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     sum_ds = tl.zeros([BLOCK_T], tl.float32)

@@ -45,6 +45,10 @@ def test_without_arm_is_plain_attention():
     ref_out, ref_attn = plain_layer(*ref_inputs, mask, h, None, None, NHEAD)
     assert_close_rel(out, ref_out, RTOL, "output")
     assert_close_rel(attn, ref_attn, RTOL, "attention")
+    # only the returned attention used: no output gradient reaches the backward
+    for name, g, r in zip("qk", torch.autograd.grad((attn * upstream[1]).sum(), [q, k], retain_graph=True),
+                          torch.autograd.grad((ref_attn * upstream[1].double()).sum(), ref_inputs[:2], retain_graph=True)):
+        assert_close_rel(g, r, RTOL, f"gradient of {name} through the returned attention only")
     for name, g, r in zip("qkv", grads_of((out, attn), upstream, [q, k, v]),
                           grads_of((ref_out, ref_attn), [u.double() for u in upstream], ref_inputs)):
         assert_close_rel(g, r, RTOL, f"gradient of {name}")
