@@ -210,7 +210,7 @@ class ARMAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_attn):
-        """Flash-style: three Triton passes over the attention and the ARM backward kernel (see
+        """Flash-style Triton passes over the attention around the ARM backward kernel (see
         `_attention_backward`); only per-head vectors and [B*H, T, D] casts in PyTorch."""
         (q, k, v, key_padding_mask, prev, conv_weight, conv_bias, proj_weight, bn_weight, z, relu, mean, var, scale,
          shift, attn, lse) = ctx.saved_tensors
@@ -232,8 +232,9 @@ def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu,
     P = softmax(S), A = dropout(P) the unrefined attention the self coverage reads):
 
     1. `attention_backward_rows_kernel` over query tiles: P' recomputed from the forward's
-       logsumexp, dA' = dO.V^T + dAttn per tile; a first sweep gives delta = rowsum(P' * dA'),
-       the second writes dS' = P' * (dropout(dA') - delta)
+       logsumexp (and renormalised by its row sum), dA' = dO.V^T + dAttn per tile; a first
+       sweep gives delta = rowsum(P' * dropout(dA')), the second writes
+       dS' = P' * (dropout(dA') - delta)
        (float32 [B*H, T, L]; dR = -dS' is what the ARM backward needs, at neighbouring
        positions too, so this one attention-sized gradient is materialised), dq = dS'.K and
        per-program sums (sum dS', sum dS'*(Z - mean)) for BatchNorm.
