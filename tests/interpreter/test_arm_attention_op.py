@@ -88,7 +88,7 @@ def test_bad_inputs_raise():
         arm_attention(q, k, v, mask.float(), h, w, prev, weights)
 
 
-@pytest.mark.parametrize("coverage", ["cross", "both"])
+@pytest.mark.parametrize("coverage", ["cross", "self", "both"])
 def test_dropout_gradients_match_plain_path_with_the_same_masks(coverage):
     """Every gradient with dropout on both softmaxes, against the plain path (float64) given
     the fused op's masks: the refined one read off the returned attention's zeros, the
@@ -128,6 +128,9 @@ def test_dropout_gradients_match_plain_path_with_the_same_masks(coverage):
     want = grads_of(ref, upstream, ref_in + params(arm64))
     plain_low = grads_of(low, upstream, low_in + params(arm_low))
     for name, g, r, lo in zip(["q", "k", "v", "prev_attn"] + ARM_PARAMS, got, want, plain_low):
+        if r is None:  # prev_attn does not reach R with self coverage only
+            assert g is None or not g.any(), name
+            continue
         err = (g.double() - r).abs().max().item()
         allowed = max((4 if name in ARM_PARAMS else 1) * RTOL * r.abs().max().item(),
                       4 * (lo.double() - r).abs().max().item())
