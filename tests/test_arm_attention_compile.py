@@ -39,26 +39,37 @@ ARM_BLOCKS = dict(BLOCK_L=64, BLOCK_C=16, BLOCK_DC=32, BLOCK_H=16)
 
 def cases():
     for dtype, precision in (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")):
-        attention_ptrs = {n: "*" + dtype for n in ("Q", "K", "V", "Out", "Attn")}
-        attention_ptrs.update(Z="*fp32", Scale="*fp32", Shift="*fp32", Mask="*u8")
+        attention_ptrs = {n: "*" + dtype for n in ("Q", "K", "V", "Out", "Attn", "DOut", "DAttn", "DK", "DV")}
+        attention_ptrs.update({n: "*fp32" for n in ("Z", "Scale", "Shift", "Mean", "Lse", "DS", "DQ", "Stats", "DA")})
+        attention_ptrs.update(Mask="*u8")
+        blocks = dict(BLOCK_T=16, BLOCK_L=64, BLOCK_D=32)
         yield (K.attention_rows_kernel,
-               arm_signature(["Q", "K", "V", "Z", "Scale", "Shift", "Mask", "Out", "Attn", "T", "L", "D", "H", "seed",
+               arm_signature(["Q", "K", "V", "Z", "Scale", "Shift", "Mask", "Out", "Attn", "Lse", "T", "L", "D", "H", "seed",
                               "rng_offset", "p_drop"], attention_ptrs),
-               dict(HAS_R=True, WRITE_OUT=True, DROPOUT=True, PRECISION=precision, BLOCK_T=16, BLOCK_L=64, BLOCK_D=32))
-        arm_ptrs = {n: "*fp32" for n in ("Curr", "ConvW", "ConvB", "ProjW", "Z", "Stats", "DZ", "DPrev", "DCurr",
-                                         "DConvW", "DConvB", "DProjW")}
+               dict(HAS_R=True, WRITE_OUT=True, WRITE_LSE=True, DROPOUT=True, PRECISION=precision,
+                    **blocks))
+        yield (K.attention_backward_rows_kernel,
+               arm_signature(["Q", "K", "V", "Z", "Scale", "Shift", "Mean", "Mask", "DOut", "DAttn", "Lse", "DS", "DQ",
+                              "Stats", "T", "L", "D", "H", "seed", "rng_offset", "p_drop"], attention_ptrs),
+               dict(HAS_R=True, HAS_DATTN=True, DROPOUT=True, PRECISION=precision, **blocks))
+        yield (K.unrefined_backward_rows_kernel,
+               arm_signature(["Q", "K", "Mask", "DA", "Lse", "DS", "DQ", "T", "L", "D", "H", "seed", "p_drop"],
+                             attention_ptrs),
+               dict(DROPOUT=True, PRECISION=precision, **blocks))
+        yield (K.attention_backward_keys_kernel,
+               arm_signature(["Q", "DOut", "Attn", "DS", "DK", "DV", "T", "L", "D"], attention_ptrs),
+               dict(PRECISION=precision, **blocks))
+        arm_ptrs = {n: "*fp32" for n in ("Curr", "ConvW", "ConvB", "ProjW", "Z", "Stats", "DS", "CoefDZ", "DPrev",
+                                         "DCurr", "DConvW", "DConvB", "DProjW")}
         arm_ptrs.update(Prev="*" + dtype, Mask="*u8", Relu="*i32")
         sizes = ["T", "L", "WIDTH", "HEIGHT", "H", "DC", "CIN", "N_CROSS"]
         yield (K.coverage_projection_kernel,
                arm_signature(["Prev", "Curr", "Mask", "ConvW", "ConvB", "ProjW", "Z", "Stats", "Relu"] + sizes, arm_ptrs),
                dict(STATS=True, WRITE_RELU=True, PRECISION=precision, **ARM_BLOCKS))
         yield (K.arm_backward_kernel,
-               arm_signature(["Prev", "Curr", "Mask", "ConvW", "ConvB", "ProjW", "DZ", "Relu", "DPrev", "DCurr", "DConvW",
-                              "DConvB", "DProjW"] + sizes, arm_ptrs),
+               arm_signature(["Prev", "Curr", "Mask", "ConvW", "ConvB", "ProjW", "DS", "Z", "CoefDZ", "Relu", "DPrev",
+                              "DCurr", "DConvW", "DConvB", "DProjW"] + sizes, arm_ptrs),
                dict(PRECISION=precision, **ARM_BLOCKS))
-    yield (K.dropout_keep_kernel,
-           arm_signature(["Keep", "N", "T", "L", "seed", "rng_offset", "p_drop"], {"Keep": "*i8"}),
-           dict(BLOCK_T=16, BLOCK_L=64))
 
 
 @pytest.mark.parametrize("capability", [80, 90])

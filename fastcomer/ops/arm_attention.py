@@ -14,13 +14,17 @@ Forward, in Triton (see arm_attention_kernels.py):
      BatchNorm partial sums in training;
   3. R = BatchNorm(Z) as a per-head affine map (batch statistics in training, running
      ones in eval; the running statistics are updated as nn.BatchNorm1d does), then
-     A' = dropout(softmax(S - R)), written, and A'.V.
-Backward: the ARM part in Triton (`arm_backward_kernel`: d prev_attn, d unrefined
-attention, conv, bias and projection gradients, again without the coverage image or the
-conv output; it reads Z's ReLU pattern, one int32 of bits per position, that the forward
-wrote); BatchNorm (weight, bias, batch statistics) and the attention parts (softmax
-backward, dq, dk, dv) in PyTorch on [B*H, T, L] float32 tensors: the same size as the
-attention the layer returns, but not yet flash-style kernels. Dropout masks are replayed
+     A' = dropout(softmax(S - R)), written, and A'.V; the row logsumexp is saved.
+Backward, in Triton (see `_attention_backward` for the passes): flash-style row passes
+over query tiles recompute softmax(S - R) from the logsumexp and dA' = dO.V^T per tile
+(never stored), write the refined score gradient dS [B*H, T, L] float32 (-dR, which the
+ARM backward reads at neighbouring positions, so it is kept) and dq; BatchNorm's backward
+is per-head arithmetic in PyTorch (vectors of length nhead) that turns dS into dZ as an
+affine map applied inside `arm_backward_kernel` (d prev_attn, d unrefined attention,
+conv, bias and projection gradients, without the coverage image, the conv output or dZ
+in memory; it reads Z's ReLU pattern, one int32 of bits per position, that the forward
+wrote); with self coverage a second row pass adds the unrefined softmax's term to dS and
+dq; a pass over key tiles gives dk = dS^T.q and dv = A'^T.dO. Dropout masks are replayed
 from the same counter-based RNG. The ARM needs dc <= 32 (CoMER's is 32).
 """
 from typing import NamedTuple, Optional, Tuple
@@ -30,9 +34,8 @@ import triton
 from torch import Tensor
 
 from ..backend import triton_interpreter
-from ..model.attention import masked_softmax
-from .arm_attention_kernels import (arm_backward_kernel, attention_rows_kernel, coverage_projection_kernel,
-                                    dropout_keep_kernel)
+from .arm_attention_kernels import (arm_backward_kernel, attention_backward_keys_kernel, attention_backward_rows_kernel,
+                                    attention_rows_kernel, coverage_projection_kernel, unrefined_backward_rows_kernel)
 
 COVERAGE_MODES = ("cross", "self", "both")
 PRECISIONS = ("ieee", "tf32")
@@ -100,7 +103,8 @@ def _blocks(D: int, L: int) -> dict:
     return dict(BLOCK_T=16, BLOCK_L=max(16, min(64, triton.next_power_of_2(L))), BLOCK_D=max(16, triton.next_power_of_2(D)))
 
 
-def _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, rng_offset, p_drop, precision):
+def _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, rng_offset, p_drop, precision,
+                    lse=None):
     BH, T, D = q.shape
     L = k.shape[1]
     blocks = _blocks(D, L)
@@ -109,9 +113,10 @@ def _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, r
     dummy = attn  # never read when the matching constexpr flag is off
     attention_rows_kernel[grid](
         q, k, v, z if has_r else dummy, scale if has_r else dummy, shift if has_r else dummy, mask_u8,
-        out if out is not None else dummy, attn,
+        out if out is not None else dummy, attn, lse if lse is not None else dummy,
         T, L, D, nhead, seed, rng_offset, p_drop,
-        HAS_R=has_r, WRITE_OUT=out is not None, DROPOUT=p_drop > 0, PRECISION=precision, **blocks,
+        HAS_R=has_r, WRITE_OUT=out is not None, WRITE_LSE=lse is not None,
+        DROPOUT=p_drop > 0, PRECISION=precision, **blocks,
     )
 
 
@@ -167,28 +172,11 @@ def _batchnorm_statistics(arm: ARMWeights, sums: Optional[Tensor], count: int) -
     return mean, var
 
 
-def _dropout_keep(shape, device, seed, rng_offset, p_drop):
-    BH, T, L = shape
-    keep = torch.empty(shape, dtype=torch.int8, device=device)
-    grid = (BH, triton.cdiv(T, 16), triton.cdiv(L, 64))
-    dropout_keep_kernel[grid](keep, BH, T, L, seed, rng_offset, p_drop, BLOCK_T=16, BLOCK_L=64)
-    return keep.bool()
-
-
-def _softmax_backward(p: Tensor, grad: Tensor) -> Tensor:
-    """d scores from d softmax (p: the softmax, 0 at masked keys)."""
-    return p * (grad - (grad * p).sum(-1, keepdim=True))
-
-
-def _per_head(x: Tensor, nhead: int) -> Tensor:
-    """[nhead] -> broadcastable over [B, nhead, T, L]."""
-    return x.view(1, nhead, 1, 1)
-
-
 class ARMAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, height, width, prev_attn, conv_weight, conv_bias, proj_weight,
                 bn_weight, bn_bias, arm, bn_training, p_drop, seed, precision):
+        ctx.set_materialize_grads(False)  # an unused returned attention: no dAttn pass in the backward
         nhead = q.shape[0] // key_padding_mask.shape[0]
         BH, T, D = q.shape
         L = k.shape[1]
@@ -196,9 +184,10 @@ class ARMAttentionFunction(torch.autograd.Function):
         mask_u8 = key_padding_mask.to(torch.uint8).contiguous()
         out = torch.empty_like(q)
         attn = torch.empty(BH, T, L, device=q.device, dtype=q.dtype)
-        z = relu = mean = var = None
+        z = relu = mean = var = scale = shift = None
+        lse = torch.empty(BH, T, device=q.device, dtype=torch.float32) if any(ctx.needs_input_grad) else None
         if arm is None:
-            _attention_rows(q, k, v, mask_u8, nhead, None, None, None, out, attn, seed, 0, p_drop, precision)
+            _attention_rows(q, k, v, mask_u8, nhead, None, None, None, out, attn, seed, 0, p_drop, precision, lse)
         else:
             curr = None
             if arm.coverage != "cross":
@@ -209,91 +198,133 @@ class ARMAttentionFunction(torch.autograd.Function):
                                                  any(ctx.needs_input_grad), precision)
             mean, var = _batchnorm_statistics(arm, sums, int((~key_padding_mask).sum().item()) * T)
             scale = arm.bn_weight.double() * torch.rsqrt(var + arm.eps)
-            shift = arm.bn_bias.double() - mean * scale
-            _attention_rows(q, k, v, mask_u8, nhead, z, scale.float().contiguous(), shift.float().contiguous(),
-                            out, attn, seed, BH * T * L, p_drop, precision)
+            shift = (arm.bn_bias.double() - mean * scale).float().contiguous()
+            scale = scale.float().contiguous()
+            _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, BH * T * L, p_drop, precision,
+                            lse)
             prev_attn = prev
         ctx.save_for_backward(q, k, v, key_padding_mask, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight,
-                              z, relu, mean, var)
+                              z, relu, mean, var, scale, shift, attn, lse)
         ctx.config = (height, width, arm, bn_training, p_drop, seed, precision)
         return out, attn
 
     @staticmethod
     def backward(ctx, grad_out, grad_attn):
-        """Attention parts in PyTorch on [B*H, T, L] tensors (float32); the ARM through
-        `arm_backward_kernel`, which never materialises the coverage or the conv output."""
-        q, k, v, key_padding_mask, prev, conv_weight, conv_bias, proj_weight, bn_weight, z, relu, mean, var = \
-            ctx.saved_tensors
+        """Flash-style Triton passes over the attention around the ARM backward kernel (see
+        `_attention_backward`); only per-head vectors and [B*H, T, D] casts in PyTorch."""
+        (q, k, v, key_padding_mask, prev, conv_weight, conv_bias, proj_weight, bn_weight, z, relu, mean, var, scale,
+         shift, attn, lse) = ctx.saved_tensors
         height, width, arm, bn_training, p_drop, seed, precision = ctx.config
-        b, L = key_padding_mask.shape
-        BH, T, _ = q.shape
-        nhead = BH // b
-        qf, kf, vf = q.float(), k.float(), v.float()
-        grad_out = grad_out.float()
-        scores = torch.bmm(qf, kf.transpose(1, 2))
-        dropout = lambda x, offset: x * _dropout_keep(x.shape, x.device, seed, offset, p_drop) / (1 - p_drop) \
-            if p_drop > 0 else x
-
-        if arm is not None:
-            unmasked = ~key_padding_mask[:, None, None, :]
-            rstd = torch.rsqrt(var + arm.eps)
-            xhat = ((z.view(b, nhead, T, L).double() - _per_head(mean, nhead)) * _per_head(rstd, nhead)).float()
-            r = torch.where(unmasked, _per_head(bn_weight.float(), nhead) * xhat + _per_head(arm.bn_bias.float(), nhead), 0.0)
-            scores_used = scores - r.view(BH, T, L)
-        else:
-            scores_used = scores
-        refined = masked_softmax(scores_used, key_padding_mask, None, nhead)
-        rng_offset = BH * T * L if arm is not None else 0
-        grad_attn_total = torch.bmm(grad_out, vf.transpose(1, 2))
-        if grad_attn is not None:
-            grad_attn_total = grad_attn_total + grad_attn.float()
-        grad_v = torch.bmm(dropout(refined, rng_offset).transpose(1, 2), grad_out)
-        grad_scores = _softmax_backward(refined, dropout(grad_attn_total, rng_offset))
-        grads_arm = [None] * 6
-        if arm is not None:
-            # R = BatchNorm(Z) at unmasked positions; dR = -d(S - R)
-            grad_r = torch.where(unmasked, -grad_scores.view(b, nhead, T, L), 0.0)
-            grad_bn_bias = grad_r.sum((0, 2, 3))
-            grad_bn_weight = (grad_r * xhat).sum((0, 2, 3))
-            grad_z = grad_r * _per_head((bn_weight.double() * rstd).float(), nhead)
-            if bn_training:  # through the batch statistics
-                count = int(unmasked.sum().item()) * T
-                correction = _per_head(grad_bn_bias / count, nhead) + xhat * _per_head(grad_bn_weight / count, nhead)
-                grad_z = torch.where(unmasked, grad_z - _per_head((bn_weight.double() * rstd).float(), nhead) * correction, 0.0)
-            grad_prev, grad_curr, grad_conv_w, grad_conv_b, grad_proj = _arm_backward(
-                prev, key_padding_mask, height, width, grad_z.reshape(BH, T, L).contiguous(), relu, scores, arm,
-                conv_weight, conv_bias, proj_weight, seed, p_drop, precision)
-            grads_arm = [grad_prev, grad_conv_w, grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias]
-            if grad_curr is not None:  # the self coverage: through this layer's unrefined attention
-                unrefined = masked_softmax(scores, key_padding_mask, None, nhead)
-                grad_scores = grad_scores + _softmax_backward(unrefined, dropout(grad_curr, 0))
-        grad_q = torch.bmm(grad_scores, kf)
-        grad_k = torch.bmm(grad_scores.transpose(1, 2), qf)
+        grads = _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu, mean, var, scale, shift,
+                                    attn, lse, grad_out, grad_attn, arm, conv_weight, conv_bias, proj_weight,
+                                    bn_weight, bn_training, p_drop, seed, precision)
+        grad_q, grad_k, grad_v, grad_prev, grad_conv_w, grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias = grads
         cast = lambda g, like: None if g is None or like is None else g.to(like.dtype)
-        grad_prev, grad_conv_w, grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias = (
-            cast(g, like) for g, like in zip(grads_arm, (prev, conv_weight, conv_bias, proj_weight, bn_weight, bn_weight)))
-        return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, grad_prev, grad_conv_w,
-                grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias, None, None, None, None, None)
+        return (grad_q.to(q.dtype), grad_k, grad_v, None, None, None, cast(grad_prev, prev),
+                cast(grad_conv_w, conv_weight), cast(grad_conv_b, conv_bias), cast(grad_proj, proj_weight),
+                cast(grad_bn_weight, bn_weight), cast(grad_bn_bias, bn_weight), None, None, None, None, None)
 
 
-def _arm_backward(prev, key_padding_mask, height, width, grad_z, relu, scores, arm, conv_weight, conv_bias,
-                  proj_weight, seed, p_drop, precision):
-    """Gradients of Z = proj(mask(relu(conv(coverage) + bias))) through `arm_backward_kernel`:
-    (d prev_attn, d unrefined attention, d conv.weight, d conv.bias, d proj.weight)."""
+def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu, mean, var, scale, shift, attn,
+                        lse, grad_out, grad_attn, arm, conv_weight, conv_bias, proj_weight, bn_weight, bn_training,
+                        p_drop, seed, precision):
+    """The backward, in passes (S = q.k^T, P' = softmax(S - R), A' = dropout(P') returned,
+    P = softmax(S), A = dropout(P) the unrefined attention the self coverage reads):
+
+    1. `attention_backward_rows_kernel` over query tiles: P' recomputed from the forward's
+       logsumexp (and renormalised by its row sum), dA' = dO.V^T + dAttn per tile; a first
+       sweep gives delta = rowsum(P' * dropout(dA')), the second writes
+       dS' = P' * (dropout(dA') - delta)
+       (float32 [B*H, T, L]; dR = -dS' is what the ARM backward needs, at neighbouring
+       positions too, so this one attention-sized gradient is materialised), dq = dS'.K and
+       per-program sums (sum dS', sum dS'*(Z - mean)) for BatchNorm.
+    2. BatchNorm backward on per-head vectors in PyTorch: the weight and bias gradients and
+       the per-head affine map dZ = a dS' + b (Z - mean) + c (b, c: through the batch statistics,
+       training only).
+    3. With self coverage, A and its logsumexp recomputed by the forward's first kernel.
+    4. `arm_backward_kernel`: d prev_attn, dA, conv, bias and projection gradients (dZ applied
+       on the fly from dS' and Z).
+    5. With self coverage, `unrefined_backward_rows_kernel`: dS_A = P * (dropout(dA) - delta_A)
+       added to dS' in place and dS_A.K to dq.
+    6. `attention_backward_keys_kernel` over key tiles: dk = dS^T.q, dv = A'^T.dO.
+    Dropout masks are replayed from the counter-based RNG (never stored).
+    """
     b, L = key_padding_mask.shape
-    BH, T, _ = grad_z.shape
+    BH, T, D = q.shape
+    nhead = BH // b
+    device = q.device
+    mask_u8 = key_padding_mask.to(torch.uint8).contiguous()
+    blocks = _blocks(D, L)
+    t_tiles = triton.cdiv(T, blocks["BLOCK_T"])
+    grad_out = torch.zeros_like(q) if grad_out is None else grad_out.to(q.dtype).contiguous()
+    has_dattn = grad_attn is not None
+    grad_attn = grad_attn.contiguous() if has_dattn else attn
+    has_r = arm is not None
+    dummy = lse
+    ds = torch.empty(BH, T, L, device=device, dtype=torch.float32)
+    dq = torch.empty(BH, T, D, device=device, dtype=torch.float32)
+    stats = torch.empty(BH, t_tiles, 2, device=device, dtype=torch.float32) if has_r else dummy
+    mean_f = mean.float().contiguous() if has_r else dummy
+    attention_backward_rows_kernel[(BH, t_tiles)](
+        q, k, v, z if has_r else dummy, scale if has_r else dummy, shift if has_r else dummy, mean_f, mask_u8, grad_out,
+        grad_attn, lse, ds, dq, stats,
+        T, L, D, nhead, seed, BH * T * L if has_r else 0, p_drop,
+        HAS_R=has_r, HAS_DATTN=has_dattn, DROPOUT=p_drop > 0, PRECISION=precision, **blocks,
+    )
+    grad_prev = None
+    grads_arm = (None,) * 5
+    if has_r:
+        # BatchNorm: R = gamma * xhat + beta at unmasked keys, xhat = (Z - mean) * rstd, dR = -dS'.
+        sums = stats.double().view(b, nhead, t_tiles, 2).sum((0, 2))
+        count = int((~key_padding_mask).sum().item()) * T
+        rstd = torch.rsqrt(var + arm.eps)
+        grad_bn_bias = -sums[:, 0]
+        grad_bn_weight = -rstd * sums[:, 1]
+        gamma_rstd = bn_weight.double() * rstd
+        coef_a = -gamma_rstd
+        coef_b = torch.zeros_like(coef_a)
+        coef_c = torch.zeros_like(coef_a)
+        if bn_training:  # dZ = gamma rstd (dR - sum dR / count - xhat sum(dR xhat) / count)
+            coef_b = -gamma_rstd * rstd * grad_bn_weight / count
+            coef_c = -gamma_rstd * grad_bn_bias / count
+        coef_dz = torch.stack([coef_a, coef_b, mean, coef_c]).float().contiguous()
+        lse_a = curr = None
+        if arm.coverage != "cross":  # the unrefined attention, as the forward's first kernel wrote it
+            curr = torch.empty(BH, T, L, device=device, dtype=torch.float32)
+            lse_a = torch.empty(BH, T, device=device, dtype=torch.float32)
+            _attention_rows(q, k, v, mask_u8, nhead, None, None, None, None, curr, seed, 0, p_drop, precision, lse_a)
+        grad_prev, grad_curr, grad_conv_w, grad_conv_b, grad_proj = _arm_backward(
+            prev, curr, mask_u8, height, width, ds, z, coef_dz, relu, arm, conv_weight, conv_bias, proj_weight,
+            precision)
+        del curr
+        grads_arm = (grad_conv_w, grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias)
+        if grad_curr is not None:
+            unrefined_backward_rows_kernel[(BH, t_tiles)](
+                q, k, mask_u8, grad_curr, lse_a, ds, dq, T, L, D, nhead, seed, p_drop,
+                DROPOUT=p_drop > 0, PRECISION=precision, **blocks,
+            )
+            del grad_curr
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    attention_backward_keys_kernel[(BH, triton.cdiv(L, blocks["BLOCK_L"]))](
+        q, grad_out, attn, ds, dk, dv, T, L, D, PRECISION=precision, **blocks,
+    )
+    return (dq, dk, dv, grad_prev) + tuple(grads_arm)
+
+
+def _arm_backward(prev, curr, mask_u8, height, width, ds, z, coef_dz, relu, arm, conv_weight, conv_bias,
+                  proj_weight, precision):
+    """Gradients of Z = proj(mask(relu(conv(coverage) + bias))) through `arm_backward_kernel`,
+    with dZ = a dS + b (Z - mean) + c per head (coef_dz [4, H]: a, b, mean, c): (d prev_attn, d unrefined attention,
+    d conv.weight, d conv.bias, d proj.weight)."""
+    b, L = mask_u8.shape
+    BH, T, _ = ds.shape
     nhead = BH // b
     dc, cin = conv_weight.shape[:2]
-    curr = None
-    if arm.coverage != "cross":  # the unrefined attention, as the forward's first kernel wrote it
-        curr = masked_softmax(scores, key_padding_mask, None, nhead)
-        if p_drop > 0:
-            curr = curr * _dropout_keep(curr.shape, curr.device, seed, 0, p_drop) / (1 - p_drop)
-        curr = curr.contiguous()
     blocks = _arm_blocks(nhead, dc, cin, L)
     tiles = triton.cdiv(L, blocks["BLOCK_L"])
     programs = b * tiles
-    device = grad_z.device
+    device = ds.device
     grad_prev = torch.zeros(BH, T, L, device=device) if prev is not None else None
     grad_curr = torch.zeros(BH, T, L, device=device) if curr is not None else None
     part_w = torch.zeros(programs, 25, blocks["BLOCK_DC"], blocks["BLOCK_C"], device=device)
@@ -301,9 +332,10 @@ def _arm_backward(prev, key_padding_mask, height, width, grad_z, relu, scores, a
     part_proj = torch.empty(programs, blocks["BLOCK_H"], blocks["BLOCK_DC"], device=device)
     first = prev if prev is not None else curr
     arm_backward_kernel[(b, tiles)](
-        first, curr if curr is not None else first, key_padding_mask.to(torch.uint8).contiguous(),
+        first, curr if curr is not None else first, mask_u8,
         conv_weight.float().contiguous(), conv_bias.float().contiguous(), proj_weight.float().reshape(nhead, dc).contiguous(),
-        grad_z, relu, grad_prev if grad_prev is not None else grad_curr, grad_curr if grad_curr is not None else grad_prev,
+        ds, z, coef_dz, relu, grad_prev if grad_prev is not None else grad_curr,
+        grad_curr if grad_curr is not None else grad_prev,
         part_w, part_b, part_proj,
         T, L, width, height, nhead, dc, cin, nhead if prev is not None else 0,
         PRECISION=precision, **blocks,

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused ARM cross-attention (forward).
+"""Triton kernels of the fused ARM cross-attention (forward and backward).
 
 Layouts (all contiguous): q [B*H, T, D], k and v [B*H, L, D], attention-shaped tensors
 (the previous layer's attention, this layer's unrefined attention, the projection
@@ -7,8 +7,9 @@ output Z, the refined attention) [B*H, T, L], key padding mask [B, L] as uint8
 
 Forward:
 - `attention_rows_kernel`: one program per (head row, block of target steps). Pass 1
-  finds the softmax normaliser of S - R over L tiles (online max and sum); pass 2
-  writes the normalised (and dropped-out) attention and, if asked, accumulates P.V.
+  finds the softmax normaliser of S - R over L tiles (online max and sum), saved as the
+  row logsumexp if asked; pass 2 writes the normalised (and dropped-out) attention and,
+  if asked, accumulates P.V.
   With HAS_R = False it is the unrefined softmax of S (the first pass of CoMER's
   attention, and layer 0 without ARM).
 - `coverage_projection_kernel`: one program per (image, tile of L positions). It walks
@@ -20,7 +21,13 @@ Forward:
   Z = proj(mask(relu(conv + bias))) [B*H, T, L], in training per-program BatchNorm
   partial sums of Z over unmasked positions, and (for the backward) the ReLU's on/off
   pattern as one int32 of bits per position (dc <= 32).
-Backward: `arm_backward_kernel` (see its docstring); `dropout_keep_kernel` replays masks.
+Backward (the order of the passes: fastcomer.ops.arm_attention._attention_backward):
+- `attention_backward_rows_kernel`: per query tile, the refined softmax's dS (written),
+  dq and BatchNorm partial sums; dA' and the softmax recomputed per tile.
+- `arm_backward_kernel`: the ARM's gradients from dS (dZ applied on the fly).
+- `unrefined_backward_rows_kernel`: the unrefined softmax's term of dS and dq (self coverage).
+- `attention_backward_keys_kernel`: per key tile, dk and dv.
+Dropout masks are replayed by `_dropout` from (seed, element index), never stored.
 """
 import triton
 import triton.language as tl
@@ -56,9 +63,10 @@ def _scores(q, K, Z, Mask, bh, b, offs_t, l0, scale, shift, T, L, D,
 
 @triton.jit
 def attention_rows_kernel(
-    Q, K, V, Z, Scale, Shift, Mask, Out, Attn,
+    Q, K, V, Z, Scale, Shift, Mask, Out, Attn, Lse,
     T, L, D, H, seed, rng_offset, p_drop,
-    HAS_R: tl.constexpr, WRITE_OUT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_R: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_LSE: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
@@ -85,6 +93,9 @@ def attention_rows_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         denom = denom * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
         m = m_new
+
+    if WRITE_LSE:  # log of the softmax normaliser, for the backward's recompute of the softmax
+        tl.store(Lse + bh * T + offs_t, tl.where(m == float("-inf"), 0.0, m) + tl.log(denom), mask=t_ok)
 
     # Pass 2: normalised attention, written (the next layer's ARM reads it), and P.V.
     inv = 1.0 / denom
@@ -185,20 +196,16 @@ def coverage_projection_kernel(
 
 
 @triton.jit
-def dropout_keep_kernel(Keep, N, T, L, seed, rng_offset, p_drop, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr):
-    """The keep mask [N, T, L] that `_dropout` applied, for the backward's recompute."""
-    bh = tl.program_id(0).to(tl.int64)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    offs_l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
-    ones = tl.full([BLOCK_T, BLOCK_L], 1.0 - p_drop, tl.float32)
-    kept = _dropout(ones, bh, offs_t, offs_l, T, L, seed, rng_offset, p_drop, True)
-    ok = (offs_t < T)[:, None] & (offs_l < L)[None, :]
-    tl.store(Keep + (bh * T + offs_t[:, None]) * L + offs_l[None, :], (kept != 0).to(tl.int8), mask=ok)
+def _grad_z(DS, Z, idx, ok, coef_a, coef_b, coef_m, coef_c):
+    """dZ = a dS + b Z + c (the BatchNorm backward, per head), 0 outside `ok`."""
+    ds = tl.load(DS + idx, mask=ok, other=0.0)
+    z = tl.load(Z + idx, mask=ok, other=0.0)
+    return tl.where(ok, coef_a * ds + coef_b * (z - coef_m) + coef_c, 0.0)
 
 
 @triton.jit
 def arm_backward_kernel(
-    Prev, Curr, Mask, ConvW, ConvB, ProjW, DZ, Relu, DPrev, DCurr, DConvW, DConvB, DProjW,
+    Prev, Curr, Mask, ConvW, ConvB, ProjW, DS, Z, CoefDZ, Relu, DPrev, DCurr, DConvW, DConvB, DProjW,
     T, L, WIDTH, HEIGHT, H, DC, CIN, N_CROSS,
     PRECISION: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -214,6 +221,10 @@ def arm_backward_kernel(
     Y_t needs the conv of the coverage at t: a first walk sums conv(X_t) over all t, the
     downward walk subtracts conv(X_t) step by step. The coverage image and the conv output
     are never written; per-program partial parameter gradients are, and summed by the caller.
+    dZ itself is not in memory either: the BatchNorm backward makes it a per-head affine map
+    of the refined softmax's score gradient dS (dR = -dS) and of Z, dZ = a dS + b (Z - mean) + c
+    (CoefDZ [4, H]: a, b, mean, c; b = c = 0 in eval), applied at each load (masked positions do not matter:
+    their ReLU bits and Y are 0).
     """
     b = tl.program_id(0)
     tile = tl.program_id(1)
@@ -238,6 +249,10 @@ def arm_backward_kernel(
     proj_w_t = tl.load(ProjW + offs_h[None, :] * DC + offs_dc[:, None], mask=dc_ok[:, None] & h_ok[None, :], other=0.0)
     relu_shift = offs_dc[:, None].to(tl.int32)
     program = b * tl.num_programs(1) + tile
+    coef_a = tl.load(CoefDZ + offs_h, mask=h_ok, other=0.0)[:, None]
+    coef_b = tl.load(CoefDZ + H + offs_h, mask=h_ok, other=0.0)[:, None]
+    coef_m = tl.load(CoefDZ + 2 * H + offs_h, mask=h_ok, other=0.0)[:, None]
+    coef_c = tl.load(CoefDZ + 3 * H + offs_h, mask=h_ok, other=0.0)[:, None]
 
     conv = tl.zeros([BLOCK_DC, BLOCK_L], tl.float32)
     for t in range(T - 1):
@@ -254,7 +269,7 @@ def arm_backward_kernel(
         tl.store(DPrev + pos_t, d_x, mask=from_prev[:, None] & l_ok[None, :])
         tl.store(DCurr + pos_t, d_x, mask=from_curr[:, None] & l_ok[None, :])
         # this step: dY_t at the tile, the projection's gradient; then conv^T(dY_t) and d conv.weight
-        dz = tl.load(DZ + z_rows + t * L + offs_l[None, :], mask=h_ok[:, None] & l_ok[None, :], other=0.0)
+        dz = _grad_z(DS, Z, z_rows + t * L + offs_l[None, :], h_ok[:, None] & l_ok[None, :], coef_a, coef_b, coef_m, coef_c)
         y = tl.where(keep[None, :], tl.maximum(conv + conv_b[:, None], 0.0), 0.0)
         d_proj += tl.dot(dz, tl.trans(y), input_precision=PRECISION)
         bits = tl.load(Relu + b * T * L + t * L + offs_l, mask=l_ok, other=0)
@@ -273,7 +288,7 @@ def arm_backward_kernel(
             # conv^T: position l receives dY_t(l - tap) through weight[:, :, tap]
             src_ok = _tap_inside(l_ok, row, col, HEIGHT, WIDTH, -dy, -dx)
             src = offs_l - (dy * WIDTH + dx)
-            dz_n = tl.load(DZ + z_rows + t * L + src[None, :], mask=h_ok[:, None] & src_ok[None, :], other=0.0)
+            dz_n = _grad_z(DS, Z, z_rows + t * L + src[None, :], h_ok[:, None] & src_ok[None, :], coef_a, coef_b, coef_m, coef_c)
             bits_n = tl.load(Relu + b * T * L + t * L + src, mask=src_ok, other=0)
             d_y_n = tl.where(((bits_n[None, :] >> relu_shift) & 1) != 0, tl.dot(proj_w_t, dz_n, input_precision=PRECISION), 0.0)
             w_t = tl.load(ConvW + w_idx + tap, mask=w_ok, other=0.0)  # [dc, C]
@@ -285,3 +300,175 @@ def arm_backward_kernel(
                                   w_idx, w_ok, HEIGHT, WIDTH, PRECISION, BLOCK_DC, BLOCK_L)
     tl.store(DConvB + program * BLOCK_DC + offs_dc, d_bias)
     tl.store(DProjW + (program * BLOCK_H + offs_h[:, None]) * BLOCK_DC + offs_dc[None, :], d_proj)
+
+
+@triton.jit
+def _refined_tile(q, do, K, V, Z, Mask, DAttn, lse, bh, b, offs_t, offs_d, l0, scale, shift, T, L, D, seed, rng_offset,
+                  p_drop, HAS_R: tl.constexpr, HAS_DATTN: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One [BLOCK_T, BLOCK_L] tile of P' = softmax(S - R) (recomputed from lse; 0 at padded
+    or out-of-range entries) and of dropout(dA'), dA' = dO.V^T (+ dAttn)."""
+    s, offs_l = _scores(q, K, Z, Mask, bh, b, offs_t, l0, scale, shift, T, L, D, HAS_R, PRECISION, BLOCK_L, BLOCK_D)
+    l_ok = offs_l < L
+    tl_idx = (bh * T + offs_t[:, None]) * L + offs_l[None, :]
+    tl_ok = (offs_t < T)[:, None] & l_ok[None, :]
+    p = tl.where(tl_ok, tl.exp(s - lse[:, None]), 0.0)
+    v = tl.load(V + (bh * L + offs_l[:, None]) * D + offs_d[None, :], mask=l_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if HAS_DATTN:
+        dp += tl.load(DAttn + tl_idx, mask=tl_ok, other=0.0).to(tl.float32)
+    dp = _dropout(dp, bh, offs_t, offs_l, T, L, seed, rng_offset, p_drop, DROPOUT)
+    return p, dp, offs_l, tl_idx, tl_ok
+
+
+@triton.jit
+def attention_backward_rows_kernel(
+    Q, K, V, Z, Scale, Shift, Mean, Mask, DOut, DAttn, Lse, DS, DQ, Stats,
+    T, L, D, H, seed, rng_offset, p_drop,
+    HAS_R: tl.constexpr, HAS_DATTN: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Backward pass 1, over query tiles: the refined softmax A' = dropout(softmax(S - R)).
+
+    P' = exp(S - R - lse) is recomputed from the forward's logsumexp, dA' = dO.V^T (+ the
+    gradient of the returned attention) per tile, never stored. Two sweeps over L: the first
+    gives delta = rowsum(P' * dropout(dA')) and rowsum(P') (P' renormalised by it: lse is
+    rounded), from the recomputed P', not FlashAttention's
+    rowsum(dO * O): with the stored O, rounded and in the input dtype, the rows of dS no longer
+    sum to zero to rounding, and the BatchNorm bias gradient is exactly their sum), the second writes
+    dS = P' * (dropout(dA') - delta) [B*H, T, L] float32 (the ARM backward needs it at
+    neighbouring positions: dR = -dS; pass 2 adds the unrefined term to it in place),
+    dq = dS.K (float32), and with HAS_R per-program (sum dS, sum dS*(Z - mean)) for the
+    BatchNorm backward (Mean: the per-head mean the forward normalised with).
+    """
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = offs_t < T
+    d_ok = offs_d < D
+    td = (bh * T + offs_t[:, None]) * D + offs_d[None, :]
+    td_ok = t_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + td, mask=td_ok, other=0.0)
+    do = tl.load(DOut + td, mask=td_ok, other=0.0)
+    lse = tl.load(Lse + bh * T + offs_t, mask=t_ok, other=0.0)
+    scale = 1.0
+    shift = 0.0
+    if HAS_R:
+        scale = tl.load(Scale + bh % H)
+        shift = tl.load(Shift + bh % H)
+    delta = tl.zeros([BLOCK_T], tl.float32)
+    total = tl.zeros([BLOCK_T], tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        p, dp, offs_l, tl_idx, tl_ok = _refined_tile(q, do, K, V, Z, Mask, DAttn, lse, bh, b, offs_t, offs_d, l0, scale,
+                                                     shift, T, L, D, seed, rng_offset, p_drop, HAS_R, HAS_DATTN,
+                                                     DROPOUT, PRECISION, BLOCK_L, BLOCK_D)
+        delta += tl.sum(p * dp, 1)
+        total += tl.sum(p, 1)
+    # exp(S - R - lse) sums to 1 only to lse's rounding: renormalise, so that rows of dS sum to 0
+    renorm = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)  # 0 for rows past T
+    delta *= renorm
+    dq = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    sum_ds = tl.zeros([BLOCK_T], tl.float32)
+    sum_dsz = tl.zeros([BLOCK_T], tl.float32)
+    mean = 0.0
+    if HAS_R:
+        mean = tl.load(Mean + bh % H)
+    for l0 in range(0, L, BLOCK_L):
+        p, dp, offs_l, tl_idx, tl_ok = _refined_tile(q, do, K, V, Z, Mask, DAttn, lse, bh, b, offs_t, offs_d, l0, scale,
+                                                     shift, T, L, D, seed, rng_offset, p_drop, HAS_R, HAS_DATTN,
+                                                     DROPOUT, PRECISION, BLOCK_L, BLOCK_D)
+        l_ok = offs_l < L
+        ld = (bh * L + offs_l[:, None]) * D + offs_d[None, :]
+        ld_ok = l_ok[:, None] & d_ok[None, :]
+        ds = p * renorm[:, None] * (dp - delta[:, None])
+        tl.store(DS + tl_idx, ds, mask=tl_ok)
+        k = tl.load(K + ld, mask=ld_ok, other=0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        if HAS_R:
+            z = tl.load(Z + tl_idx, mask=tl_ok, other=0.0) - mean
+            sum_ds += tl.sum(ds, 1)
+            sum_dsz += tl.sum(ds * z, 1)
+    tl.store(DQ + td, dq, mask=td_ok)
+    if HAS_R:
+        base = (bh * tl.num_programs(1) + tl.program_id(1)) * 2
+        tl.store(Stats + base, tl.sum(sum_ds, 0))
+        tl.store(Stats + base + 1, tl.sum(sum_dsz, 0))
+
+
+@triton.jit
+def unrefined_backward_rows_kernel(
+    Q, K, Mask, DA, Lse, DS, DQ,
+    T, L, D, H, seed, p_drop,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Backward pass 2 (self coverage only), over query tiles: the unrefined softmax
+    A = dropout(softmax(S)), whose gradient dA the ARM backward wrote. P = exp(S - lse)
+    recomputed; a first sweep over L gives delta = rowsum(dropout(dA) * P), the second
+    adds dS_A = P * (dropout(dA) - delta) to dS in place and dS_A.K to dq."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = offs_t < T
+    d_ok = offs_d < D
+    td = (bh * T + offs_t[:, None]) * D + offs_d[None, :]
+    td_ok = t_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + td, mask=td_ok, other=0.0)
+    lse = tl.load(Lse + bh * T + offs_t, mask=t_ok, other=0.0)
+    delta = tl.zeros([BLOCK_T], tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        s, offs_l = _scores(q, K, K, Mask, bh, b, offs_t, l0, 1.0, 0.0, T, L, D, False, PRECISION, BLOCK_L, BLOCK_D)
+        tl_idx = (bh * T + offs_t[:, None]) * L + offs_l[None, :]
+        tl_ok = t_ok[:, None] & (offs_l < L)[None, :]
+        p = tl.where(tl_ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = _dropout(tl.load(DA + tl_idx, mask=tl_ok, other=0.0), bh, offs_t, offs_l, T, L, seed, 0, p_drop, DROPOUT)
+        delta += tl.sum(p * dp, 1)
+    dq = tl.load(DQ + td, mask=td_ok, other=0.0)
+    for l0 in range(0, L, BLOCK_L):
+        s, offs_l = _scores(q, K, K, Mask, bh, b, offs_t, l0, 1.0, 0.0, T, L, D, False, PRECISION, BLOCK_L, BLOCK_D)
+        l_ok = offs_l < L
+        tl_idx = (bh * T + offs_t[:, None]) * L + offs_l[None, :]
+        tl_ok = t_ok[:, None] & l_ok[None, :]
+        p = tl.where(tl_ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = _dropout(tl.load(DA + tl_idx, mask=tl_ok, other=0.0), bh, offs_t, offs_l, T, L, seed, 0, p_drop, DROPOUT)
+        ds = p * (dp - delta[:, None])
+        tl.store(DS + tl_idx, tl.load(DS + tl_idx, mask=tl_ok, other=0.0) + ds, mask=tl_ok)
+        k = tl.load(K + (bh * L + offs_l[:, None]) * D + offs_d[None, :], mask=l_ok[:, None] & d_ok[None, :], other=0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + td, dq, mask=td_ok)
+
+
+@triton.jit
+def attention_backward_keys_kernel(
+    Q, DOut, Attn, DS, DK, DV,
+    T, L, D,
+    PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Backward pass 3, over key tiles: dk = dS^T.q (dS of both softmaxes, 0 at padded keys)
+    and dv = A'^T.dO, with the returned attention A' (dropout already applied) as stored."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    l_ok = offs_l < L
+    d_ok = offs_d < D
+    dk = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        t_ok = offs_t < T
+        td = (bh * T + offs_t[:, None]) * D + offs_d[None, :]
+        td_ok = t_ok[:, None] & d_ok[None, :]
+        tl_idx = (bh * T + offs_t[:, None]) * L + offs_l[None, :]
+        tl_ok = t_ok[:, None] & l_ok[None, :]
+        q = tl.load(Q + td, mask=td_ok, other=0.0)
+        do = tl.load(DOut + td, mask=td_ok, other=0.0)
+        ds = tl.load(DS + tl_idx, mask=tl_ok, other=0.0)
+        a = tl.load(Attn + tl_idx, mask=tl_ok, other=0.0)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=PRECISION)
+    ld = (bh * L + offs_l[:, None]) * D + offs_d[None, :]
+    ld_ok = l_ok[:, None] & d_ok[None, :]
+    tl.store(DK + ld, dk.to(DK.dtype.element_ty), mask=ld_ok)
+    tl.store(DV + ld, dv.to(DV.dtype.element_ty), mask=ld_ok)

@@ -64,7 +64,8 @@ def check_layer(b, t, h, w, coverage, training, nhead, head_dim, dc, rtol, devic
     """Forward, returned attention, BatchNorm running statistics and the gradients of every
     input and ARM parameter, against the plain path in float64. Each error may be up to
     rtol of the tensor's scale (4 rtol for the ARM parameters' gradients), or 4x the plain path's own error in `dtype` (some ARM
-    gradients are sums with heavy cancellation, the BatchNorm bias's exactly zero)."""
+    gradients are sums with heavy cancellation, the BatchNorm bias's exactly zero; 16x where the
+    whole reference gradient is zero to float64 rounding, i.e. both paths give only noise)."""
     from fastcomer.ops import ARMWeights, arm_attention
 
     mask = make_mask(b, h, w, device)
@@ -85,7 +86,10 @@ def check_layer(b, t, h, w, coverage, training, nhead, head_dim, dc, rtol, devic
 
     def check(name, got, want, plain_low, tol=rtol):
         err = (got.double() - want).abs().max().item()
-        allowed = max(tol * want.abs().max().item(), 4 * (plain_low.double() - want).abs().max().item())
+        # A gradient that vanishes in exact arithmetic (T = 1: constant conv output, rows of the
+        # softmax gradient summing to 0) is pure rounding residue in both paths: 16x, not 4x.
+        residue = 16 if want.abs().max().item() < 1e-12 else 4
+        allowed = max(tol * want.abs().max().item(), residue * (plain_low.double() - want).abs().max().item())
         assert err <= allowed, f"{name}: error {err:.3e} > {allowed:.3e}"
 
     for name, got, want, plain_low in zip(["output", "returned attention"], (out, attn), ref, low):

@@ -9,7 +9,7 @@ import torch
 
 from fastcomer.ops import ARMWeights, arm_attention
 
-from arm_cases import check_layer, grads_of, make_arm, make_inputs, make_mask, plain_layer
+from arm_cases import ARM_PARAMS, check_layer, grads_of, make_arm, make_inputs, make_mask, plain_layer
 from conftest import assert_close_rel
 
 RTOL = 1e-5
@@ -45,18 +45,21 @@ def test_without_arm_is_plain_attention():
     ref_out, ref_attn = plain_layer(*ref_inputs, mask, h, None, None, NHEAD)
     assert_close_rel(out, ref_out, RTOL, "output")
     assert_close_rel(attn, ref_attn, RTOL, "attention")
+    # only the returned attention used: no output gradient reaches the backward
+    for name, g, r in zip("qk", torch.autograd.grad((attn * upstream[1]).sum(), [q, k], retain_graph=True),
+                          torch.autograd.grad((ref_attn * upstream[1].double()).sum(), ref_inputs[:2], retain_graph=True)):
+        assert_close_rel(g, r, RTOL, f"gradient of {name} through the returned attention only")
     for name, g, r in zip("qkv", grads_of((out, attn), upstream, [q, k, v]),
                           grads_of((ref_out, ref_attn), [u.double() for u in upstream], ref_inputs)):
         assert_close_rel(g, r, RTOL, f"gradient of {name}")
 
 
-def test_dropout_is_replayed_in_backward():
+def test_dropout_statistics_and_seeds():
     """p > 0: about p of the unmasked weights dropped, the rest scaled by 1/(1-p); the same
-    seed gives the same masks; the backward uses the forward's masks (dV = A'^T dO exactly)."""
+    seed gives the same masks (forward only; the backward's replay is checked below)."""
     b, t, h, w, p = 2, 16, 7, 9, 0.3
     mask = make_mask(b, h, w)
-    (q, k, v, prev), (grad_out, _) = make_inputs(b, NHEAD, HEAD_DIM, t, h, w)
-    v.requires_grad_()
+    (q, k, v, prev), _ = make_inputs(b, NHEAD, HEAD_DIM, t, h, w)
     arm = make_arm(NHEAD, DC, "both", training=True)
     run = lambda seed: arm_attention(q, k, v, mask, h, w, prev, ARMWeights.from_module(arm), bn_training=True,
                                      dropout_p=p, seed=seed)
@@ -68,8 +71,6 @@ def test_dropout_is_replayed_in_backward():
     dropped = (attn[unmasked] == 0).float().mean().item()
     n = unmasked.sum().item()
     assert abs(dropped - p) < 4 * (p * (1 - p) / n) ** 0.5, dropped
-    (grad_v,) = torch.autograd.grad((out * grad_out).sum(), [v])
-    assert_close_rel(grad_v, torch.bmm(attn.detach().transpose(1, 2), grad_out), RTOL, "dV with dropout")
 
 
 def test_bad_inputs_raise():
@@ -85,3 +86,52 @@ def test_bad_inputs_raise():
         arm_attention(q.double(), k.double(), v.double(), mask, h, w, prev.double(), weights)
     with pytest.raises(ValueError, match="bool"):
         arm_attention(q, k, v, mask.float(), h, w, prev, weights)
+
+
+@pytest.mark.parametrize("coverage", ["cross", "self", "both"])
+def test_dropout_gradients_match_plain_path_with_the_same_masks(coverage):
+    """Every gradient with dropout on both softmaxes, against the plain path (float64) given
+    the fused op's masks: the refined one read off the returned attention's zeros, the
+    unrefined one (offset 0 of the same stream) off the ARM-less op's returned attention."""
+    import copy
+
+    b, t, h, w, p, seed = 2, 4, 3, 5, 0.3, 5
+    mask = make_mask(b, h, w)
+    inputs, upstream = make_inputs(b, NHEAD, HEAD_DIM, t, h, w)
+    arm = make_arm(NHEAD, DC, coverage, training=True)
+    arm64, arm_low = copy.deepcopy(arm).double(), copy.deepcopy(arm)
+    fused_in = [x.clone().requires_grad_() for x in inputs]
+    out, attn = arm_attention(*fused_in[:3], mask, h, w, fused_in[3], ARMWeights.from_module(arm), bn_training=True,
+                              dropout_p=p, seed=seed)
+    assert (attn[~mask.view(b, 1, 1, -1).expand(b, NHEAD, t, h * w).reshape(attn.shape)] == 0).any()
+    keep_refined = attn.detach() != 0
+    keep_unrefined = arm_attention(*inputs[:3], mask, h, w, dropout_p=p, seed=seed)[1] != 0
+
+    def plain(q, k, v, prev, arm):
+        scores = torch.bmm(q, k.transpose(1, 2))
+        unrefined = masked_softmax(scores, mask, None, NHEAD) * keep_unrefined / (1 - p)
+        refined = masked_softmax(scores - arm(prev, mask, h, unrefined), mask, None, NHEAD) * keep_refined / (1 - p)
+        return torch.bmm(refined, v), refined
+
+    from fastcomer.model.attention import masked_softmax
+
+    ref_in = [x.double().requires_grad_() for x in inputs]
+    low_in = [x.clone().requires_grad_() for x in inputs]
+    ref, low = plain(*ref_in, arm64), plain(*low_in, arm_low)
+    assert_close_rel(out, ref[0], RTOL, "output")
+    assert_close_rel(attn, ref[1], RTOL, "returned attention")
+    # dV = A'^T dO with A' as returned (only the output used: no gradient of the returned attention)
+    (grad_v,) = torch.autograd.grad((out * upstream[0]).sum(), [fused_in[2]], retain_graph=True)
+    assert_close_rel(grad_v, torch.bmm(attn.detach().transpose(1, 2), upstream[0]), RTOL, "dV with dropout")
+    params = lambda m: [m.get_parameter(n) for n in ARM_PARAMS]
+    got = grads_of((out, attn), upstream, fused_in + params(arm))
+    want = grads_of(ref, upstream, ref_in + params(arm64))
+    plain_low = grads_of(low, upstream, low_in + params(arm_low))
+    for name, g, r, lo in zip(["q", "k", "v", "prev_attn"] + ARM_PARAMS, got, want, plain_low):
+        if r is None:  # prev_attn does not reach R with self coverage only
+            assert g is None or not g.any(), name
+            continue
+        err = (g.double() - r).abs().max().item()
+        allowed = max((4 if name in ARM_PARAMS else 1) * RTOL * r.abs().max().item(),
+                      4 * (lo.double() - r).abs().max().item())
+        assert err <= allowed, f"gradient of {name}: error {err:.3e} > {allowed:.3e}"
