@@ -138,21 +138,15 @@ def _conv_of_step(Prev, Curr, ConvW, pos, from_prev, from_curr, l_ok, row, col, 
 
 
 @triton.jit
-def coverage_projection_kernel(
-    Prev, Curr, Mask, ConvW, ConvB, ProjW, Z, Stats, Relu,
-    T, L, WIDTH, HEIGHT, H, DC, CIN, N_CROSS,
-    STATS: tl.constexpr, WRITE_RELU: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    b = tl.program_id(0)
-    tile = tl.program_id(1)
+def _arm_tile(Mask, b, tile, T, L, WIDTH, H, DC, CIN, N_CROSS,
+              BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Indices and masks of one (image b, tile of L) program of the ARM kernels."""
     # int64 indices: no overflow for large tensors (and no overflow checks in the interpreter)
     offs_l = tile * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
     l_ok = offs_l < L
     row = offs_l // WIDTH
     col = offs_l % WIDTH
     keep = l_ok & (tl.load(Mask + b * L + offs_l, mask=l_ok, other=1) == 0)
-
     # Input channel c: the previous layer's attention for c < N_CROSS, else this layer's.
     offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
     from_prev = offs_c < N_CROSS
@@ -165,6 +159,21 @@ def coverage_projection_kernel(
     h_ok = offs_h < H
     w_idx = (offs_dc[:, None] * CIN + offs_c[None, :]) * 25
     w_ok = dc_ok[:, None] & (offs_c < CIN)[None, :]
+    return offs_l, l_ok, row, col, keep, offs_c, from_prev, from_curr, channel_pos, offs_dc, dc_ok, offs_h, h_ok, w_idx, w_ok
+
+
+@triton.jit
+def coverage_projection_kernel(
+    Prev, Curr, Mask, ConvW, ConvB, ProjW, Z, Stats, Relu,
+    T, L, WIDTH, HEIGHT, H, DC, CIN, N_CROSS,
+    STATS: tl.constexpr, WRITE_RELU: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    b = tl.program_id(0)
+    tile = tl.program_id(1)
+    (offs_l, l_ok, row, col, keep, offs_c, from_prev, from_curr, channel_pos,
+     offs_dc, dc_ok, offs_h, h_ok, w_idx, w_ok) = _arm_tile(
+        Mask, b, tile, T, L, WIDTH, H, DC, CIN, N_CROSS, BLOCK_L, BLOCK_C, BLOCK_DC, BLOCK_H)
     z_pos = (b * H + offs_h)[:, None] * T * L + offs_l[None, :]
     z_ok = h_ok[:, None] & l_ok[None, :]
     conv_b = tl.load(ConvB + offs_dc, mask=dc_ok, other=0.0)
@@ -228,22 +237,9 @@ def arm_backward_kernel(
     """
     b = tl.program_id(0)
     tile = tl.program_id(1)
-    offs_l = tile * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
-    l_ok = offs_l < L
-    row = offs_l // WIDTH
-    col = offs_l % WIDTH
-    keep = l_ok & (tl.load(Mask + b * L + offs_l, mask=l_ok, other=1) == 0)
-    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
-    from_prev = offs_c < N_CROSS
-    from_curr = (offs_c >= N_CROSS) & (offs_c < CIN)
-    head = tl.where(from_prev, offs_c, offs_c - N_CROSS)
-    channel_pos = (b * H + head)[:, None] * T * L + offs_l[None, :]
-    offs_dc = tl.arange(0, BLOCK_DC).to(tl.int64)
-    dc_ok = offs_dc < DC
-    offs_h = tl.arange(0, BLOCK_H).to(tl.int64)
-    h_ok = offs_h < H
-    w_idx = (offs_dc[:, None] * CIN + offs_c[None, :]) * 25
-    w_ok = dc_ok[:, None] & (offs_c < CIN)[None, :]
+    (offs_l, l_ok, row, col, keep, offs_c, from_prev, from_curr, channel_pos,
+     offs_dc, dc_ok, offs_h, h_ok, w_idx, w_ok) = _arm_tile(
+        Mask, b, tile, T, L, WIDTH, H, DC, CIN, N_CROSS, BLOCK_L, BLOCK_C, BLOCK_DC, BLOCK_H)
     z_rows = (b * H + offs_h)[:, None] * T * L  # [BLOCK_H, 1]
     conv_b = tl.load(ConvB + offs_dc, mask=dc_ok, other=0.0)
     proj_w_t = tl.load(ProjW + offs_h[None, :] * DC + offs_dc[:, None], mask=dc_ok[:, None] & h_ok[None, :], other=0.0)
