@@ -93,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "that beams end at various lengths), one image per call, with the engine and with the reference beam "
         "search; check that they answer identically; print the time per image of each and the ratio. Default: "
         "one image of 128x512 and one of 256x1024 (--images for more), beam 10, max_len 200; on 2 CPU cores the "
-        "reference needs minutes per image. --quick: 128x512 only, max_len 60 (about a minute on 2 idle CPU "
+        "reference needs minutes per image. --quick: 128x512 only, max_len 60 (under a minute on 2 idle CPU "
         "cores; the ratio grows with the decoded length, so it understates the full run's).",
     )
     timing.add_argument("--quick", action="store_true", help="128x512 only, max_len 60")
