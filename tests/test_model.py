@@ -1,7 +1,6 @@
 """The plain model's behaviour beyond the golden values: training mode, padding, dtypes, argument checks."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastcomer import CoMER, reference_beam_search, vocab
 from fastcomer.vocab import EOS_IDX, PAD_IDX, SOS_IDX
