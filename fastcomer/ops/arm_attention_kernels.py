@@ -318,6 +318,23 @@ def _refined_tile(q, do, K, V, Z, Mask, DAttn, lse, bh, b, offs_t, offs_d, l0, s
 
 
 @triton.jit
+def _query_tile(Q, Lse, T, D, H, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (batch*head, tile of T) program of the backward row passes: indices, masks, its
+    queries and their logsumexp."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = offs_t < T
+    d_ok = offs_d < D
+    td = (bh * T + offs_t[:, None]) * D + offs_d[None, :]
+    td_ok = t_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + td, mask=td_ok, other=0.0)
+    lse = tl.load(Lse + bh * T + offs_t, mask=t_ok, other=0.0)
+    return bh, b, offs_t, t_ok, offs_d, d_ok, td, td_ok, q, lse
+
+
+@triton.jit
 def attention_backward_rows_kernel(
     Q, K, V, Z, Scale, Shift, Mean, Mask, DOut, DAttn, Lse, DS, DQ, Stats,
     T, L, D, H, seed, rng_offset, p_drop,
@@ -337,17 +354,8 @@ def attention_backward_rows_kernel(
     dq = dS.K (float32), and with HAS_R per-program (sum dS, sum dS*(Z - mean)) for the
     BatchNorm backward (Mean: the per-head mean the forward normalised with).
     """
-    bh = tl.program_id(0).to(tl.int64)
-    b = bh // H
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    t_ok = offs_t < T
-    d_ok = offs_d < D
-    td = (bh * T + offs_t[:, None]) * D + offs_d[None, :]
-    td_ok = t_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + td, mask=td_ok, other=0.0)
+    bh, b, offs_t, t_ok, offs_d, d_ok, td, td_ok, q, lse = _query_tile(Q, Lse, T, D, H, BLOCK_T, BLOCK_D)
     do = tl.load(DOut + td, mask=td_ok, other=0.0)
-    lse = tl.load(Lse + bh * T + offs_t, mask=t_ok, other=0.0)
     scale = 1.0
     shift = 0.0
     if HAS_R:
@@ -403,16 +411,7 @@ def unrefined_backward_rows_kernel(
     A = dropout(softmax(S)), whose gradient dA the ARM backward wrote. P = exp(S - lse)
     recomputed; a first sweep over L gives delta = rowsum(dropout(dA) * P), the second
     adds dS_A = P * (dropout(dA) - delta) to dS in place and dS_A.K to dq."""
-    bh = tl.program_id(0).to(tl.int64)
-    b = bh // H
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    t_ok = offs_t < T
-    d_ok = offs_d < D
-    td = (bh * T + offs_t[:, None]) * D + offs_d[None, :]
-    td_ok = t_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + td, mask=td_ok, other=0.0)
-    lse = tl.load(Lse + bh * T + offs_t, mask=t_ok, other=0.0)
+    bh, b, offs_t, t_ok, offs_d, d_ok, td, td_ok, q, lse = _query_tile(Q, Lse, T, D, H, BLOCK_T, BLOCK_D)
     delta = tl.zeros([BLOCK_T], tl.float32)
     for l0 in range(0, L, BLOCK_L):
         s, offs_l = _scores(q, K, K, Mask, bh, b, offs_t, l0, 1.0, 0.0, T, L, D, False, PRECISION, BLOCK_L, BLOCK_D)
