@@ -17,6 +17,8 @@ import torch
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "FASTCOMER_BACKEND"
+GRAPHS_ENV_VAR = "FASTCOMER_CUDA_GRAPHS"
+GRAPHS_SETTINGS = {"auto": None, "1": True, "0": False}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -27,6 +29,21 @@ def requested_backend(explicit: Optional[str] = None) -> str:
         source = "backend argument" if explicit is not None else ENV_VAR
         raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {name!r}")
     return name
+
+
+def use_cuda_graphs(device: torch.device, explicit: Optional[bool] = None) -> bool:
+    """Whether the beam search replays its steps as CUDA graphs: `explicit`, else
+    FASTCOMER_CUDA_GRAPHS=auto|1|0; auto (the default) means on CUDA devices."""
+    if explicit is None:
+        setting = os.environ.get(GRAPHS_ENV_VAR, "auto").strip().lower()
+        if setting not in GRAPHS_SETTINGS:
+            raise ValueError(f"{GRAPHS_ENV_VAR} must be one of {', '.join(GRAPHS_SETTINGS)}, got {setting!r}")
+        explicit = GRAPHS_SETTINGS[setting]
+    if explicit is None:
+        return device.type == "cuda"
+    if explicit and device.type != "cuda":
+        raise ValueError(f"CUDA graphs were requested for a model on {device}")
+    return bool(explicit)
 
 
 def triton_interpreter() -> bool:
@@ -89,6 +106,7 @@ def env_report() -> Dict[str, Any]:
         "fastcomer_C": getattr(extension, "build_info", lambda: None)() if extension is not None else None,
         "devices": devices or ["cpu only"],
         "requested_backend": os.environ.get(ENV_VAR, "auto"),
+        "cuda_graphs": os.environ.get(GRAPHS_ENV_VAR, "auto"),
         "backends": {
             "cuda": "ok" if cuda_extension_usable() else extension_why,
             "triton": "ok" if triton_ok else triton_why,

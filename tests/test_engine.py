@@ -153,13 +153,13 @@ def test_finished_lists_match_comer_with_ties():
             sums = torch.tensor([sorted((-rng.choice([1, 2, 3, 4]) * length / 2.0 for _ in range(beam)), reverse=True) for _ in range(items)], dtype=torch.float64)
             offered = torch.rand(items, beam) < 0.6
             rows = torch.randint(0, items * beam, (items, beam))
-            lists.add(torch.arange(items), sums, offered, rows, tokens, length)
+            lists.add(sums, offered, rows, tokens, torch.tensor(length))
             for i in range(items):
                 for j in range(beam):
                     if offered[i, j]:
                         expected[i].add(tokens[rows[i, j], :length].tolist(), sums[i, j].item())
             best = -torch.rand(items, dtype=torch.float64) * length
-            done = lists.is_done(torch.arange(items), best, length)
+            done = lists.is_done(best, torch.tensor(length))
             assert done.tolist() == [e.is_done(b, length) for e, b in zip(expected, best.tolist())]
         hyps, scores = lists.results()
         assert hyps == [t[1:] for e in expected for _, t in e.beams]

@@ -1,24 +1,37 @@
 """The fast decoding engine: CoMER's beam search with the same answers as
 `reference_beam_search`, over the incremental decoder of `state.py`.
 
-Per step: one decoder step for the live rows, then the beam scorer on the device,
-vectorised over items and candidates (top-k, end tokens of both directions, the
-finished lists, done flags), then one gather that reorders the state. The only host
-sync of a step reads the done flags; images whose searches are all done leave the batch.
+A step is device work only, on static buffers: one decoder step for every row, then the
+beam scorer vectorised over items and candidates (top-k, end tokens of both directions,
+the finished lists, done flags), then one gather that reorders the state and the append
+of the next tokens. On CUDA it is replayed as CUDA graphs (`graphs.py`). The host reads
+the done flags every `sync_every` steps (every step without graphs): it stops when every
+search is done, and when enough images are done it moves the live ones to a batch of fewer
+image slots (a power of two of them with graphs, so that few graphs serve every size).
+Done searches' rows keep running until then, frozen out of the finished lists.
 """
+import collections
+import weakref
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import backend as backends
 from ..vocab import EOS_IDX, PAD_IDX, SOS_IDX
 from .common import BeamSearchOutput, Hypothesis, check_search_args, rescore, select_best
+from .graphs import StepGraphs
 from .scorer import FinishedLists
-from .state import DecodingState
+from .state import DecodingState, prefix_window
 
 # Which searches run per image: True = left to right (SOS ... EOS), False = right to left.
 DIRECTIONS = {"both": (True, False), "l2r": (True,), "r2l": (False,)}
+# With CUDA graphs the host looks at the done flags every this many steps: a sync drains the
+# GPU's queue, so it is rare; the cost is up to this many steps run after the last search ends.
+GRAPH_SYNC_EVERY = 8
+# Batches (their buffers and graphs) kept per decoder for later searches of the same shapes.
+GRAPH_CACHE_SIZE = 8
 
 
 def search_directions(direction: str, allowed: Sequence[str] = tuple(DIRECTIONS)) -> Tuple[bool, ...]:
@@ -27,82 +40,161 @@ def search_directions(direction: str, allowed: Sequence[str] = tuple(DIRECTIONS)
     return DIRECTIONS[direction]
 
 
-def live_layout(live: List[Tuple[int, int]], directions: int, beam_size: int):
-    """Row order for the live items (image, direction): images with every direction live
-    first, as one segment of directions*beam_size rows per image, then those with fewer,
-    beam_size rows per item. Returns the items in their new order and the state layout."""
-    images = list(dict.fromkeys(image for image, _ in live))
-    live_directions = {image: [d for i, d in live if i == image] for image in images}
-    both = [image for image in images if len(live_directions[image]) == directions]
-    some = [image for image in images if len(live_directions[image]) < directions]
-    new_items = [(image, d) for image in both + some for d in live_directions[image]]
-    layout = [(group, n * beam_size) for group, n in ((both, directions), (some, 1)) if group]
-    return new_items, layout
+class BeamBatch:
+    """The first pass's static buffers for `images` image slots: the decoding state (per
+    image, the beams of each direction in turn) and the scorer's (per item = image slot x
+    direction: beam scores, done flag, finished list, and its id in the output order, -1
+    for a filler slot)."""
+
+    def __init__(self, decoder, images: int, l2r: Tuple[bool, ...], beam_size: int, max_len: int, alpha: float,
+                 early_stopping: bool, temperature: float, height: int, width: int, dtype, device,
+                 backend: Optional[str], graphs: bool):
+        self.directions, self.beam_size, self.temperature = len(l2r), beam_size, temperature
+        self.items = images * len(l2r)
+        self.state = DecodingState(decoder, images, self.items // images * beam_size, height, width, max_len,
+                                   dtype, device, backend)
+        self.finished = FinishedLists(self.items, beam_size, max_len, alpha, early_stopping, device)
+        forward = torch.tensor(l2r, device=device).repeat(images)
+        self.start_token = torch.where(forward, SOS_IDX, EOS_IDX).repeat_interleave(beam_size)
+        self.end_token = torch.where(forward, EOS_IDX, SOS_IDX)
+        self.item_ids = torch.full((self.items,), -1, dtype=torch.long, device=device)
+        # CoMER starts the beam scores as float32 zeros; adding the log-probabilities promotes them.
+        self.beam_scores = torch.zeros(self.items, beam_size, dtype=torch.promote_types(dtype, torch.float32),
+                                       device=device)
+        self.done = torch.ones(self.items, dtype=torch.bool, device=device)
+        self.run = StepGraphs(self.step, graphs)
+
+    def start(self, feature: Tensor, mask: Tensor, batch: int) -> None:
+        """A new search of the `batch` images of feature [batch, h, w, d]; image slots past
+        them are fillers (copies of image 0, done from the start)."""
+        source = torch.arange(self.state.images, device=feature.device).masked_fill_(
+            torch.arange(self.state.images, device=feature.device) >= batch, 0)
+        self.state.start(feature[source], mask[source], self.start_token)
+        image, direction = (torch.arange(self.items, device=feature.device) // self.directions,
+                            torch.arange(self.items, device=feature.device) % self.directions)
+        self.item_ids.copy_(torch.where(image < batch, direction * batch + image, -1))
+        self.done.copy_(self.item_ids < 0)
+        # All beams of an item start as copies of its one start row: only the first may
+        # extend at the first step, as CoMER's search starts from one row per item.
+        self.beam_scores.fill_(float("-inf"))
+        self.beam_scores[:, 0] = 0.0
+        self.finished.clear()
+
+    def take(self, other: "BeamBatch", images: List[int]) -> None:
+        """Continue other's search on its image slots `images` (the rest are fillers)."""
+        device = self.done.device
+        fillers = self.state.images - len(images)
+        source = torch.tensor(images + images[:1] * fillers, device=device)
+        self.state.take(other.state, source)
+        items = (source[:, None] * self.directions + torch.arange(self.directions, device=device)).view(-1)
+        is_filler = torch.arange(self.items, device=device) >= len(images) * self.directions
+        self.item_ids.copy_(other.item_ids[items].masked_fill(is_filler, -1))
+        self.done.copy_(other.done[items] | is_filler)
+        self.beam_scores.copy_(other.beam_scores[items])
+        self.finished.clear()
+        self.finished.copy_items(other.finished, items, torch.arange(self.items, device=device))
+
+    def step(self, window: int) -> None:
+        """One step of every search: device work only, the same for every call of a window."""
+        state, beam = self.state, self.beam_size
+        length = state.position + 1  # tokens per row so far
+        logits = state.step(window)
+        scores = F.log_softmax(logits / self.temperature, dim=-1) + self.beam_scores.view(-1, 1)
+        vocab_size = logits.shape[1]
+        top_scores, top_ids = scores.view(self.items, -1).topk(2 * beam, dim=1)
+        rows = torch.arange(self.items, device=logits.device)[:, None] * beam + top_ids // vocab_size
+        tokens = top_ids % vocab_size
+        ends = tokens == self.end_token[:, None]
+        # Ended candidates ranked below beam_size are dropped, as CoMER does; done items add none.
+        offered = ends[:, :beam] & ~self.done[:, None]
+        self.finished.add(top_scores[:, :beam], offered, rows[:, :beam], state.tokens, length)
+        # The next beams: the first beam_size candidates that do not end, in rank order.
+        keep = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :beam]
+        self.beam_scores.copy_(top_scores.gather(1, keep))
+        self.done |= self.finished.is_done(self.beam_scores.max(dim=1).values, length)
+        state.reorder(rows.gather(1, keep).view(-1), window)
+        state.append(tokens.gather(1, keep).view(-1))
+
+    def finish(self) -> None:
+        """max_len reached: the searches not done add all their beams."""
+        rows = torch.arange(self.state.rows, device=self.done.device).view(self.items, self.beam_size)
+        offered = (~self.done)[:, None].expand(-1, self.beam_size)
+        self.finished.add(self.beam_scores, offered, rows, self.state.tokens, self.state.position + 1)
+
+    def live_images(self) -> List[int]:
+        """Image slots with a search not done (a host sync)."""
+        return [slot for slot, done in enumerate(self.done.view(-1, self.directions).all(dim=1).tolist()) if not done]
+
+    def store(self, lists: FinishedLists) -> None:
+        """Copy the finished lists of the real items into `lists`, indexed by output order."""
+        real = (self.item_ids >= 0).nonzero().view(-1)
+        lists.copy_items(self.finished, real, self.item_ids[real])
+
+
+_graph_batches: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def batch_factory(decoder, settings: tuple, graphs: bool):
+    """BeamBatch by image slots, for one search. With graphs, batches (and their captured
+    graphs) are kept for later searches of the same settings, as long as the decoder's
+    tensors stay where they are, unchanged: a graph reads its tensors by address, and the
+    folded ARM and prepared kernel weights it holds were computed from their values."""
+    if not graphs:
+        return lambda images: BeamBatch(decoder, images, *settings, graphs=False)
+    fingerprint = tuple((t.data_ptr(), t._version) for t in (*decoder.parameters(), *decoder.buffers()))
+    cache = _graph_batches.get(decoder)
+    if cache is None or cache[0] != fingerprint:
+        cache = (fingerprint, collections.OrderedDict())
+        _graph_batches[decoder] = cache
+    batches = cache[1]
+
+    def get(images: int) -> BeamBatch:
+        key = (images, settings)
+        if key not in batches:
+            batches[key] = BeamBatch(decoder, images, *settings, graphs=True)
+            while len(batches) > GRAPH_CACHE_SIZE:
+                batches.popitem(last=False)
+        batches.move_to_end(key)
+        return batches[key]
+    return get
 
 
 def first_pass(
-    decoder, feature: Tensor, mask: Tensor, beam_size: int, max_len: int, alpha: float,
-    early_stopping: bool, temperature: float, l2r: Tuple[bool, ...], backend: Optional[str] = None,
+    decoder, feature: Tensor, mask: Tensor, beam_size: int, max_len: int, alpha: float, early_stopping: bool,
+    temperature: float, l2r: Tuple[bool, ...], backend: Optional[str] = None, graphs: Optional[bool] = None,
 ) -> Tuple[List[List[int]], Tensor]:
     """The beam searches of every image in the given directions. Returns the finished
     lists, item after item (all images' first direction, then the second), hypotheses
     without their start token, and their float32 scores, as `reference._first_pass`."""
-    batch, device = feature.shape[0], feature.device
-    directions = len(l2r)
-    vocab_size = decoder.proj.out_features
-    state = DecodingState(decoder, feature, mask, batch * directions * beam_size, max_len, backend)
+    batch, h, w, _ = feature.shape
+    graphs = backends.use_cuda_graphs(feature.device, graphs)
+    backend = backends.resolve(feature, backend, cuda_available=backends.cuda_extension_usable())
+    settings = (l2r, beam_size, max_len, alpha, early_stopping, temperature, h, w, feature.dtype, feature.device, backend)
+    make_batch = batch_factory(decoder, settings, graphs)
+    slots = (lambda n: 1 << (n - 1).bit_length()) if graphs else (lambda n: n)
+    sync_every = GRAPH_SYNC_EVERY if graphs else 1
 
-    # Live items (image, direction) in row order, each beam_size rows (one at the first
-    # step); item_ids are their places in the output order (direction by direction, image
-    # by image). A search leaves the batch as soon as it is done (see live_layout), so
-    # every item in the batch is live.
-    items = [(image, d) for image in range(batch) for d in range(directions)]
-    state.set_layout([(list(range(batch)), directions)])
-    forward = torch.tensor([l2r[d] for _, d in items], device=device)
-    item_ids = torch.tensor([d * batch + image for image, d in items], device=device)
-    end_token = torch.where(forward, EOS_IDX, SOS_IDX)
-    state.append(torch.where(forward, SOS_IDX, EOS_IDX))
-    finished = FinishedLists(directions * batch, beam_size, max_len, alpha, early_stopping, device)
-    done = torch.zeros(directions * batch, dtype=torch.bool, device=device)
-    beam_scores = torch.zeros(directions * batch, dtype=torch.float32, device=device)  # as CoMER starts them
-    rows_per_item = 1  # the first step expands each item's one row
-
-    while state.length < max_len:
-        cur_len = state.length
-        scores = F.log_softmax(state.step() / temperature, dim=-1) + beam_scores[:, None]
-        top_scores, top_ids = scores.view(len(items), -1).topk(2 * beam_size, dim=1)
-        rows = torch.arange(len(items), device=device)[:, None] * rows_per_item + top_ids // vocab_size
-        tokens = top_ids % vocab_size
-        ends = tokens == end_token[:, None]
-        # Ended candidates ranked below beam_size are dropped, as CoMER does.
-        finished.add(item_ids, top_scores[:, :beam_size], ends[:, :beam_size], rows[:, :beam_size], state.tokens, cur_len)
-        # The next beams: the first beam_size candidates that do not end, in rank order.
-        keep = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :beam_size]
-        beam_scores, next_tokens, parents = top_scores.gather(1, keep), tokens.gather(1, keep), rows.gather(1, keep)
-        done[item_ids] = finished.is_done(item_ids, beam_scores.max(dim=1).values, cur_len)
-
-        done_now = done.tolist()  # the step's one host sync
-        if all(done_now):
+    results = FinishedLists(batch * len(l2r), beam_size, max_len, alpha, early_stopping, feature.device)
+    current = make_batch(slots(batch))
+    current.start(feature, mask, batch)
+    length = 1  # tokens per row
+    while length < max_len:
+        current.run(prefix_window(length, max_len))
+        length += 1
+        if length == max_len or length % sync_every:
+            continue
+        live = current.live_images()
+        if not live:
             break
-        live = [(image, d) for image, d in items if not done_now[d * batch + image]]
-        if live != items or cur_len == 1:  # a search finished, or the first step's rows become beams
-            new_items, layout = live_layout(live, directions, beam_size)
-            place = {item: p for p, item in enumerate(items)}
-            moved = torch.tensor([place[item] for item in new_items], device=device)
-            beam_scores, next_tokens, parents = beam_scores[moved], next_tokens[moved], parents[moved]
-            item_ids, end_token, items = item_ids[moved], end_token[moved], new_items
-            state.reorder(parents.view(-1), layout)  # parents index the rows of the old layout
-        else:
-            state.reorder(parents.view(-1))
-        state.append(next_tokens.view(-1))
-        beam_scores = beam_scores.view(-1)
-        rows_per_item = beam_size
-
-    if state.length == max_len:  # max_len reached: the unfinished items add all their beams
-        rows = torch.arange(len(items) * beam_size, device=device).view(len(items), beam_size)
-        offered = torch.ones(len(items), beam_size, dtype=torch.bool, device=device)
-        finished.add(item_ids, beam_scores.view(len(items), beam_size), offered, rows, state.tokens, max_len)
-    return finished.results()
+        if slots(len(live)) < current.state.images:
+            current.store(results)
+            smaller = make_batch(slots(len(live)))
+            smaller.take(current, live)
+            current = smaller
+    if length == max_len:
+        current.finish()
+    current.store(results)
+    return results.results()
 
 
 @torch.inference_mode()
@@ -118,6 +210,7 @@ def beam_search(
     return_details: bool = False,
     direction: str = "both",
     backend: Optional[str] = None,
+    graphs: Optional[bool] = None,
 ) -> Union[List[Hypothesis], BeamSearchOutput]:
     """CoMER's beam search (SPEC section 3), the same answers as `reference_beam_search`.
 
@@ -128,13 +221,15 @@ def beam_search(
     BeamSearchOutput.rescore is None. backend picks the cross-attention step: 'auto' (the
     fused kernels for CUDA float32/16/bf16 models), 'cuda', 'triton' or 'torch'; None reads
     FASTCOMER_BACKEND. The kernels compute the same function in float32 arithmetic, so
-    answers equal the reference's up to float32 near-ties.
+    answers equal the reference's up to float32 near-ties. graphs: replay the steps as CUDA
+    graphs (same results, less launch overhead); None reads FASTCOMER_CUDA_GRAPHS, whose
+    default `auto` means on for models on CUDA.
     """
     check_search_args(model, img, img_mask, beam_size, max_len, temperature)
     l2r = search_directions(direction)
     feature, mask = model.encoder(img, img_mask)
     hyps, scores = first_pass(
-        model.decoder, feature, mask, beam_size, max_len, alpha, early_stopping, temperature, l2r, backend
+        model.decoder, feature, mask, beam_size, max_len, alpha, early_stopping, temperature, l2r, backend, graphs
     )
     batch = feature.shape[0]
     if len(l2r) == 1:
@@ -167,22 +262,24 @@ def greedy_search(
     (forward,) = search_directions(direction, ("l2r", "r2l"))
     start, end = (SOS_IDX, EOS_IDX) if forward else (EOS_IDX, SOS_IDX)
     feature, mask = model.encoder(img, img_mask)
-    batch = feature.shape[0]
-    state = DecodingState(model.decoder, feature, mask, batch, max_len, backend)
-    state.set_layout([(list(range(batch)), 1)])
-    state.append(torch.full((batch,), start, device=feature.device))
+    batch, h, w, _ = feature.shape
+    state = DecodingState(model.decoder, batch, 1, h, w, max_len, feature.dtype, feature.device, backend)
+    state.start(feature, mask, torch.full((batch,), start, device=feature.device))
     sums = feature.new_zeros(batch)
     ended = torch.zeros(batch, dtype=torch.bool, device=feature.device)
     lengths = torch.full((batch,), max_len, device=feature.device)
-    while state.length < max_len:
-        logprobs, tokens = F.log_softmax(state.step() / temperature, dim=-1).max(dim=1)
+    length = 1  # tokens per row
+    while length < max_len:
+        logits = state.step(prefix_window(length, max_len))
+        logprobs, tokens = F.log_softmax(logits / temperature, dim=-1).max(dim=1)
         sums += logprobs.masked_fill(ended, 0.0)
         ends_now = (tokens == end) & ~ended
-        lengths.masked_fill_(ends_now, state.length)
+        lengths.masked_fill_(ends_now, length)
         ended |= ends_now
         if bool(ended.all()):  # the step's one host sync
             break
         state.append(tokens.masked_fill(ended, PAD_IDX))
+        length += 1
     answers = []
     for row, (total, length) in enumerate(zip(sums.tolist(), lengths.tolist())):
         seq = state.tokens[row, 1:length].tolist()

@@ -1,17 +1,22 @@
 """The incremental decoder: one step of CoMER's decoder for the newest token of every
-live row, over a cache allocated once per search.
+row, over static buffers allocated once.
 
-Rows are grouped by image, in segments: a segment is a list of images with the same
-number of rows each (e.g. both directions' beams, or one direction's once the other is
-done). Per decoder layer the state holds
-- the cross-attention K/V of each image, computed once and shared by all its rows
-  (a segment over a subset of the images holds its own copy, made when the layout changes);
-- self-attention K/V of every row for the steps so far, preallocated to max_len;
+Rows are grouped by image: `images` image slots of `group` rows each (for the beam
+search, both directions' beams of one image). Per decoder layer the state holds
+- the cross-attention K/V of each image, computed once and shared by its rows;
+- the self-attention K/V of every row for the steps so far, preallocated to max_len;
 - the ARM coverage running sums of every row (see ops/decode_step.py),
 so a step costs O(L) per row for the cross-attention and the ARM, whatever the prefix.
+
+Shapes never change and the step counter lives on the device, so a step has no host
+sync and can be captured in a CUDA graph. The only Python-side argument of a step is its
+window: how many prefix positions the self-attention reads and a reorder copies, any
+value from the prefix length up to max_len (positions past the prefix hold PAD tokens,
+which the self-attention masks); `prefix_window` rounds it up so that few graphs serve
+all lengths.
 """
 import weakref
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,10 @@ from ..model.arm import AttentionRefinementModule, FoldedARM
 from ..ops.decode_step import cross_attention_step
 from ..ops.decode_step_dispatch import fused_cross_attention_step
 from ..vocab import PAD_IDX
+
+# Prefix windows are multiples of this: at most WINDOW_STEP - 1 wasted positions per step,
+# and max_len / WINDOW_STEP windows (CUDA graphs) per state.
+WINDOW_STEP = 32
 
 _folded_arms: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -39,134 +48,124 @@ def folded_arm(arm: Optional[AttentionRefinementModule]) -> Optional[FoldedARM]:
     return cached[1]
 
 
+def prefix_window(length: int, max_len: int) -> int:
+    """The window of a step whose rows hold `length` tokens."""
+    return min(max_len, -(-length // WINDOW_STEP) * WINDOW_STEP)
+
+
 def split_heads(x: Tensor, nhead: int) -> Tensor:
     """[b, L, d] -> [b, nhead, L, head_dim]."""
     b, L, d = x.shape
-    return x.view(b, L, nhead, d // nhead).transpose(1, 2).contiguous()
-
-
-class Segment(NamedTuple):
-    images: List[int]  # ids among the search's images
-    group: int  # rows per image
-    memory_kv: List[Tuple[Tensor, Tensor]]  # per layer k, v [images, nhead, L, head_dim]
-    memory_mask: Tensor  # [images, L], True = padding
-    image_index: Tensor  # [rows]: each row's image within the segment, for the fused kernels
-
-    @property
-    def rows(self) -> int:
-        return len(self.images) * self.group
+    return x.view(b, L, nhead, d // nhead).transpose(1, 2)
 
 
 class DecodingState:
-    def __init__(self, decoder, feature: Tensor, feature_mask: Tensor, max_rows: int, max_len: int,
-                 backend: Optional[str] = None):
-        """feature [b, h, w, d], feature_mask [b, h, w]; at most max_rows rows of up to max_len tokens.
-        backend runs the cross-attention step: 'torch' (the grouped reference step), 'triton' or
-        'cuda' (the fused kernels), 'auto' (kernels for CUDA float32/16/bf16), None ($FASTCOMER_BACKEND)."""
-        b, h, w, d = feature.shape
-        self.kernel = backends.resolve(feature, backend, cuda_available=backends.cuda_extension_usable())
+    def __init__(self, decoder, images: int, group: int, height: int, width: int, max_len: int,
+                 dtype: torch.dtype, device, backend: Optional[str] = None):
+        """Buffers for `images` images of h x w features, `group` rows each, up to max_len
+        tokens per row. backend runs the cross-attention step: 'torch' (the grouped
+        reference step), 'triton' or 'cuda' (the fused kernels), 'auto' (kernels for CUDA
+        float32/16/bf16), None ($FASTCOMER_BACKEND)."""
         layers = decoder.model.layers
+        d = decoder.proj.in_features
         self.decoder = decoder
         self.arm = folded_arm(decoder.model.arm)
         self.nhead = decoder.nhead
-        self.height = h
-        memory = feature.reshape(b, h * w, d)
-        self.memory_mask = feature_mask.reshape(b, h * w)
-        self.memory_kv = [
-            tuple(split_heads(x, self.nhead) for x in layer.multihead_attn.project_key_value(memory)) for layer in layers
-        ]
+        self.images, self.group, self.rows = images, group, images * group
+        self.height, self.length = height, height * width
+        self.max_len = max_len
         head_dim = d // self.nhead
-        # One tensor per kind of state, rows first, so that a reorder is one gather each.
-        self.self_kv = feature.new_empty(max_rows, len(layers), 2, self.nhead, max_len, head_dim)
+        like = torch.empty(0, dtype=dtype, device=device)
+        self.kernel = backends.resolve(like, backend, cuda_available=backends.cuda_extension_usable())
+        self.memory_kv = like.new_zeros(len(layers), 2, images, self.nhead, self.length, head_dim)
+        self.memory_mask = torch.ones(images, self.length, dtype=torch.bool, device=device)
+        self.image_index = torch.arange(images, dtype=torch.int32, device=device).repeat_interleave(group)
+        # One tensor per kind of row state, rows first, so that a reorder is one gather each.
+        # Zeros, not garbage: the self-attention's masked positions multiply V by weight 0.
+        self.self_kv = like.new_zeros(self.rows, len(layers), 2, self.nhead, max_len, head_dim)
         # Layer j > 0 refines with coverage[:, j - 1]; layer 0 has none.
         channels = self.nhead * (int(self.arm.cross_coverage) + int(self.arm.self_coverage)) if self.arm else 0
         # The kernels keep the coverage sums in float32 whatever the model's dtype.
-        coverage_dtype = feature.dtype if self.kernel == "torch" else torch.float32
-        self.coverage = feature.new_zeros(max_rows, len(layers) - 1, channels, h * w, dtype=coverage_dtype) if self.arm else None
-        self.tokens = torch.full((max_rows, max_len), PAD_IDX, dtype=torch.long, device=feature.device)
-        self.segments: List[Segment] = []
-        self.length = 0  # tokens per row so far
+        coverage_dtype = dtype if self.kernel == "torch" else torch.float32
+        self.coverage = (like.new_zeros(self.rows, len(layers) - 1, channels, self.length, dtype=coverage_dtype)
+                         if self.arm else None)
+        self.tokens = torch.full((self.rows, max_len), PAD_IDX, dtype=torch.long, device=device)
+        self.position = torch.zeros((), dtype=torch.long, device=device)  # index of the newest token
 
-    @property
-    def rows(self) -> int:
-        return sum(segment.rows for segment in self.segments)
+    def start(self, feature: Tensor, feature_mask: Tensor, tokens: Tensor) -> None:
+        """A new search: feature [images, h, w, d] and feature_mask [images, h, w] fill the
+        image slots; tokens [rows] are the rows' first tokens. In place."""
+        if feature.shape[:3] != (self.images, self.height, self.length // self.height):
+            raise ValueError(f"feature must be [{self.images}, {self.height}, {self.length // self.height}, d], "
+                             f"got {tuple(feature.shape)}")
+        memory = feature.reshape(self.images, self.length, -1)
+        for j, layer in enumerate(self.decoder.model.layers):
+            for kind, x in enumerate(layer.multihead_attn.project_key_value(memory)):
+                self.memory_kv[j, kind] = split_heads(x, self.nhead)
+        self.memory_mask.copy_(feature_mask.reshape(self.images, self.length))
+        if self.coverage is not None:
+            self.coverage.zero_()
+        self.tokens.fill_(PAD_IDX)
+        self.tokens[:, 0] = tokens
+        self.position.zero_()
 
-    def set_layout(self, layout: Sequence[Tuple[List[int], int]]) -> None:
-        """Rows from now on: per (images, group) pair, a segment of `group` rows per image."""
-        everyone = list(range(self.memory_mask.shape[0]))
-        self.segments = []
-        for images, group in layout:
-            if images == everyone:
-                kv, mask = self.memory_kv, self.memory_mask
-            else:
-                index = torch.tensor(images, device=self.memory_mask.device)
-                kv, mask = [(k[index], v[index]) for k, v in self.memory_kv], self.memory_mask[index]
-            image_index = torch.arange(len(images), dtype=torch.int32, device=mask.device).repeat_interleave(group)
-            self.segments.append(Segment(list(images), group, kv, mask, image_index))
-        if self.rows > self.tokens.shape[0]:
-            raise ValueError(f"layout of {self.rows} rows exceeds the state's {self.tokens.shape[0]}")
+    def take(self, other: "DecodingState", images: Tensor) -> None:
+        """Image slot i := other's image slot images[i], rows and caches included (the
+        state of fewer images continuing a search). In place."""
+        rows = (images[:, None] * self.group + torch.arange(self.group, device=images.device)).view(-1)
+        self.memory_kv.copy_(other.memory_kv[:, :, images])
+        self.memory_mask.copy_(other.memory_mask[images])
+        self.self_kv.copy_(other.self_kv[rows])
+        if self.coverage is not None:
+            self.coverage.copy_(other.coverage[rows])
+        self.tokens.copy_(other.tokens[rows])
+        self.position.copy_(other.position)
 
     def append(self, tokens: Tensor) -> None:
-        """Add one token to every live row: tokens [rows]."""
-        if self.length == self.tokens.shape[1]:
-            raise RuntimeError(f"the decoding state holds at most {self.length} tokens per row")
-        self.tokens[: self.rows, self.length] = tokens
-        self.length += 1
+        """Add one token to every row: tokens [rows]. The caller keeps within max_len."""
+        self.position += 1
+        self.tokens.index_copy_(1, self.position.view(1), tokens.view(-1, 1))
 
-    def reorder(self, parents: Tensor, layout: Optional[Sequence[Tuple[List[int], int]]] = None) -> None:
-        """New row r continues old row parents[r], in one gather per state tensor; with
-        `layout`, the rows are laid out anew (see set_layout)."""
-        if layout is not None:
-            self.set_layout(layout)
-        if len(parents) != self.rows:
-            raise ValueError(f"reorder got {len(parents)} parents for {self.rows} rows")
-        t, n = self.length, len(parents)
-        self.tokens[:n, :t] = self.tokens[parents, :t]
-        self.self_kv[:n, :, :, :, :t] = self.self_kv[parents, :, :, :, :t]
+    def reorder(self, parents: Tensor, window: int) -> None:
+        """New row r continues old row parents[r]: one gather per state tensor."""
+        self.tokens.copy_(self.tokens[parents])
+        self.self_kv[..., :window, :] = self.self_kv[parents, ..., :window, :]
         if self.coverage is not None:
-            self.coverage[:n] = self.coverage[parents]
+            self.coverage.copy_(self.coverage[parents])
 
-    def step(self) -> Tensor:
-        """The decoder's logits for the newest token of every live row: [rows, vocab]."""
-        decoder, rows, t = self.decoder, self.rows, self.length - 1
-        x = decoder.norm(decoder.word_embed(self.tokens[:rows, t]) + decoder.pos_enc.pe[t])
-        pad = self.tokens[:rows, : t + 1] == PAD_IDX
+    def step(self, window: int) -> Tensor:
+        """The decoder's logits for the newest token of every row: [rows, vocab]."""
+        decoder, position = self.decoder, self.position.view(1)
+        newest = self.tokens.index_select(1, position).view(-1)
+        x = decoder.norm(decoder.word_embed(newest) + decoder.pos_enc.pe.index_select(0, position))
+        pad = self.tokens[:, :window] == PAD_IDX
         returned = None  # the attention the previous layer returned at this step
         for j, layer in enumerate(decoder.model.layers):
-            x = layer.norm1(x + self.self_attention(layer.self_attn, j, x, pad))
+            x = layer.norm1(x + self.self_attention(layer.self_attn, j, x, pad, window))
             q = layer.multihead_attn.project_query(x)
-            outs, returns, start = [], [], 0
-            for segment in self.segments:
-                rows_here = slice(start, start + segment.rows)
-                coverage = None if self.coverage is None or j == 0 else self.coverage[rows_here, j - 1]
-                prev_attn = None if returned is None else returned[rows_here]
-                if self.kernel == "torch":
-                    out, ret = cross_attention_step(
-                        q[rows_here].view(len(segment.images), segment.group, self.nhead, -1),
-                        *segment.memory_kv[j], segment.memory_mask, self.height, self.arm, coverage, prev_attn,
-                    )
-                else:
-                    out, ret = fused_cross_attention_step(
-                        q[rows_here].view(segment.rows, self.nhead, -1), *segment.memory_kv[j], segment.memory_mask,
-                        segment.image_index, self.height, self.arm, coverage, prev_attn, backend=self.kernel,
-                    )
-                outs.append(out.reshape(segment.rows, -1))
-                returns.append(ret)
-                start += segment.rows
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)
-            returned = returns[0] if len(returns) == 1 else torch.cat(returns)
-            x = layer.norm2(x + layer.multihead_attn.out_proj(out))
+            coverage = None if self.coverage is None or j == 0 else self.coverage[:, j - 1]
+            k, v = self.memory_kv[j]
+            if self.kernel == "torch":
+                out, returned = cross_attention_step(
+                    q.view(self.images, self.group, self.nhead, -1), k, v, self.memory_mask,
+                    self.height, self.arm, coverage, returned,
+                )
+            else:
+                out, returned = fused_cross_attention_step(
+                    q.view(self.rows, self.nhead, -1), k, v, self.memory_mask, self.image_index,
+                    self.height, self.arm, coverage, returned, backend=self.kernel,
+                )
+            x = layer.norm2(x + layer.multihead_attn.out_proj(out.reshape(self.rows, -1)))
             x = layer.feed_forward(x)
         return decoder.proj(x)
 
-    def self_attention(self, attn, layer: int, x: Tensor, pad: Tensor) -> Tensor:
+    def self_attention(self, attn, layer: int, x: Tensor, pad: Tensor, window: int) -> Tensor:
         """Causal self-attention of the newest position over the cached ones: x [rows, d]."""
-        rows, t, d = self.rows, self.length - 1, x.shape[1]
-        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(rows, 3, self.nhead, -1)
-        cache = self.self_kv[:rows, layer]  # [rows, k/v, nhead, max_len, head_dim]
-        cache[:, :, :, t] = qkv[:, 1:]
-        k, v = cache[:, :, :, : t + 1].unbind(1)
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(self.rows, 3, self.nhead, -1)
+        cache = self.self_kv[:, layer]  # [rows, k/v, nhead, max_len, head_dim]
+        cache.index_copy_(3, self.position.view(1), qkv[:, 1:, :, None])
+        k, v = cache[:, :, :, :window].unbind(1)
         scores = torch.matmul((qkv[:, 0] * attn.head_dim**-0.5)[:, :, None], k.transpose(2, 3))
         weights = torch.softmax(scores.masked_fill(pad[:, None, None], float("-inf")), dim=-1)
         out = torch.matmul(weights, v)  # [rows, nhead, 1, head_dim]
-        return attn.out_proj(out.view(rows, d))
+        return attn.out_proj(out.view(self.rows, -1))
