@@ -23,7 +23,7 @@ from ..vocab import EOS_IDX, PAD_IDX, SOS_IDX
 from .common import BeamSearchOutput, Hypothesis, check_search_args, rescore, select_best
 from .graphs import StepGraphs
 from .scorer import FinishedLists
-from .state import DecodingState, prefix_window
+from .state import DecodingState, prefix_window, tensors_version
 
 # Which searches run per image: True = left to right (SOS ... EOS), False = right to left.
 DIRECTIONS = {"both": (True, False), "l2r": (True,), "r2l": (False,)}
@@ -141,7 +141,7 @@ def batch_factory(decoder, settings: tuple, graphs: bool):
     folded ARM and prepared kernel weights it holds were computed from their values."""
     if not graphs:
         return lambda images: BeamBatch(decoder, images, *settings, graphs=False)
-    fingerprint = tuple((t.data_ptr(), t._version) for t in (*decoder.parameters(), *decoder.buffers()))
+    fingerprint = tensors_version(decoder)
     cache = _graph_batches.get(decoder)
     if cache is None or cache[0] != fingerprint:
         cache = (fingerprint, collections.OrderedDict())

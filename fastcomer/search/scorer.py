@@ -49,6 +49,10 @@ class FinishedLists:
         self.count.zero_()
         self.clock.zero_()
 
+    def penalty_of(self, length: Tensor) -> Tensor:
+        # index_select, not penalty[length]: indexing with a 0-dim tensor reads it on the host.
+        return self.penalty.index_select(0, length.view(1))
+
     def add(self, sums: Tensor, offered: Tensor, rows: Tensor, tokens: Tensor, length: Tensor) -> None:
         """Offer candidates to every item's list.
 
@@ -66,7 +70,7 @@ class FinishedLists:
         """
         n, m = sums.shape
         beam = self.beam_size
-        score = sums.double() / self.penalty[length]
+        score = sums.double() / self.penalty_of(length)
         order = torch.sort((~offered).to(torch.uint8), dim=1, stable=True).indices  # offered first, in order
         score, rows = score.gather(1, order), rows.gather(1, order)
         num_offered = offered.sum(dim=1, keepdim=True)
@@ -100,7 +104,7 @@ class FinishedLists:
         if self.early_stopping:
             return full
         worst = self.score[:, : self.beam_size].min(dim=1).values
-        return full & (worst >= best_running.double() / self.penalty[length])
+        return full & (worst >= best_running.double() / self.penalty_of(length))
 
     def copy_items(self, source: "FinishedLists", source_items: Tensor, items: Tensor) -> None:
         """Lists items[k] := source's lists source_items[k]; later stamps stay later."""

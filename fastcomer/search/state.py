@@ -35,11 +35,17 @@ WINDOW_STEP = 32
 _folded_arms: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def tensors_version(module: torch.nn.Module) -> tuple:
+    """Where the module's tensors are and how often each was changed in place (tensors made
+    under inference mode keep no count: their in-place changes go unseen)."""
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in (*module.parameters(), *module.buffers()))
+
+
 def folded_arm(arm: Optional[AttentionRefinementModule]) -> Optional[FoldedARM]:
     """arm.fold(), computed once per model; folded again only when the ARM's weights change."""
     if arm is None:
         return None
-    version = tuple((t.data_ptr(), t._version) for t in (*arm.parameters(), *arm.buffers()))
+    version = tensors_version(arm)
     cached = _folded_arms.get(arm)
     if cached is None or cached[0] != version:
         with torch.no_grad():
