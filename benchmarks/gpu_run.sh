@@ -4,8 +4,8 @@
 # Results land in $OUT (the device tool brings back at most 8 files): JSON per benchmark, one log.
 #
 #   mkdir -p .carry && cp -r ../shared/golden .carry/     # once, here; .carry/ is git-ignored
-#   device run, carry [".carry"], command: bash benchmarks/gpu_run.sh [all|tests|bench|quick]
-# A device command may run 10 minutes: where `all` would not fit, call `tests`, then `bench`.
+#   device run, carry [".carry"], command: bash benchmarks/gpu_run.sh [all|tests|kernels|engine|quick]
+# A device command may run 10 minutes: where `all` would not fit, call `tests`, `kernels`, then `engine`.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d)}
 mkdir -p "$OUT"
@@ -29,12 +29,19 @@ what=${1:-all}
 case "$what" in all|tests|quick) run python3 -m pytest tests --ignore=tests/interpreter -q -rs ;; esac
 if [ "$what" = quick ]; then
   run python3 benchmarks/bench_decode_step.py --images 1,8 --lengths 256 --out "$OUT/decode_step.json"
+  run python3 benchmarks/bench_beam_step.py --images 1,8 --lengths 256 --out "$OUT/beam_step.json"
   run python3 -m fastcomer bench --device cuda --quick --out "$OUT/engine_1image.json"
-elif [ "$what" = all ] || [ "$what" = bench ]; then
+fi
+if [ "$what" = all ] || [ "$what" = kernels ]; then
   run python3 benchmarks/bench_decode_step.py --out "$OUT/decode_step.json"
+  run python3 benchmarks/bench_beam_step.py --out "$OUT/beam_step.json"
   run python3 benchmarks/bench_arm_attention.py --out "$OUT/arm_attention.json"
   run python3 benchmarks/bench_arm_attention.py --train --out "$OUT/arm_attention_train.json"
+fi
+if [ "$what" = all ] || [ "$what" = engine ]; then
   run python3 -m fastcomer bench --device cuda --shape 128x512 --shape 256x1024 --out "$OUT/engine_1image.json"
+  # the torch engine (plain step, no graphs) against the same reference
+  run python3 -m fastcomer bench --device cuda --shape 128x512 --backend torch --graphs off --out "$OUT/engine_torch_1image.json"
   run python3 -m fastcomer bench --device cuda --shape 128x512 --images 16 --batch 16 --out "$OUT/engine_16images.json"
 fi
 exit $status

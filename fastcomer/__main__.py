@@ -56,7 +56,8 @@ def bench(args: argparse.Namespace) -> int:
     report = None
     for shape in shapes:  # the report is written after each shape, so a long run keeps what it measured
         part = run_benchmark([shape], args.images, args.beam_size, max_len, args.device, args.seed,
-                             log=lambda s: print(s, flush=True), batch=args.batch, backend=args.backend)
+                             log=lambda s: print(s, flush=True), batch=args.batch, backend=args.backend,
+                             graphs={"auto": None, "on": True, "off": False}[args.graphs])
         if report is None:
             report = part
         else:
@@ -101,6 +102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     timing.add_argument("--images", type=int, default=1, help="images per shape (default: %(default)s)")
     timing.add_argument("--batch", type=int, default=1, help="images per call, --images is a multiple of it (default: %(default)s)")
     timing.add_argument("--backend", choices=["auto", "cuda", "triton", "torch"], help="the engine's cross-attention step (default: $FASTCOMER_BACKEND, else auto)")
+    timing.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
+                        help="replay the engine's steps as CUDA graphs (default: $FASTCOMER_CUDA_GRAPHS, else on for CUDA)")
     timing.add_argument("--max-len", type=int, default=0, help="default: 200, or 60 with --quick")
     timing.add_argument("--beam-size", type=int, default=10)
     timing.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default: %(default)s)")
