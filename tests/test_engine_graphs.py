@@ -23,10 +23,10 @@ def test_beam_step_reads_no_value_on_the_host(coverage):
     model = CoMER(d_model=32, growth_rate=4, num_layers=1, nhead=4, num_decoder_layers=3, dim_feedforward=64, dc=8,
                   cross_coverage=cross, self_coverage=self_).eval().to("meta")
     meta = torch.device("meta")
-    batch = BeamBatch(model.decoder, 2, (True, False), 3, 40, 1.0, False, 1.0, 3, 5, torch.float32, meta, "torch",
+    batch = BeamBatch(model.decoder, 4, (True, False), 3, 40, 1.0, False, 1.0, 3, 5, torch.float32, meta, "torch",
                       graphs=False)
     with torch.inference_mode():
-        batch.start(torch.empty(2, 3, 5, 32, device=meta), torch.empty(2, 3, 5, dtype=torch.bool, device=meta), 2)
+        batch.start(torch.empty(2, 3, 5, 32, device=meta), torch.empty(2, 3, 5, dtype=torch.bool, device=meta))
         for window in (32, 40):
             batch.step(window)
         batch.finish()
@@ -41,8 +41,9 @@ def graph_policy(monkeypatch):
 
 
 def test_graph_policy_matches_reference(graph_policy):
-    """Three images fill four slots; the second search of the same shapes reuses the
-    first one's batch (and would replay its graphs)."""
+    """Three images' six searches fill eight slots, and move to fewer as they end; the
+    second search of the same shapes reuses the first one's batches (and would replay
+    their graphs)."""
     model = random_model(5)
     settings = dict(beam_size=3, max_len=30, alpha=0.8, temperature=1.2)
     for seed in (11, 12):
@@ -50,8 +51,12 @@ def test_graph_policy_matches_reference(graph_policy):
         out = beam_search(model, img, mask, **settings, return_details=True)
         ref = reference_beam_search(model, img, mask, **settings, return_details=True)
         assert_same_search(out, ref)
-    (batch,) = engine._graph_batches[model.decoder][1].values()
-    assert batch.state.images == 4
+        kept = engine._graph_batches[model.decoder][1]
+        sizes = sorted(batch.items for batch in kept.values())
+        if seed == 11:
+            first = dict(kept)
+    assert sizes[-1] == 8 and len(sizes) >= 2  # searches that ended early moved to smaller batches
+    assert all(kept[key] is batch for key, batch in first.items())  # the second search reused them
 
 
 def test_kept_batches_follow_weight_changes(graph_policy):
@@ -80,12 +85,12 @@ def check_take(model):
     feature, feature_mask = model.encoder(img, mask)
     beam_size, max_len = 3, 20
     args = ((True, False), beam_size, max_len, 1.0, False, 1.0, *feature.shape[1:3], feature.dtype, feature.device, "torch")
-    stay, moved = BeamBatch(model.decoder, 4, *args, graphs=False), BeamBatch(model.decoder, 2, *args, graphs=False)
-    stay.start(feature, feature_mask, 3)
+    stay, moved = BeamBatch(model.decoder, 8, *args, graphs=False), BeamBatch(model.decoder, 3, *args, graphs=False)
+    stay.start(feature, feature_mask)
     for length in range(1, max_len):
         stay.step(prefix_window(length, max_len))
         if length == 12:  # both hold 13 tokens per row now
-            moved.take(stay, [2, 0])
+            moved.take(stay, [5, 0])  # image 2 right to left, image 0 left to right, and a filler
             assert moved.finished.count.sum() > 0  # lists that must move too
         elif length > 12:
             moved.step(prefix_window(length, max_len))
@@ -93,8 +98,8 @@ def check_take(model):
     for batch, lists in ((stay, expected), (moved, actual)):
         batch.finish()
         batch.store(lists)
-    assert moved.item_ids.tolist() == [2, 5, 0, 3]
-    image_1 = torch.tensor([1, 4])  # not moved: copied over, so that whole lists compare
-    actual.copy_items(expected, image_1, image_1)
+    assert moved.item_ids.tolist() == [5, 0, -1]
+    others = torch.tensor([1, 2, 3, 4])  # not moved: copied over, so that whole lists compare
+    actual.copy_items(expected, others, others)
     assert actual.results()[0] == expected.results()[0]
     assert torch.equal(actual.results()[1], expected.results()[1])

@@ -6,8 +6,8 @@ beam scorer vectorised over items and candidates (top-k, end tokens of both dire
 the finished lists, done flags), then one gather that reorders the state and the append
 of the next tokens. On CUDA it is replayed as CUDA graphs (`graphs.py`). The host reads
 the done flags every `sync_every` steps (every step without graphs): it stops when every
-search is done, and when enough images are done it moves the live ones to a batch of fewer
-image slots (a power of two of them with graphs, so that few graphs serve every size).
+search is done, and when enough searches are done it moves the live ones to a batch of fewer
+slots (a power of two of them with graphs, so that few graphs serve every size).
 Done searches' rows keep running until then, frozen out of the finished lists.
 """
 import collections
@@ -41,58 +41,55 @@ def search_directions(direction: str, allowed: Sequence[str] = tuple(DIRECTIONS)
 
 
 class BeamBatch:
-    """The first pass's static buffers for `images` image slots: the decoding state (per
-    image, the beams of each direction in turn) and the scorer's (per item = image slot x
-    direction: beam scores, done flag, finished list, and its id in the output order, -1
+    """The first pass's static buffers for `items` searches (item = image x direction), one
+    decoding-state slot of beam_size rows each: the decoding state and the scorer's buffers
+    (per item: beam scores, done flag, finished list, and its place in the output order, -1
     for a filler slot)."""
 
-    def __init__(self, decoder, images: int, l2r: Tuple[bool, ...], beam_size: int, max_len: int, alpha: float,
+    def __init__(self, decoder, items: int, l2r: Tuple[bool, ...], beam_size: int, max_len: int, alpha: float,
                  early_stopping: bool, temperature: float, height: int, width: int, dtype, device,
                  backend: Optional[str], graphs: bool):
-        self.directions, self.beam_size, self.temperature = len(l2r), beam_size, temperature
-        self.items = images * len(l2r)
-        self.state = DecodingState(decoder, images, self.items // images * beam_size, height, width, max_len,
-                                   dtype, device, backend)
-        self.finished = FinishedLists(self.items, beam_size, max_len, alpha, early_stopping, device)
-        forward = torch.tensor(l2r, device=device).repeat(images)
-        self.start_token = torch.where(forward, SOS_IDX, EOS_IDX).repeat_interleave(beam_size)
-        self.end_token = torch.where(forward, EOS_IDX, SOS_IDX)
-        self.item_ids = torch.full((self.items,), -1, dtype=torch.long, device=device)
+        self.l2r, self.items, self.beam_size, self.temperature = l2r, items, beam_size, temperature
+        self.state = DecodingState(decoder, items, beam_size, height, width, max_len, dtype, device, backend)
+        self.finished = FinishedLists(items, beam_size, max_len, alpha, early_stopping, device)
+        self.end_token = torch.full((items,), EOS_IDX, device=device)
+        self.item_ids = torch.full((items,), -1, dtype=torch.long, device=device)
         # CoMER starts the beam scores as float32 zeros; adding the log-probabilities promotes them.
-        self.beam_scores = torch.zeros(self.items, beam_size, dtype=torch.promote_types(dtype, torch.float32),
-                                       device=device)
-        self.done = torch.ones(self.items, dtype=torch.bool, device=device)
+        self.beam_scores = torch.zeros(items, beam_size, dtype=torch.promote_types(dtype, torch.float32), device=device)
+        self.done = torch.ones(items, dtype=torch.bool, device=device)
         self.run = StepGraphs(self.step, graphs)
 
-    def start(self, feature: Tensor, mask: Tensor, batch: int) -> None:
-        """A new search of the `batch` images of feature [batch, h, w, d]; image slots past
-        them are fillers (copies of image 0, done from the start)."""
-        source = torch.arange(self.state.images, device=feature.device).masked_fill_(
-            torch.arange(self.state.images, device=feature.device) >= batch, 0)
-        self.state.start(feature[source], mask[source], self.start_token)
-        image, direction = (torch.arange(self.items, device=feature.device) // self.directions,
-                            torch.arange(self.items, device=feature.device) % self.directions)
-        self.item_ids.copy_(torch.where(image < batch, direction * batch + image, -1))
-        self.done.copy_(self.item_ids < 0)
+    def start(self, feature: Tensor, mask: Tensor) -> None:
+        """A new search of every image of feature [batch, h, w, d] in each direction: item
+        d * batch + image in slot image * directions + d; slots past them are fillers (copies
+        of the first item, done from the start)."""
+        batch, directions, device = feature.shape[0], len(self.l2r), feature.device
+        slot = torch.arange(self.items, device=device)
+        real = slot < batch * directions
+        image, direction = (slot // directions).masked_fill(~real, 0), (slot % directions).masked_fill(~real, 0)
+        forward = torch.tensor(self.l2r, device=device)[direction]
+        self.state.start(feature[image], mask[image], torch.where(forward, SOS_IDX, EOS_IDX).repeat_interleave(self.beam_size))
+        self.end_token.copy_(torch.where(forward, EOS_IDX, SOS_IDX))
+        self.item_ids.copy_(torch.where(real, direction * batch + image, -1))
+        self.done.copy_(~real)
         # All beams of an item start as copies of its one start row: only the first may
         # extend at the first step, as CoMER's search starts from one row per item.
         self.beam_scores.fill_(float("-inf"))
         self.beam_scores[:, 0] = 0.0
         self.finished.clear()
 
-    def take(self, other: "BeamBatch", images: List[int]) -> None:
-        """Continue other's search on its image slots `images` (the rest are fillers)."""
+    def take(self, other: "BeamBatch", items: List[int]) -> None:
+        """Continue other's searches in its slots `items` (the remaining slots are fillers)."""
         device = self.done.device
-        fillers = self.state.images - len(images)
-        source = torch.tensor(images + images[:1] * fillers, device=device)
+        source = torch.tensor(items + items[:1] * (self.items - len(items)), device=device)
+        filler = torch.arange(self.items, device=device) >= len(items)
         self.state.take(other.state, source)
-        items = (source[:, None] * self.directions + torch.arange(self.directions, device=device)).view(-1)
-        is_filler = torch.arange(self.items, device=device) >= len(images) * self.directions
-        self.item_ids.copy_(other.item_ids[items].masked_fill(is_filler, -1))
-        self.done.copy_(other.done[items] | is_filler)
-        self.beam_scores.copy_(other.beam_scores[items])
+        self.end_token.copy_(other.end_token[source])
+        self.item_ids.copy_(other.item_ids[source].masked_fill(filler, -1))
+        self.done.copy_(other.done[source] | filler)
+        self.beam_scores.copy_(other.beam_scores[source])
         self.finished.clear()
-        self.finished.copy_items(other.finished, items, torch.arange(self.items, device=device))
+        self.finished.copy_items(other.finished, source, torch.arange(self.items, device=device))
 
     def step(self, window: int) -> None:
         """One step of every search: device work only, the same for every call of a window."""
@@ -121,9 +118,9 @@ class BeamBatch:
         offered = (~self.done)[:, None].expand(-1, self.beam_size)
         self.finished.add(self.beam_scores, offered, rows, self.state.tokens, self.state.position + 1)
 
-    def live_images(self) -> List[int]:
-        """Image slots with a search not done (a host sync)."""
-        return [slot for slot, done in enumerate(self.done.view(-1, self.directions).all(dim=1).tolist()) if not done]
+    def live_items(self) -> List[int]:
+        """Slots whose search is not done (a host sync)."""
+        return [slot for slot, done in enumerate(self.done.tolist()) if not done]
 
     def store(self, lists: FinishedLists) -> None:
         """Copy the finished lists of the real items into `lists`, indexed by output order."""
@@ -135,12 +132,12 @@ _graph_batches: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def batch_factory(decoder, settings: tuple, graphs: bool):
-    """BeamBatch by image slots, for one search. With graphs, batches (and their captured
+    """BeamBatch by number of item slots, for one search. With graphs, batches (and their captured
     graphs) are kept for later searches of the same settings, as long as the decoder's
     tensors stay where they are, unchanged: a graph reads its tensors by address, and the
     folded ARM and prepared kernel weights it holds were computed from their values."""
     if not graphs:
-        return lambda images: BeamBatch(decoder, images, *settings, graphs=False)
+        return lambda items: BeamBatch(decoder, items, *settings, graphs=False)
     fingerprint = tensors_version(decoder)
     cache = _graph_batches.get(decoder)
     if cache is None or cache[0] != fingerprint:
@@ -148,10 +145,10 @@ def batch_factory(decoder, settings: tuple, graphs: bool):
         _graph_batches[decoder] = cache
     batches = cache[1]
 
-    def get(images: int) -> BeamBatch:
-        key = (images, settings)
+    def get(items: int) -> BeamBatch:
+        key = (items, settings)
         if key not in batches:
-            batches[key] = BeamBatch(decoder, images, *settings, graphs=True)
+            batches[key] = BeamBatch(decoder, items, *settings, graphs=True)
             while len(batches) > GRAPH_CACHE_SIZE:
                 batches.popitem(last=False)
         batches.move_to_end(key)
@@ -175,18 +172,18 @@ def first_pass(
     sync_every = GRAPH_SYNC_EVERY if graphs else 1
 
     results = FinishedLists(batch * len(l2r), beam_size, max_len, alpha, early_stopping, feature.device)
-    current = make_batch(slots(batch))
-    current.start(feature, mask, batch)
+    current = make_batch(slots(batch * len(l2r)))
+    current.start(feature, mask)
     length = 1  # tokens per row
     while length < max_len:
         current.run(prefix_window(length, max_len))
         length += 1
         if length == max_len or length % sync_every:
             continue
-        live = current.live_images()
+        live = current.live_items()
         if not live:
             break
-        if slots(len(live)) < current.state.images:
+        if slots(len(live)) < current.items:
             current.store(results)
             smaller = make_batch(slots(len(live)))
             smaller.take(current, live)

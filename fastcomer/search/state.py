@@ -1,9 +1,9 @@
 """The incremental decoder: one step of CoMER's decoder for the newest token of every
 row, over static buffers allocated once.
 
-Rows are grouped by image: `images` image slots of `group` rows each (for the beam
-search, both directions' beams of one image). Per decoder layer the state holds
-- the cross-attention K/V of each image, computed once and shared by its rows;
+Rows are grouped in slots of `group` rows that read one image (for the beam search, a
+slot is one search: the beams of one image in one direction). Per decoder layer the state holds
+- the cross-attention K/V of each slot's image, computed once and shared by its rows;
 - the self-attention K/V of every row for the steps so far, preallocated to max_len;
 - the ARM coverage running sums of every row (see ops/decode_step.py),
 so a step costs O(L) per row for the cross-attention and the ARM, whatever the prefix.
@@ -66,9 +66,9 @@ def split_heads(x: Tensor, nhead: int) -> Tensor:
 
 
 class DecodingState:
-    def __init__(self, decoder, images: int, group: int, height: int, width: int, max_len: int,
+    def __init__(self, decoder, slots: int, group: int, height: int, width: int, max_len: int,
                  dtype: torch.dtype, device, backend: Optional[str] = None):
-        """Buffers for `images` images of h x w features, `group` rows each, up to max_len
+        """Buffers for `slots` slots of `group` rows, each reading one image of h x w features, up to max_len
         tokens per row. backend runs the cross-attention step: 'torch' (the grouped
         reference step), 'triton' or 'cuda' (the fused kernels), 'auto' (kernels for CUDA
         float32/16/bf16), None ($FASTCOMER_BACKEND)."""
@@ -77,15 +77,15 @@ class DecodingState:
         self.decoder = decoder
         self.arm = folded_arm(decoder.model.arm)
         self.nhead = decoder.nhead
-        self.images, self.group, self.rows = images, group, images * group
+        self.slots, self.group, self.rows = slots, group, slots * group
         self.height, self.length = height, height * width
         self.max_len = max_len
         head_dim = d // self.nhead
         like = torch.empty(0, dtype=dtype, device=device)
         self.kernel = backends.resolve(like, backend, cuda_available=backends.cuda_extension_usable())
-        self.memory_kv = like.new_zeros(len(layers), 2, images, self.nhead, self.length, head_dim)
-        self.memory_mask = torch.ones(images, self.length, dtype=torch.bool, device=device)
-        self.image_index = torch.arange(images, dtype=torch.int32, device=device).repeat_interleave(group)
+        self.memory_kv = like.new_zeros(len(layers), 2, slots, self.nhead, self.length, head_dim)
+        self.memory_mask = torch.ones(slots, self.length, dtype=torch.bool, device=device)
+        self.image_index = torch.arange(slots, dtype=torch.int32, device=device).repeat_interleave(group)
         # One tensor per kind of row state, rows first, so that a reorder is one gather each.
         # Zeros, not garbage: the self-attention's masked positions multiply V by weight 0.
         self.self_kv = like.new_zeros(self.rows, len(layers), 2, self.nhead, max_len, head_dim)
@@ -99,28 +99,28 @@ class DecodingState:
         self.position = torch.zeros((), dtype=torch.long, device=device)  # index of the newest token
 
     def start(self, feature: Tensor, feature_mask: Tensor, tokens: Tensor) -> None:
-        """A new search: feature [images, h, w, d] and feature_mask [images, h, w] fill the
-        image slots; tokens [rows] are the rows' first tokens. In place."""
-        if feature.shape[:3] != (self.images, self.height, self.length // self.height):
-            raise ValueError(f"feature must be [{self.images}, {self.height}, {self.length // self.height}, d], "
+        """A new search: feature [slots, h, w, d] and feature_mask [slots, h, w] are the
+        slots' images; tokens [rows] are the rows' first tokens. In place."""
+        if feature.shape[:3] != (self.slots, self.height, self.length // self.height):
+            raise ValueError(f"feature must be [{self.slots}, {self.height}, {self.length // self.height}, d], "
                              f"got {tuple(feature.shape)}")
-        memory = feature.reshape(self.images, self.length, -1)
+        memory = feature.reshape(self.slots, self.length, -1)
         for j, layer in enumerate(self.decoder.model.layers):
             for kind, x in enumerate(layer.multihead_attn.project_key_value(memory)):
                 self.memory_kv[j, kind] = split_heads(x, self.nhead)
-        self.memory_mask.copy_(feature_mask.reshape(self.images, self.length))
+        self.memory_mask.copy_(feature_mask.reshape(self.slots, self.length))
         if self.coverage is not None:
             self.coverage.zero_()
         self.tokens.fill_(PAD_IDX)
         self.tokens[:, 0] = tokens
         self.position.zero_()
 
-    def take(self, other: "DecodingState", images: Tensor) -> None:
-        """Image slot i := other's image slot images[i], rows and caches included (the
-        state of fewer images continuing a search). In place."""
-        rows = (images[:, None] * self.group + torch.arange(self.group, device=images.device)).view(-1)
-        self.memory_kv.copy_(other.memory_kv[:, :, images])
-        self.memory_mask.copy_(other.memory_mask[images])
+    def take(self, other: "DecodingState", slots: Tensor) -> None:
+        """Slot i := other's slot slots[i], image, rows and caches (a smaller state continuing
+        some of other's searches). In place."""
+        rows = (slots[:, None] * self.group + torch.arange(self.group, device=slots.device)).view(-1)
+        self.memory_kv.copy_(other.memory_kv[:, :, slots])
+        self.memory_mask.copy_(other.memory_mask[slots])
         self.self_kv.copy_(other.self_kv[rows])
         if self.coverage is not None:
             self.coverage.copy_(other.coverage[rows])
@@ -153,7 +153,7 @@ class DecodingState:
             k, v = self.memory_kv[j]
             if self.kernel == "torch":
                 out, returned = cross_attention_step(
-                    q.view(self.images, self.group, self.nhead, -1), k, v, self.memory_mask,
+                    q.view(self.slots, self.group, self.nhead, -1), k, v, self.memory_mask,
                     self.height, self.arm, coverage, returned,
                 )
             else:
