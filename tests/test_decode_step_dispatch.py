@@ -1,7 +1,9 @@
 """Backend choice and input checks of the fused decode step, and the environment report (CPU)."""
+import gc
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -9,8 +11,8 @@ import torch
 from conftest import REPO
 from decode_step_cases import COVERAGE_MODES, check_chain, clone, make_chain, make_step
 from fastcomer import env_report
-from fastcomer.ops.decode_step_cuda import unsupported_reason
-from fastcomer.ops.decode_step_dispatch import check_inputs, fused_cross_attention_step
+from fastcomer.ops.decode_step_cuda import _float32_weights, unsupported_reason
+from fastcomer.ops.decode_step_dispatch import PreparedARMWeights, check_inputs, fused_cross_attention_step
 
 
 def test_auto_runs_cpu_tensors_on_torch(monkeypatch):
@@ -100,3 +102,45 @@ def test_env_report_and_command():
     result = subprocess.run([sys.executable, "-m", "fastcomer", "env", "--json"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["backends"]["torch"] == "ok"
+
+
+def test_prepared_arm_weights_follow_the_weights():
+    """Prepared once per folded ARM; prepared again after an in-place change or a refold (new
+    projection tensors beside the same conv_weight); let go of with the weights; inference
+    tensors (the engine folds under inference mode), which track no version, are reused."""
+    calls = []
+
+    def prepare(arm):
+        calls.append(arm)
+        return (arm.conv_weight * 2,)
+
+    prepared = PreparedARMWeights(prepare)
+    arm = make_step(2, "both")["arm"]
+    first = prepared(arm)
+    assert prepared(arm) is first and len(calls) == 1
+    with torch.no_grad():
+        arm.conv_bias.add_(1.0)
+    assert prepared(arm) is not first and len(calls) == 2
+    refolded = arm._replace(proj_weight=arm.proj_weight.clone())
+    assert prepared(refolded) is not prepared(arm) and len(calls) == 4
+    with torch.inference_mode():
+        inference_arm = arm._replace(proj_weight=arm.proj_weight.clone(), shift=arm.shift.clone())
+    assert prepared(inference_arm) is prepared(inference_arm) and len(calls) == 5
+    released = weakref.ref(prepared(arm)[0])
+    del arm, refolded, inference_arm, calls[:]
+    gc.collect()
+    assert released() is None
+
+
+def test_cuda_weights_are_float32_copies():
+    """The CUDA kernel's weights: contiguous float32, never the model's own tensors (the cache
+    would keep them alive), prepared once."""
+    arm = make_step(2, "both")["arm"]
+    half = arm._replace(**{name: getattr(arm, name).half() for name in ("conv_weight", "conv_bias", "proj_weight", "shift")})
+    for folded in (arm, half):
+        weights = _float32_weights(folded)
+        assert _float32_weights(folded) is weights
+        originals = (folded.conv_weight, folded.conv_bias, folded.proj_weight, folded.shift)
+        for w, original in zip(weights, originals):
+            assert w.dtype == torch.float32 and w.is_contiguous() and w.data_ptr() != original.data_ptr()
+            assert torch.equal(w, original.float())

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from ..backend import cuda_extension_status
-from .decode_step_dispatch import DecodeStepShape, plan
+from ..model.arm import FoldedARM
+from .decode_step_dispatch import DecodeStepShape, PreparedARMWeights, plan
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 NHEADS = (1, 2, 4, 8, 16)
@@ -39,8 +40,14 @@ def _require(cond: bool, message: str) -> None:
         raise ValueError(f"cuda decode step: {message}")
 
 
-def _float32_weight(t: Tensor) -> Tensor:
-    return t.to(torch.float32).contiguous()
+def _float32_copies(arm: FoldedARM) -> Tuple[Tensor, ...]:
+    """csrc reads the ARM's weights as contiguous float32; copies even of float32 weights, as
+    PreparedARMWeights requires."""
+    return tuple(t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                 for t in (arm.conv_weight, arm.conv_bias, arm.proj_weight, arm.shift))
+
+
+_float32_weights = PreparedARMWeights(_float32_copies)
 
 
 def cuda_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn,
@@ -56,8 +63,7 @@ def cuda_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, pre
     image_index = image_index.contiguous()
     flags = plan(arm, coverage)
     prev_attn = prev_attn.contiguous() if flags.update_cross else None
-    weights = [_float32_weight(t) for t in (arm.conv_weight, arm.conv_bias, arm.proj_weight, arm.shift)] if flags.refine else []
-    conv_weight, conv_bias, proj_weight, shift = (w.data_ptr() for w in weights) if flags.refine else (0, 0, 0, 0)
+    conv_weight, conv_bias, proj_weight, shift = (w.data_ptr() for w in _float32_weights(arm)) if flags.refine else (0, 0, 0, 0)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     returned = torch.empty((shape.rows, shape.nhead, shape.length), device=q.device, dtype=torch.float32)
     scratch = torch.empty((shape.rows, shape.nhead, shape.length) if flags.update_self else (0,), device=q.device,

@@ -5,10 +5,12 @@
 image through `image_index` instead of being grouped [I, G], and runs it on the CUDA
 extension, the Triton kernel or plain PyTorch (see `fastcomer.backend`).
 """
-from typing import NamedTuple, Optional, Tuple
+import weakref
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import backend as backends
 from ..model.arm import FoldedARM
@@ -32,6 +34,47 @@ class DecodeStepPlan(NamedTuple):
     refine: bool  # coverage given: A' = softmax(S - R)
     update_cross: bool  # coverage[:, :nhead] += prev_attn (after the conv read it)
     update_self: bool  # coverage[:, -nhead:] += A (after the conv read it)
+
+
+class _PreparedEntry(NamedTuple):
+    weights: Tuple["weakref.ref[Tensor]", ...]  # the ARM's four weights it was prepared from
+    stamp: Tuple[Tuple[int, Optional[int]], ...]  # their storage addresses and versions then
+    prepared: Tuple[Tensor, ...]
+
+
+def _weights_stamp(weights: Tuple[Tensor, ...]) -> Tuple[Tuple[int, Optional[int]], ...]:
+    # An in-place change bumps _version; inference tensors have no version counter, so for
+    # them (the engine folds under inference mode) only identity and storage are checked.
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in weights)
+
+
+class PreparedARMWeights:
+    """`prepare(arm)`: the ARM's weights as a kernel reads them, computed once per folded ARM
+    and reused while its four weight tensors are the same objects, unchanged.
+
+    The step runs once per layer per decoding step and is meant to be captured in a CUDA
+    graph: after the first call a hit allocates nothing and launches nothing, and the
+    prepared tensors keep their addresses. Entries are keyed weakly on arm.conv_weight (a
+    FoldedARM, a NamedTuple, cannot be weakly referenced), so they go with the model.
+    `prepare` must return new tensors, never the weights or views of them: an entry must not
+    keep its key alive, nor show an in-place change of a weight before it is prepared again.
+    """
+
+    def __init__(self, prepare: Callable[[FoldedARM], Tuple[Tensor, ...]]):
+        self._prepare = prepare
+        self._entries = WeakTensorKeyDictionary()  # conv_weight -> _PreparedEntry
+
+    def __call__(self, arm: FoldedARM) -> Tuple[Tensor, ...]:
+        weights = (arm.conv_weight, arm.conv_bias, arm.proj_weight, arm.shift)
+        stamp = _weights_stamp(weights)
+        entry = self._entries.get(arm.conv_weight)
+        # a refold (new BatchNorm statistics) shares conv_weight but brings new projection tensors
+        if entry is not None and entry.stamp == stamp and all(ref() is t for ref, t in zip(entry.weights, weights)):
+            return entry.prepared
+        with torch.no_grad():
+            prepared = self._prepare(arm)
+        self._entries[arm.conv_weight] = _PreparedEntry(tuple(weakref.ref(t) for t in weights), stamp, prepared)
+        return prepared
 
 
 def _check(cond: bool, message: str) -> None:

@@ -13,10 +13,10 @@ from typing import Tuple
 import triton
 import triton.language as tl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .decode_step_dispatch import DecodeStepShape, plan
+from ..model.arm import FoldedARM
+from .decode_step_dispatch import DecodeStepShape, PreparedARMWeights, plan
 
 # tl.dot needs every dimension >= 16 on GPUs (the conv's channels are padded to it).
 MIN_DOT = 16
@@ -145,6 +145,25 @@ def _pow2_at_least(n: int, floor: int) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
+def _zero_padded(t: Tensor, dim: int, size: int) -> Tensor:
+    """A new contiguous copy of t, extended with zeros along dim to size."""
+    padded = t.new_zeros(t.shape[:dim] + (size,) + t.shape[dim + 1:])
+    padded.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return padded
+
+
+def _dot_ready(arm: FoldedARM) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ARM's weights as the kernel reads them. The conv's output channels are the operand of
+    tl.dot: a power of two >= 16; zero filters with zero bias and zero projection columns add
+    nothing to R."""
+    dc = _pow2_at_least(arm.conv_weight.shape[0], MIN_DOT)
+    return (_zero_padded(arm.conv_weight, 0, dc), _zero_padded(arm.conv_bias, 0, dc),
+            _zero_padded(arm.proj_weight, 1, dc), arm.shift.clone(memory_format=torch.contiguous_format))
+
+
+_dot_ready_weights = PreparedARMWeights(_dot_ready)
+
+
 def triton_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn,
                 shape: DecodeStepShape, block_l: int = 32, num_warps: int = 8) -> Tuple[Tensor, Tensor]:
     """Launches the kernel on inputs `check_inputs` accepted (CUDA tensors, or CPU tensors
@@ -159,15 +178,7 @@ def triton_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, p
     scratch = torch.empty((shape.rows, shape.nhead, shape.length) if flags.update_self else (1,),
                           device=q.device, dtype=torch.float32)
     dummy = returned  # stands for the tensors a mode does not read; the constexpr flags keep it untouched
-    # The conv's output channels are the operand of tl.dot: a power of two >= 16. Zero filters
-    # with zero bias and zero projection columns add nothing to R.
-    dc = _pow2_at_least(shape.dc, MIN_DOT)
-    conv_weight, conv_bias, proj_weight, shift = (
-        (F.pad(arm.conv_weight, (0, 0, 0, 0, 0, 0, 0, dc - shape.dc)).contiguous(),
-         F.pad(arm.conv_bias, (0, dc - shape.dc)).contiguous(),
-         F.pad(arm.proj_weight, (0, dc - shape.dc)).contiguous(), arm.shift.contiguous()) if flags.refine
-        else (dummy,) * 4
-    )
+    conv_weight, conv_bias, proj_weight, shift = _dot_ready_weights(arm) if flags.refine else (dummy,) * 4
     if shape.rows == 0:
         return out, returned
     _decode_step_kernel[(shape.rows,)](
@@ -180,7 +191,7 @@ def triton_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, p
         v.stride(0), v.stride(1), v.stride(2),
         key_padding_mask.stride(0), coverage.stride(0) if flags.refine else 0,
         REFINE=flags.refine, UPDATE_CROSS=flags.update_cross, UPDATE_SELF=flags.update_self,
-        DC=dc, BLOCK_L=block_l,
+        DC=conv_weight.shape[0] if flags.refine else MIN_DOT, BLOCK_L=block_l,
         BLOCK_H=_pow2_at_least(shape.nhead, 1), BLOCK_D=_pow2_at_least(shape.head_dim, 1),
         BLOCK_C=_pow2_at_least(max(shape.channels, 1), MIN_DOT),
         num_warps=num_warps,

@@ -78,3 +78,32 @@ def test_bad_inputs_raise_clearly():
         fused_cross_attention_step(**{**step, "height": 4}, backend="triton")
     with pytest.raises(ValueError, match="prev_attn .* is needed"):
         fused_cross_attention_step(**{**step, "prev_attn": None}, backend="triton")
+
+
+@pytest.mark.parametrize("changed", ["conv_weight", "shift"])
+def test_padded_weights_are_prepared_once_per_arm(monkeypatch, changed):
+    """The kernel's zero-padded ARM weights are prepared on the first call and the same tensors
+    (a CUDA graph of the step needs them at fixed addresses) reused on later calls; changing a
+    weight in place (the key conv_weight or another) prepares them again."""
+    from fastcomer.ops import decode_step_triton
+
+    launches = []  # the (conv_weight, conv_bias, proj_weight, shift) each launch read
+    kernel = decode_step_triton._decode_step_kernel
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(args[7:11])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(decode_step_triton, "_decode_step_kernel", RecordingKernel())
+    step = make_step(2, "both")
+    check_against_torch(step, "triton")
+    check_against_torch(step, "triton")
+    first, second = launches
+    assert all(a is b and a.data_ptr() == b.data_ptr() for a, b in zip(first, second))
+    with torch.no_grad():
+        getattr(step["arm"], changed).mul_(-1.5)
+    check_against_torch(step, "triton")
+    assert all(a is not b for a, b in zip(second, launches[2]))
