@@ -14,13 +14,10 @@ device's measured copy bandwidth. Writes JSON (device, date, versions, shapes, r
         --modes eager --out /tmp/step.json                                         # CPU smoke run
 """
 import argparse
-import datetime
-import json
 
 import torch
 
-from bench_decode_step import copy_bandwidth, time_ms
-from fastcomer.backend import env_report
+from bench_decode_step import copy_bandwidth, time_ms, write_report
 from fastcomer.bench import bench_model
 from fastcomer.search.engine import BeamBatch
 
@@ -66,9 +63,9 @@ def main():
             img = torch.rand(images, 1, HEIGHT * 16, width * 16, device=device)
             feature, mask = model.encoder(img, torch.zeros(images, HEIGHT * 16, width * 16, dtype=torch.bool, device=device))
             for mode in args.modes.split(","):
-                batch = BeamBatch(model.decoder, images, (True, False), beam_size, max_len, 1.0, False, 1.0, HEIGHT,
+                batch = BeamBatch(model.decoder, 2 * images, (True, False), beam_size, max_len, 1.0, False, 1.0, HEIGHT,
                                   width, feature.dtype, device, args.backend, graphs=mode == "graphs")
-                batch.start(feature, mask, images)
+                batch.start(feature, mask)
                 floor_ms = floor_bytes(batch) / bandwidth * 1e3
                 ms = time_ms(lambda: batch.run(WINDOW), device, args.warmup, args.iters)
                 entry = dict(mode=mode, kernel=batch.state.kernel, images=images, rows=batch.state.rows, length=length,
@@ -79,18 +76,9 @@ def main():
                       f"{ms * 1e3:8.1f} us per step (floor {floor_ms * 1e3:.1f} us)", flush=True)
                 del batch
 
-    report = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        environment=env_report(),
-        copy_bandwidth_gb_s=bandwidth / 1e9,
-        model="CoMER() published config (d 256, 8 heads, 3 layers, dc 32), seeded random weights, float32",
-        shapes=dict(beam_size=beam_size, directions=2, max_len=max_len, window=WINDOW, feature_height=HEIGHT),
-        timing=dict(warmup=args.warmup, iters=args.iters, statistic="median"),
-        results=results,
-    )
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(args.out, device, bandwidth, args.warmup, args.iters, results=results,
+                 model="CoMER() published config (d 256, 8 heads, 3 layers, dc 32), seeded random weights, float32",
+                 shapes=dict(beam_size=beam_size, directions=2, max_len=max_len, window=WINDOW, feature_height=HEIGHT))
 
 
 if __name__ == "__main__":

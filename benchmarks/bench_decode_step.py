@@ -82,6 +82,20 @@ def copy_bandwidth(device, megabytes=256 if torch.cuda.is_available() else 32):
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
+def write_report(path, device, bandwidth, warmup, iters, **fields):
+    """The JSON every step benchmark writes: date, device, versions, bandwidth, timing, then `fields`."""
+    report = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        environment=env_report(),
+        copy_bandwidth_gb_s=bandwidth / 1e9,
+        timing=dict(warmup=warmup, iters=iters, statistic="median"),
+        **fields,
+    )
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -122,18 +136,9 @@ def main():
                 shown = f"{entry['ms']:.3f} ms (floor {floor_ms:.3f} ms)" if "ms" in entry else f"unavailable: {entry['error']}"
                 print(f"{backend:>6}  images {images:>3}  rows {entry['rows']:>4}  L {length:>5}: {shown}", flush=True)
 
-    report = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        environment=env_report(),
-        copy_bandwidth_gb_s=bandwidth / 1e9,
-        shapes=dict(rows_per_image=args.rows_per_image, nhead=args.nhead, head_dim=args.head_dim, dc=args.dc,
-                    dtype=args.dtype, coverage="cross+self, refining layer"),
-        timing=dict(warmup=args.warmup, iters=args.iters, statistic="median"),
-        results=results,
-    )
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(args.out, device, bandwidth, args.warmup, args.iters, results=results,
+                 shapes=dict(rows_per_image=args.rows_per_image, nhead=args.nhead, head_dim=args.head_dim, dc=args.dc,
+                             dtype=args.dtype, coverage="cross+self, refining layer"))
 
 
 if __name__ == "__main__":
