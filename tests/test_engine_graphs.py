@@ -3,6 +3,9 @@ data-dependent shape (it runs on the meta device, where any read of a value rais
 search driven as with graphs (power-of-two image slots with fillers, done flags read every
 few steps, batches kept across searches) answers as the reference; and a batch that takes
 over some images of another continues their searches exactly."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -103,3 +106,14 @@ def check_take(model):
     actual.copy_items(expected, others, others)
     assert actual.results()[0] == expected.results()[0]
     assert torch.equal(actual.results()[1], expected.results()[1])
+
+
+def test_kept_batches_do_not_keep_the_model(graph_policy):
+    model = random_model(8)
+    img, mask = random_images(3, [(32, 48)])
+    beam_search(model, img, mask, beam_size=2, max_len=6)
+    assert len(engine._graph_batches) >= 1
+    decoder = weakref.ref(model.decoder)
+    del model
+    gc.collect()
+    assert decoder() is None

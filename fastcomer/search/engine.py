@@ -148,7 +148,8 @@ def batch_factory(decoder, settings: tuple, graphs: bool):
     def get(items: int) -> BeamBatch:
         key = (items, settings)
         if key not in batches:
-            batches[key] = BeamBatch(decoder, items, *settings, graphs=True)
+            # a weak proxy: the cache, keyed weakly on the decoder, must not keep it alive
+            batches[key] = BeamBatch(weakref.proxy(decoder), items, *settings, graphs=True)
             while len(batches) > GRAPH_CACHE_SIZE:
                 batches.popitem(last=False)
         batches.move_to_end(key)
