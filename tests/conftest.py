@@ -36,3 +36,13 @@ def assert_close_rel(actual, expected, rtol, what=""):
     err = (actual.double() - expected.double()).abs().max().item()
     scale = expected.double().abs().max().item()
     assert err <= rtol * scale, f"{what}: max abs error {err:.3e} > {rtol:.0e} * {scale:.3e}"
+
+
+@pytest.fixture()
+def graph_policy(monkeypatch):
+    """beam_search as on CUDA with graphs (power-of-two slots, done flags read every few
+    steps, batches kept across searches), the steps run eagerly."""
+    import fastcomer.search.engine as engine
+
+    monkeypatch.setattr(engine.backends, "use_cuda_graphs", lambda device, explicit=None: True)
+    monkeypatch.setattr(engine, "StepGraphs", lambda step, enabled: step)

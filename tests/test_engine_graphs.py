@@ -36,13 +36,6 @@ def test_beam_step_reads_no_value_on_the_host(coverage):
     assert batch.state.tokens.device == meta
 
 
-@pytest.fixture()
-def graph_policy(monkeypatch):
-    """beam_search as on CUDA with graphs, the steps run eagerly."""
-    monkeypatch.setattr(engine.backends, "use_cuda_graphs", lambda device, explicit=None: True)
-    monkeypatch.setattr(engine, "StepGraphs", lambda step, enabled: step)
-
-
 def test_graph_policy_matches_reference(graph_policy):
     """Three images' six searches fill eight slots, and move to fewer as they end; the
     second search of the same shapes reuses the first one's batches (and would replay

@@ -95,6 +95,7 @@ class BeamBatch:
         """One step of every search: device work only, the same for every call of a window."""
         state, beam = self.state, self.beam_size
         length = state.position + 1  # tokens per row so far
+        state.skip_slots(self.done)
         logits = state.step(window)
         scores = F.log_softmax(logits / self.temperature, dim=-1) + self.beam_scores.view(-1, 1)
         vocab_size = logits.shape[1]

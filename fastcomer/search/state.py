@@ -85,7 +85,8 @@ class DecodingState:
         self.kernel = backends.resolve(like, backend, cuda_available=backends.cuda_extension_usable())
         self.memory_kv = like.new_zeros(len(layers), 2, slots, self.nhead, self.length, head_dim)
         self.memory_mask = torch.ones(slots, self.length, dtype=torch.bool, device=device)
-        self.image_index = torch.arange(slots, dtype=torch.int32, device=device).repeat_interleave(group)
+        self.slot_of_row = torch.arange(slots, dtype=torch.int32, device=device).repeat_interleave(group)
+        self.image_index = self.slot_of_row.clone()  # what the fused kernels read: -1 skips a row
         # One tensor per kind of row state, rows first, so that a reorder is one gather each.
         # Zeros, not garbage: the self-attention's masked positions multiply V by weight 0.
         self.self_kv = like.new_zeros(self.rows, len(layers), 2, self.nhead, max_len, head_dim)
@@ -126,6 +127,12 @@ class DecodingState:
             self.coverage.copy_(other.coverage[rows])
         self.tokens.copy_(other.tokens[rows])
         self.position.copy_(other.position)
+
+    def skip_slots(self, skipped: Tensor) -> None:
+        """The fused kernels skip the cross-attention of the rows of slots where skipped [slots]
+        is True (a finished search's): their outputs are 0, their coverage stays. The torch step
+        computes every row."""
+        self.image_index.copy_(self.slot_of_row.masked_fill(skipped.repeat_interleave(self.group), -1))
 
     def append(self, tokens: Tensor) -> None:
         """Add one token to every row: tokens [rows]. The caller keeps within max_len."""

@@ -33,3 +33,27 @@ def test_greedy_search_on_the_triton_step():
     plain = greedy_search(model, img, img_mask, max_len=8, backend="torch")
     assert [h.seq for h in fused] == [h.seq for h in plain]
     assert_close_rel([h.score for h in fused], [h.score for h in plain], 1e-5, "scores")
+
+
+def test_finished_searches_are_skipped(graph_policy, monkeypatch):
+    """With done flags read every few steps, the rows of searches that ended meanwhile are
+    skipped by the kernel (image index -1); the answers are those of the torch step."""
+    from fastcomer.search.state import DecodingState
+
+    skipped_rows = []
+    skip_slots = DecodingState.skip_slots
+
+    def recording_skip_slots(self, skipped):
+        skip_slots(self, skipped)
+        skipped_rows.append(int((self.image_index < 0).sum()))
+
+    monkeypatch.setattr(DecodingState, "skip_slots", recording_skip_slots)
+    model = random_model(0, torch.float32).eval()
+    img, img_mask = random_images(0, [(40, 72), (24, 100)], torch.float32)
+    args = dict(beam_size=2, max_len=12, early_stopping=True, return_details=True)
+    fused = beam_search(model, img, img_mask, backend="triton", **args)
+    assert max(skipped_rows) > 0
+    plain = beam_search(model, img, img_mask, backend="torch", **args)
+    assert fused.first_pass_hyps == plain.first_pass_hyps
+    assert [h.seq for h in fused.hyps] == [h.seq for h in plain.hyps]
+    assert_close_rel(fused.first_pass_scores, plain.first_pass_scores, 1e-5, "first-pass scores")
