@@ -74,7 +74,6 @@ def main():
                 results.append(entry)
                 print(f"{mode:>6} ({entry['kernel']})  images {images:>3}  rows {entry['rows']:>4}  L {length:>5}: "
                       f"{ms * 1e3:8.1f} us per step (floor {floor_ms * 1e3:.1f} us)", flush=True)
-                del batch
 
     write_report(args.out, device, bandwidth, args.warmup, args.iters, results=results,
                  model="CoMER() published config (d 256, 8 heads, 3 layers, dc 32), seeded random weights, float32",
