@@ -6,7 +6,7 @@ image through `image_index` instead of being grouped [I, G], and runs it on the 
 extension, the Triton kernel or plain PyTorch (see `fastcomer.backend`).
 """
 import weakref
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Iterable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -42,10 +42,11 @@ class _PreparedEntry(NamedTuple):
     prepared: Tuple[Tensor, ...]
 
 
-def _weights_stamp(weights: Tuple[Tensor, ...]) -> Tuple[Tuple[int, Optional[int]], ...]:
-    # An in-place change bumps _version; inference tensors have no version counter, so for
-    # them (the engine folds under inference mode) only identity and storage are checked.
-    return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in weights)
+def tensors_stamp(tensors: Iterable[Tensor]) -> Tuple[Tuple[int, Optional[int]], ...]:
+    """Where each tensor's data is and how often it was changed in place. Inference tensors
+    keep no version counter (the engine folds under inference mode): for them only the
+    address counts, and their in-place changes go unseen."""
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
 
 
 class PreparedARMWeights:
@@ -66,7 +67,7 @@ class PreparedARMWeights:
 
     def __call__(self, arm: FoldedARM) -> Tuple[Tensor, ...]:
         weights = (arm.conv_weight, arm.conv_bias, arm.proj_weight, arm.shift)
-        stamp = _weights_stamp(weights)
+        stamp = tensors_stamp(weights)
         entry = self._entries.get(arm.conv_weight)
         # a refold (new BatchNorm statistics) shares conv_weight but brings new projection tensors
         if entry is not None and entry.stamp == stamp and all(ref() is t for ref, t in zip(entry.weights, weights)):

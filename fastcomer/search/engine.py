@@ -8,7 +8,8 @@ of the next tokens. On CUDA it is replayed as CUDA graphs (`graphs.py`). The hos
 the done flags every `sync_every` steps (every step without graphs): it stops when every
 search is done, and when enough searches are done it moves the live ones to a batch of fewer
 slots (a power of two of them with graphs, so that few graphs serve every size).
-Done searches' rows keep running until then, frozen out of the finished lists.
+Done searches' rows stay until then, frozen out of the finished lists (the fused
+kernels skip them).
 """
 import collections
 import weakref
@@ -19,11 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend as backends
+from ..ops.decode_step_dispatch import tensors_stamp
 from ..vocab import EOS_IDX, PAD_IDX, SOS_IDX
 from .common import BeamSearchOutput, Hypothesis, check_search_args, rescore, select_best
 from .graphs import StepGraphs
 from .scorer import FinishedLists
-from .state import DecodingState, prefix_window, tensors_version
+from .state import DecodingState, prefix_window
 
 # Which searches run per image: True = left to right (SOS ... EOS), False = right to left.
 DIRECTIONS = {"both": (True, False), "l2r": (True,), "r2l": (False,)}
@@ -139,7 +141,7 @@ def batch_factory(decoder, settings: tuple, graphs: bool):
     folded ARM and prepared kernel weights it holds were computed from their values."""
     if not graphs:
         return lambda items: BeamBatch(decoder, items, *settings, graphs=False)
-    fingerprint = tensors_version(decoder)
+    fingerprint = tensors_stamp((*decoder.parameters(), *decoder.buffers()))
     cache = _graph_batches.get(decoder)
     if cache is None or cache[0] != fingerprint:
         cache = (fingerprint, collections.OrderedDict())

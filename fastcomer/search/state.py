@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import backend as backends
 from ..model.arm import AttentionRefinementModule, FoldedARM
 from ..ops.decode_step import cross_attention_step
-from ..ops.decode_step_dispatch import fused_cross_attention_step
+from ..ops.decode_step_dispatch import fused_cross_attention_step, tensors_stamp
 from ..vocab import PAD_IDX
 
 # Prefix windows are multiples of this: at most WINDOW_STEP - 1 wasted positions per step,
@@ -35,17 +35,11 @@ WINDOW_STEP = 32
 _folded_arms: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def tensors_version(module: torch.nn.Module) -> tuple:
-    """Where the module's tensors are and how often each was changed in place (tensors made
-    under inference mode keep no count: their in-place changes go unseen)."""
-    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in (*module.parameters(), *module.buffers()))
-
-
 def folded_arm(arm: Optional[AttentionRefinementModule]) -> Optional[FoldedARM]:
     """arm.fold(), computed once per model; folded again only when the ARM's weights change."""
     if arm is None:
         return None
-    version = tensors_version(arm)
+    version = tensors_stamp((*arm.parameters(), *arm.buffers()))
     cached = _folded_arms.get(arm)
     if cached is None or cached[0] != version:
         with torch.no_grad():
