@@ -124,5 +124,5 @@ setup(
         "test": ["pytest", "pytest-benchmark", "pybind11>=2.10", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "bench": ["pytest-benchmark", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
-    entry_points={"console_scripts": ["fastcomer = fastcomer.__main__:main"]},
+    entry_points={"console_scripts": ["fastcomer = fastcomer.cli:main"]},
 )

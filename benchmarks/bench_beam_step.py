@@ -2,7 +2,7 @@
 cross-attention + ARM step, logits, log-softmax, top-k, finished lists, reorder), as CUDA
 graph replays and as eager launches, on the published CoMER configuration.
 
-For each (images, L): a BeamBatch of `images` images x 20 rows (beam 10, both directions)
+For each (images, L): a SearchSlots of `images` images x 20 rows (beam 10, both directions)
 is started on random images whose feature map is 16 x L/16, then timed over steps whose
 prefix window is 64 positions (the steps of a mid-length expression). Beside each timing:
 the floor set by the bytes a step must move (decoder weights, every image's K/V per layer,
@@ -18,8 +18,10 @@ import argparse
 import torch
 
 from bench_decode_step import copy_bandwidth, time_ms, write_report
-from fastcomer.bench import bench_model
-from fastcomer.search.engine import BeamBatch
+from fastcomer.benchmarking import bench_model
+from fastcomer import backends
+from fastcomer.search.options import SearchOptions
+from fastcomer.search.search_slots import FeatureLayout, SearchSlots
 
 WINDOW = 64
 HEIGHT = 16  # feature rows: a 256-pixel-high image
@@ -29,7 +31,7 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def floor_bytes(batch: BeamBatch) -> int:
+def floor_bytes(batch: SearchSlots) -> int:
     state = batch.state
     weights = sum(tensor_bytes(p) for p in state.decoder.parameters())
     coverage = 2 * tensor_bytes(state.coverage) if state.coverage is not None else 0
@@ -63,12 +65,13 @@ def main():
             img = torch.rand(images, 1, HEIGHT * 16, width * 16, device=device)
             feature, mask = model.encoder(img, torch.zeros(images, HEIGHT * 16, width * 16, dtype=torch.bool, device=device))
             for mode in args.modes.split(","):
-                batch = BeamBatch(model.decoder, 2 * images, (True, False), beam_size, max_len, 1.0, False, 1.0, HEIGHT,
-                                  width, feature.dtype, device, args.backend, graphs=mode == "graphs")
+                layout = FeatureLayout(HEIGHT, width, feature.dtype, device, backends.resolve(feature, args.backend))
+                batch = SearchSlots(model.decoder, 2 * images, SearchOptions(beam_size, max_len), layout,
+                                    graphs=mode == "graphs")
                 batch.start(feature, mask)
                 floor_ms = floor_bytes(batch) / bandwidth * 1e3
                 ms = time_ms(lambda: batch.run(WINDOW), device, args.warmup, args.iters)
-                entry = dict(mode=mode, kernel=batch.state.kernel, images=images, rows=batch.state.rows, length=length,
+                entry = dict(mode=mode, kernel=batch.state.backend, images=images, rows=batch.state.rows, length=length,
                              height=HEIGHT, width=width, ms=ms, floor_bytes=floor_bytes(batch), floor_ms=floor_ms,
                              floor_fraction=floor_ms / ms)
                 results.append(entry)

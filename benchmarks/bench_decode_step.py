@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from fastcomer.backend import env_report
+from fastcomer.backends import env_report
 from fastcomer.model.arm import AttentionRefinementModule
-from fastcomer.ops.decode_step_dispatch import fused_cross_attention_step
+from fastcomer.ops.decode_step import fused_cross_attention_step
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -72,5 +72,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k_stride_image"), py::arg("k_stride_head"), py::arg("k_stride_pos"), py::arg("v_stride_image"),
         py::arg("v_stride_head"), py::arg("v_stride_pos"), py::arg("mask_stride_image"), py::arg("stream"));
   m.def("supported_shapes", &fastcomer::supported_shapes, "The shapes and dtypes this build's kernels accept.");
+  m.attr("KERNEL_SIZE") = fastcomer::kKernelSize;
   m.def("build_info", &fastcomer::build_info, "CUDA runtime version and GPU architectures of this build.");
 }

@@ -8,10 +8,14 @@
 
 namespace fastcomer {
 
+// The ARM conv's kernel size (CoMER's 5x5), exposed to Python as _C.KERNEL_SIZE, which must
+// equal fastcomer.model.arm.KERNEL_SIZE.
+constexpr int kKernelSize = 5;
+
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Raw device pointers and sizes for one layer's step over all rows (see
-// fastcomer/ops/decode_step_dispatch.py for the math). Strides count elements.
+// fastcomer/ops/decode_step/ for the math). Strides count elements.
 struct DecodeStepParams {
   const void* q = nullptr;                // [rows, nhead, head_dim], dtype
   const void* k = nullptr;                // [images, nhead, L, head_dim], dtype, strided

@@ -31,7 +31,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kDC = 32;       // ARM conv channels (CoMER's dc)
-constexpr int kTaps = 25;     // 5x5
+constexpr int kPad = kKernelSize / 2;             // "same" padding of the conv
+constexpr int kTaps = kKernelSize * kKernelSize;
 static_assert(kDC % 4 == 0, "conv weights are read as float4");
 constexpr int kMaxHeadDim = 128;
 constexpr int kDimsPerLane = kMaxHeadDim / 32;
@@ -142,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const DecodeStepP
 #pragma unroll
       for (int d = 0; d < kDC; ++d) conv[d] = 0.0f;
       const int64_t y = pos / width, x = pos % width;
-      const int64_t patch_start = start - 2 * width - 2, patch_len = kThreads + 4 * width + 4;
+      const int64_t patch_start = start - kPad * width - kPad, patch_len = kThreads + 2 * kPad * width + 2 * kPad;
       for (int c = 0; c < p.channels; ++c) {
         __syncthreads();  // the previous channel's patch and weights are consumed
         const float* plane = coverage + c * L;
@@ -156,14 +157,14 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(const DecodeStepP
         }
         __syncthreads();
         if (in_range) {
-          for (int dy = 0; dy < 5; ++dy) {
-            if (y + dy - 2 < 0 || y + dy - 2 >= p.height) continue;
-            for (int dx = 0; dx < 5; ++dx) {
-              if (x + dx - 2 < 0 || x + dx - 2 >= width) continue;
-              // patch index of (y + dy - 2, x + dx - 2) relative to patch_start
+          for (int dy = 0; dy < kKernelSize; ++dy) {
+            if (y + dy - kPad < 0 || y + dy - kPad >= p.height) continue;
+            for (int dx = 0; dx < kKernelSize; ++dx) {
+              if (x + dx - kPad < 0 || x + dx - kPad >= width) continue;
+              // patch index of (y + dy - kPad, x + dx - kPad) relative to patch_start
               const float value = patch_s[tid + dy * width + dx];
               // 16-byte broadcast reads: a tap's kDC weights start on a 16-byte boundary
-              const float4* w = reinterpret_cast<const float4*>(weight_s + (dy * 5 + dx) * kDC);
+              const float4* w = reinterpret_cast<const float4*>(weight_s + (dy * kKernelSize + dx) * kDC);
 #pragma unroll
               for (int d = 0; d < kDC / 4; ++d) {
                 const float4 w4 = w[d];

@@ -1,11 +1,11 @@
 """fastcomer: fused kernels and a fast decoding engine for CoMER."""
-from .backend import env_report
+from .backends import env_report
 from .checkpoint import CheckpointError, load_comer
 from .model.comer import CoMER, CoMERConfig
 from .patch import patch, unpatch
-from .search.batch import decode_images
-from .search.common import BeamSearchOutput, Hypothesis
 from .search.engine import beam_search, greedy_search
+from .search.hypotheses import BeamSearchOutput, Hypothesis
+from .search.images import decode_images
 from .search.reference import reference_beam_search
 from .vocab import Vocab, vocab
 

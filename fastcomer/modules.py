@@ -3,7 +3,7 @@
 `FusedARMAttention` replaces fastcomer's plain `MultiheadAttention` (batch-first) and
 `CoMERFusedARMAttention` the public CoMER code's `MultiheadAttention` (seq-first, its
 call signature). Both keep the `nn.MultiheadAttention` parameter names, so state dicts
-are unchanged, and pick per call (fastcomer.backend.resolve on the query, with the
+are unchanged, and pick per call (fastcomer.backends.resolve on the query, with the
 module's `backend` or FASTCOMER_BACKEND): 'triton' runs `fastcomer.ops.arm_attention`,
 'torch' runs the plain module's own forward. The ARM arrives, as in CoMER, as
 `functools.partial(arm_module, prev_attn, key_padding_mask, height)`; the fused path
@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import resolve
+from .backends import resolve
 from .model.attention import MultiheadAttention
 from .model.decoder import Decoder, TransformerDecoderLayer
 
@@ -75,7 +75,7 @@ class _FusedAttentionMixin:
         return self.out_proj(out), attn
 
     def uses_triton(self, query: Tensor) -> bool:
-        return resolve(query, self.backend) == "triton"
+        return resolve(query, self.backend, cuda_kernels=False) == "triton"
 
 
 def _share_attention_parameters(fused: nn.Module, plain: nn.Module) -> None:

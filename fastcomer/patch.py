@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .backend import requested_backend
+from .backends import requested_backend
 from .model.attention import MultiheadAttention
 from .modules import CoMERFusedARMAttention, FusedARMAttention
 

@@ -1,15 +1,8 @@
-import os
-from pathlib import Path
-
+"""Fixtures shared by every test directory; helpers live in tests/support."""
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def golden_dir() -> Path:
-    """The golden files made by the public CoMER code: $FASTCOMER_GOLDEN_DIR, else ../shared/golden."""
-    return Path(os.environ.get("FASTCOMER_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+from support.paths import golden_dir
 
 
 @pytest.fixture(scope="session")
@@ -28,21 +21,12 @@ def golden_model(golden):
     return load_comer(golden, config={"dropout": 0.0})
 
 
-def assert_close_rel(actual, expected, rtol, what=""):
-    """max |actual - expected| <= rtol * max |expected|: relative to the tensor's scale,
-    so that entries near zero do not demand more digits than the computation has."""
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item()
-    assert err <= rtol * scale, f"{what}: max abs error {err:.3e} > {rtol:.0e} * {scale:.3e}"
-
-
 @pytest.fixture()
 def graph_policy(monkeypatch):
     """beam_search as on CUDA with graphs (power-of-two slots, done flags read every few
     steps, batches kept across searches), the steps run eagerly."""
-    import fastcomer.search.engine as engine
+    import fastcomer.search.first_pass as first_pass
+    import fastcomer.search.search_slots as search_slots
 
-    monkeypatch.setattr(engine.backends, "use_cuda_graphs", lambda device, explicit=None: True)
-    monkeypatch.setattr(engine, "StepGraphs", lambda step, enabled: step)
+    monkeypatch.setattr(first_pass.backends, "use_cuda_graphs", lambda device, explicit=None: True)
+    monkeypatch.setattr(search_slots, "StepGraphs", lambda step, enabled: step)

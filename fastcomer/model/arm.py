@@ -4,6 +4,7 @@ Every other path of fastcomer (the decoding engine, the Triton and CUDA kernels)
 is checked against this file; `refine_coverage` is the one definition of the
 coverage -> refinement map that they all share.
 """
+import enum
 from typing import NamedTuple
 
 import torch
@@ -12,16 +13,51 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+# The ARM's coverage convolution is KERNEL_SIZE x KERNEL_SIZE, "same" padded (CoMER's 5x5):
+# every kernel reads CONV_TAPS neighbours, CONV_PADDING cells around each position.
+KERNEL_SIZE = 5
+CONV_PADDING = KERNEL_SIZE // 2
+CONV_TAPS = KERNEL_SIZE * KERNEL_SIZE
+
+
+class CoverageMode(str, enum.Enum):
+    """Which attentions the ARM accumulates: the previous layer's (cross), this layer's
+    unrefined one (self), or both (cross channels first)."""
+
+    CROSS = "cross"
+    SELF = "self"
+    BOTH = "both"
+
+    @classmethod
+    def of(cls, cross_coverage: bool, self_coverage: bool) -> "CoverageMode":
+        if cross_coverage and self_coverage:
+            return cls.BOTH
+        if cross_coverage or self_coverage:
+            return cls.CROSS if cross_coverage else cls.SELF
+        raise ValueError("the ARM needs cross_coverage or self_coverage (or both)")
+
+    @property
+    def uses_cross(self) -> bool:
+        return self is not CoverageMode.SELF
+
+    @property
+    def uses_self(self) -> bool:
+        return self is not CoverageMode.CROSS
+
+    def channels(self, nhead: int) -> int:
+        """The coverage image's channels: nhead per accumulated attention."""
+        return nhead * (int(self.uses_cross) + int(self.uses_self))
+
+
 class FoldedARM(NamedTuple):
     """The eval-mode ARM as plain tensors, BatchNorm folded into the 1x1 projection:
     R = proj_weight @ relu(conv(C) + conv_bias) + shift at unmasked positions, 0 elsewhere."""
 
-    conv_weight: Tensor  # [dc, C, 5, 5], C = nhead per coverage kind (cross first, then self)
+    conv_weight: Tensor  # [dc, C, KERNEL_SIZE, KERNEL_SIZE], C = coverage.channels(nhead)
     conv_bias: Tensor  # [dc]
     proj_weight: Tensor  # [nhead, dc]
     shift: Tensor  # [nhead]
-    cross_coverage: bool
-    self_coverage: bool
+    coverage: CoverageMode
 
 
 class MaskBatchNorm2d(nn.Module):
@@ -43,13 +79,12 @@ class MaskBatchNorm2d(nn.Module):
 class AttentionRefinementModule(nn.Module):
     def __init__(self, nhead: int, dc: int, cross_coverage: bool, self_coverage: bool):
         super().__init__()
-        if not (cross_coverage or self_coverage):
-            raise ValueError("the ARM needs cross_coverage or self_coverage (or both)")
         self.nhead = nhead
+        # CoMER's attribute names, which patch() and ARMWeights.from_module read on its modules too
+        self.coverage_mode = CoverageMode.of(cross_coverage, self_coverage)
         self.cross_coverage = cross_coverage
         self.self_coverage = self_coverage
-        in_channels = nhead * (int(cross_coverage) + int(self_coverage))
-        self.conv = nn.Conv2d(in_channels, dc, kernel_size=5, padding=2)
+        self.conv = nn.Conv2d(self.coverage_mode.channels(nhead), dc, kernel_size=KERNEL_SIZE, padding=CONV_PADDING)
         self.proj = nn.Conv2d(dc, nhead, kernel_size=1, bias=False)
         self.post_norm = MaskBatchNorm2d(nhead)
 
@@ -91,5 +126,5 @@ class AttentionRefinementModule(nn.Module):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         return FoldedARM(
             self.conv.weight, self.conv.bias, self.proj.weight.flatten(1) * scale[:, None],
-            bn.bias - bn.running_mean * scale, self.cross_coverage, self.self_coverage,
+            bn.bias - bn.running_mean * scale, self.coverage_mode,
         )

@@ -1,6 +1,8 @@
-"""Fused ops. The Triton ones are exported where Triton is installed (importing them
-imports triton: set TRITON_INTERPRET=1 before this import to run them on the CPU)."""
-import importlib.util
+"""Fused ops, one package each: `arm_attention` (training: the ARM cross-attention, Triton)
+and `decode_step` (decoding: one step of it, CUDA, Triton or PyTorch). Importing them does
+not import triton; the Triton kernels are imported when first launched (set
+TRITON_INTERPRET=1 before that to run them on the CPU)."""
+from .arm_attention import ARMWeights, arm_attention
+from .decode_step import fused_cross_attention_step
 
-if importlib.util.find_spec("triton") is not None:
-    from .arm_attention import ARMWeights, arm_attention  # noqa: F401
+__all__ = ["ARMWeights", "arm_attention", "fused_cross_attention_step"]

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..vocab import EOS_IDX, PAD_IDX, SOS_IDX
-from .common import BeamSearchOutput, Hypothesis, check_search_args, rescore, select_best
+from .hypotheses import BeamSearchOutput, Hypothesis
+from .options import check_search_args
+from .rescoring import rescore, select_best
 
 
 class FinishedHypotheses:

@@ -9,8 +9,8 @@ import torch
 
 from fastcomer.ops import ARMWeights, arm_attention
 
-from arm_cases import check_gradients, check_layer, grads_of, make_arm, make_inputs, make_mask, plain_layer
-from conftest import assert_close_rel
+from support.arm_cases import check_gradients, check_layer, grads_of, make_arm, make_inputs, make_mask, plain_layer
+from support.asserts import assert_close_rel
 
 RTOL = 1e-5
 NHEAD, HEAD_DIM, DC = 2, 8, 4

@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from conftest import assert_close_rel
-from decode_step_cases import COVERAGE_MODES, check_against_torch, check_chain, clone, make_chain, make_step
-from fastcomer.ops.decode_step import cross_attention_step
-from fastcomer.ops.decode_step_dispatch import fused_cross_attention_step
+from support.asserts import assert_close_rel
+from support.decode_step_cases import COVERAGE_MODES, check_against_torch, check_chain, clone, make_chain, make_step
+from fastcomer.ops.decode_step.reference import cross_attention_step
+from fastcomer.ops.decode_step import fused_cross_attention_step
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (tests/run.sh does it)", allow_module_level=True)
@@ -85,7 +85,7 @@ def test_padded_weights_are_prepared_once_per_arm(monkeypatch, changed):
     """The kernel's zero-padded ARM weights are prepared on the first call and the same tensors
     (a CUDA graph of the step needs them at fixed addresses) reused on later calls; changing a
     weight in place (the key conv_weight or another) prepares them again."""
-    from fastcomer.ops import decode_step_triton
+    from fastcomer.ops.decode_step import triton_kernel as decode_step_triton
 
     launches = []  # the (conv_weight, conv_bias, proj_weight, shift) each launch read
     kernel = decode_step_triton._decode_step_kernel

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from conftest import assert_close_rel
+from support.asserts import assert_close_rel
 from fastcomer import beam_search, greedy_search
-from random_models import random_images, random_model
+from support.random_models import random_images, random_model
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (tests/run.sh does it)", allow_module_level=True)
@@ -38,7 +38,7 @@ def test_greedy_search_on_the_triton_step():
 def test_finished_searches_are_skipped(graph_policy, monkeypatch):
     """With done flags read every few steps, the rows of searches that ended meanwhile are
     skipped by the kernel (image index -1); the answers are those of the torch step."""
-    from fastcomer.search.state import DecodingState
+    from fastcomer.search.decoding_state import DecodingState
 
     skipped_rows = []
     skip_slots = DecodingState.skip_slots

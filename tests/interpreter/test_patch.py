@@ -18,7 +18,7 @@ from fastcomer.model.attention import MultiheadAttention as PlainAttention
 from fastcomer.modules import CoMERFusedARMAttention, FusedARMAttention, FusedDecoder
 from fastcomer.vocab import PAD_IDX
 
-from conftest import assert_close_rel
+from support.asserts import assert_close_rel
 
 # float32 against float32 (the plain path of the same model): the same function rounded
 # differently, through three layers and a softmax over 113 classes.

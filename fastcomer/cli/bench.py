@@ -1,0 +1,67 @@
+"""`fastcomer bench`: the decoding engine against the reference beam search."""
+import argparse
+from pathlib import Path
+from typing import Tuple
+
+
+def add_parser(commands) -> None:
+    timing = commands.add_parser(
+        "bench",
+        help="time the decoding engine against the reference beam search (published config, random weights)",
+        description="Decode random images with the published CoMER configuration (seeded random weights scaled so "
+        "that beams end at various lengths), one image per call, with the engine and with the reference beam "
+        "search; check that they answer identically; print the time per image of each and the ratio. Default: "
+        "one image of 128x512 and one of 256x1024 (--images for more), beam 10, max_len 200; on 2 CPU cores the "
+        "reference needs minutes per image. --quick: 128x512 only, max_len 60 (under a minute on 2 idle CPU "
+        "cores; the ratio grows with the decoded length, so it understates the full run's).",
+    )
+    timing.add_argument("--quick", action="store_true", help="128x512 only, max_len 60")
+    timing.add_argument("--shape", type=image_shape, action="append", help="HEIGHTxWIDTH, repeatable (default: 128x512 and 256x1024)")
+    timing.add_argument("--images", type=int, default=1, help="images per shape (default: %(default)s)")
+    timing.add_argument("--batch", type=int, default=1, help="images per call, --images is a multiple of it (default: %(default)s)")
+    timing.add_argument("--backend", choices=["auto", "cuda", "triton", "torch"], help="the engine's cross-attention step (default: $FASTCOMER_BACKEND, else auto)")
+    timing.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
+                        help="replay the engine's steps as CUDA graphs (default: $FASTCOMER_CUDA_GRAPHS, else on for CUDA)")
+    timing.add_argument("--max-len", type=int, default=0, help="default: 200, or 60 with --quick")
+    timing.add_argument("--beam-size", type=int, default=10)
+    timing.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default: %(default)s)")
+    timing.add_argument("--seed", type=int, default=0)
+    timing.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    timing.add_argument("--out", type=Path, help="write the results as JSON to this file, or into this directory")
+    timing.set_defaults(run=run)
+
+
+def image_shape(text: str) -> Tuple[int, int]:
+    try:
+        height, width = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, e.g. 128x512, got {text!r}") from None
+    return height, width
+
+
+def run(args: argparse.Namespace) -> int:
+    """Time the engine against the reference beam search; fail if they answer differently."""
+    import torch
+
+    from ..benchmarking import FULL_SHAPES, QUICK_SHAPES, format_table, run_benchmark, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
+    max_len = args.max_len or (60 if args.quick else 200)
+    print(f"decoding {args.images} image(s) of each of {', '.join(f'{h}x{w}' for h, w in shapes)}, beam {args.beam_size}, "
+          f"max_len {max_len}, on {args.device} with {torch.get_num_threads()} thread(s)", flush=True)
+    report = None
+    for shape in shapes:  # the report is written after each shape, so a long run keeps what it measured
+        part = run_benchmark([shape], args.images, args.beam_size, max_len, args.device, args.seed,
+                             log=lambda s: print(s, flush=True), batch=args.batch, backend=args.backend,
+                             graphs={"auto": None, "on": True, "off": False}[args.graphs])
+        if report is None:
+            report = part
+        else:
+            report["results"] += part["results"]
+        path = write_report(report, args.out)
+    print(format_table(report))
+    if path is not None:
+        print(f"wrote {path}")
+    return 0 if all(row["identical"] for row in report["results"]) else 1

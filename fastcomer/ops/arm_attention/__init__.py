@@ -1,0 +1,59 @@
+"""Fused cross-attention with CoMER's Attention Refinement Module (SPEC section 2), for training.
+
+`arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, ...)` returns
+the attention output before out_proj [B*H, T, D] and the attention the layer returns,
+[B*H, T, L] (the refined one A' after dropout, or the plain one without ARM), which is
+the next layer's `prev_attn`. The coverage (running sum over target steps) is built
+inside the conv kernel from the per-step attentions themselves, so `prev_attn` is the
+previous layer's returned attention, as CoMER passes it. It runs the Triton kernels
+(`triton_function`, `triton_kernels`); `reference.reference_arm_attention` is the plain
+path it is tested against. Importing this package does not import triton.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .interface import PRECISIONS, ARMWeights, check_inputs
+
+__all__ = ["ARMWeights", "PRECISIONS", "arm_attention"]
+
+
+def arm_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor,
+    height: int,
+    width: int,
+    prev_attn: Optional[Tensor] = None,
+    arm: Optional[ARMWeights] = None,
+    *,
+    bn_training: bool = False,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    precision: str = "ieee",
+) -> Tuple[Tensor, Tensor]:
+    """Cross-attention of CoMER's decoder layer, with the ARM refinement when `arm` is given.
+
+    q [B*H, T, D] (already scaled by D^-0.5), k, v [B*H, L, D], key_padding_mask [B, L]
+    bool (True = padding), L = height*width row-major; prev_attn [B*H, T, L]: the
+    attention the previous layer returned (needed for 'cross' and 'both' coverage).
+    bn_training: BatchNorm on batch statistics (and running statistics updated in place).
+    dropout_p > 0 applies attention dropout (pass it only in training); seed picks the
+    random stream (drawn from torch's generator when None); forward and backward agree.
+    precision: 'ieee' (exact float32 products) or 'tf32' (float32 inputs only).
+    Returns out [B*H, T, D] (before out_proj) and the returned attention [B*H, T, L].
+    """
+    check_inputs(q, k, v, key_padding_mask, height, width, prev_attn, arm, precision)
+    if q.dtype == torch.float64:
+        raise ValueError("arm_attention runs float32, float16 and bfloat16; float64 takes the plain path")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item()) if dropout_p > 0 else 0
+    from .triton_function import triton_arm_attention  # imports triton
+
+    return triton_arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, bn_training, dropout_p,
+                                seed, precision)
+

@@ -1,0 +1,476 @@
+"""Triton kernels of the fused ARM cross-attention (forward and backward).
+
+Layouts (all contiguous): q [B*H, T, D], k and v [B*H, L, D], attention-shaped tensors
+(the previous layer's attention, this layer's unrefined attention, the projection
+output Z, the refined attention) [B*H, T, L], key padding mask [B, L] as uint8
+(1 = padding). L = height*width, row-major.
+
+Forward:
+- `attention_rows_kernel`: one program per (head row, block of target steps). Pass 1
+  finds the softmax normaliser of S - R over L tiles (online max and sum), saved as the
+  row logsumexp if asked; pass 2 writes the normalised (and dropped-out) attention and,
+  if asked, accumulates P.V.
+  With HAS_R = False it is the unrefined softmax of S (the first pass of CoMER's
+  attention, and layer 0 without ARM).
+- `coverage_projection_kernel`: one program per (image, tile of L positions). It walks
+  the target steps in order and keeps conv5x5(coverage) of the tile in registers:
+  the conv is linear, so conv(sum_{t'<t} X_t') = sum_{t'<t} conv(X_t'), and each step
+  adds conv(X_t) as 25 implicit-GEMM products (one per tap, reading the neighbours of
+  the tile, i.e. a two-cell halo, straight from the attention tensors). The coverage
+  image and the conv output never reach global memory; the kernel writes only
+  Z = proj(mask(relu(conv + bias))) [B*H, T, L], in training per-program BatchNorm
+  partial sums of Z over unmasked positions, and (for the backward) the ReLU's on/off
+  pattern as one int32 of bits per position (dc <= 32).
+Backward (the order of the passes: fastcomer.ops.arm_attention._attention_backward):
+- `attention_backward_rows_kernel`: per query tile, the refined softmax's dS (written),
+  dq and BatchNorm partial sums; dA' and the softmax recomputed per tile.
+- `arm_backward_kernel`: the ARM's gradients from dS (dZ applied on the fly).
+- `unrefined_backward_rows_kernel`: the unrefined softmax's term of dS and dq (self coverage).
+- `attention_backward_keys_kernel`: per key tile, dk and dv.
+Dropout masks are replayed by `_dropout` from (seed, element index), never stored.
+"""
+import triton
+import triton.language as tl
+
+from ...model.arm import CONV_PADDING, CONV_TAPS, KERNEL_SIZE
+
+# The conv's geometry as compile-time constants of the kernels.
+TAPS = tl.constexpr(CONV_TAPS)
+KSIZE = tl.constexpr(KERNEL_SIZE)
+PAD = tl.constexpr(CONV_PADDING)
+
+
+@triton.jit
+def _dropout(p, bh, offs_t, offs_l, T, L, seed, rng_offset, p_drop, DROPOUT: tl.constexpr):
+    """Inverted dropout with a counter-based RNG: the keep decision of element (bh, t, l)
+    depends only on (seed, rng_offset + its flat index), so any kernel can replay it."""
+    if DROPOUT:
+        flat = (bh * T + offs_t[:, None]) * L + offs_l[None, :] + rng_offset
+        keep = tl.rand(seed, flat) >= p_drop
+        p = tl.where(keep, p / (1.0 - p_drop), 0.0)
+    return p
+
+
+@triton.jit
+def _scores(q, K, Z, Mask, bh, b, offs_t, l0, scale, shift, T, L, D,
+            HAS_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """S - R for one [BLOCK_T, BLOCK_L] tile, -inf at padded or out-of-range keys."""
+    offs_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    l_ok = offs_l < L
+    k = tl.load(K + (bh * L + offs_l[:, None]) * D + offs_d[None, :], mask=l_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if HAS_R:
+        t_ok = offs_t < T
+        z = tl.load(Z + (bh * T + offs_t[:, None]) * L + offs_l[None, :], mask=t_ok[:, None] & l_ok[None, :], other=0.0)
+        s = s - (z * scale + shift)
+    padded = tl.load(Mask + b * L + offs_l, mask=l_ok, other=1) != 0
+    return tl.where(padded[None, :], float("-inf"), s), offs_l
+
+
+@triton.jit
+def attention_rows_kernel(
+    Q, K, V, Z, Scale, Shift, Mask, Out, Attn, Lse,
+    T, L, D, H, seed, rng_offset, p_drop,
+    HAS_R: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_LSE: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = offs_t < T
+    d_ok = offs_d < D
+    q = tl.load(Q + (bh * T + offs_t[:, None]) * D + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+    scale = 1.0
+    shift = 0.0
+    if HAS_R:
+        # R = BatchNorm(Z) at unmasked keys: an affine map per head (batch or running statistics).
+        scale = tl.load(Scale + bh % H)
+        shift = tl.load(Shift + bh % H)
+
+    # Pass 1: the softmax normaliser (running max m, running sum l of exp(s - m)).
+    m = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_T], tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        s, offs_l = _scores(q, K, Z, Mask, bh, b, offs_t, l0, scale, shift, T, L, D, HAS_R, PRECISION, BLOCK_L, BLOCK_D)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # A tile whose keys are all padding leaves m at -inf; keep exp() away from -inf - -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        denom = denom * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        m = m_new
+
+    if WRITE_LSE:  # log of the softmax normaliser, for the backward's recompute of the softmax
+        tl.store(Lse + bh * T + offs_t, tl.where(m == float("-inf"), 0.0, m) + tl.log(denom), mask=t_ok)
+
+    # Pass 2: normalised attention, written (the next layer's ARM reads it), and P.V.
+    inv = 1.0 / denom
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        s, offs_l = _scores(q, K, Z, Mask, bh, b, offs_t, l0, scale, shift, T, L, D, HAS_R, PRECISION, BLOCK_L, BLOCK_D)
+        p = tl.exp(s - m[:, None]) * inv[:, None]
+        p = _dropout(p, bh, offs_t, offs_l, T, L, seed, rng_offset, p_drop, DROPOUT)
+        l_ok = offs_l < L
+        tl.store(Attn + (bh * T + offs_t[:, None]) * L + offs_l[None, :], p.to(Attn.dtype.element_ty), mask=t_ok[:, None] & l_ok[None, :])
+        if WRITE_OUT:
+            v = tl.load(V + (bh * L + offs_l[:, None]) * D + offs_d[None, :], mask=l_ok[:, None] & d_ok[None, :], other=0.0)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    if WRITE_OUT:
+        tl.store(Out + (bh * T + offs_t[:, None]) * D + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _tap_inside(l_ok, row, col, HEIGHT, WIDTH, dy, dx):
+    """Positions whose neighbour at (dy, dx) lies inside the image (zero padding elsewhere)."""
+    return l_ok & (row >= -dy) & (row < HEIGHT - dy) & (col >= -dx) & (col < WIDTH - dx)
+
+
+@triton.jit
+def _conv_of_step(Prev, Curr, ConvW, pos, from_prev, from_curr, l_ok, row, col, w_idx, w_ok, HEIGHT, WIDTH,
+                  PRECISION: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_L: tl.constexpr):
+    """conv5x5 (no bias) of one step's attention X_t over a tile: 25 implicit-GEMM taps
+    [dc, C] x [C, tile], each reading the tile's neighbours (the two-cell halo)."""
+    conv = tl.zeros([BLOCK_DC, BLOCK_L], tl.float32)
+    for tap in range(TAPS):
+        dy = tap // KSIZE - PAD
+        dx = tap - tap // KSIZE * KSIZE - PAD  # tap % KSIZE: the interpreter's constexpr has no __rmod__
+        inside = _tap_inside(l_ok, row, col, HEIGHT, WIDTH, dy, dx)
+        src = pos + (dy * WIDTH + dx)
+        x = tl.load(Prev + src, mask=from_prev[:, None] & inside[None, :], other=0.0).to(tl.float32)
+        x += tl.load(Curr + src, mask=from_curr[:, None] & inside[None, :], other=0.0).to(tl.float32)
+        w = tl.load(ConvW + w_idx + tap, mask=w_ok, other=0.0)
+        conv += tl.dot(w, x, input_precision=PRECISION)
+    return conv
+
+
+@triton.jit
+def _arm_tile(Mask, b, tile, T, L, WIDTH, H, DC, CIN, N_CROSS,
+              BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Indices and masks of one (image b, tile of L) program of the ARM kernels."""
+    # int64 indices: no overflow for large tensors (and no overflow checks in the interpreter)
+    offs_l = tile * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    l_ok = offs_l < L
+    row = offs_l // WIDTH
+    col = offs_l % WIDTH
+    keep = l_ok & (tl.load(Mask + b * L + offs_l, mask=l_ok, other=1) == 0)
+    # Input channel c: the previous layer's attention for c < N_CROSS, else this layer's.
+    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    from_prev = offs_c < N_CROSS
+    from_curr = (offs_c >= N_CROSS) & (offs_c < CIN)
+    head = tl.where(from_prev, offs_c, offs_c - N_CROSS)
+    channel_pos = (b * H + head)[:, None] * T * L + offs_l[None, :]  # [BLOCK_C, BLOCK_L] at step 0
+    offs_dc = tl.arange(0, BLOCK_DC).to(tl.int64)
+    dc_ok = offs_dc < DC
+    offs_h = tl.arange(0, BLOCK_H).to(tl.int64)
+    h_ok = offs_h < H
+    w_idx = (offs_dc[:, None] * CIN + offs_c[None, :]) * TAPS
+    w_ok = dc_ok[:, None] & (offs_c < CIN)[None, :]
+    return offs_l, l_ok, row, col, keep, offs_c, from_prev, from_curr, channel_pos, offs_dc, dc_ok, offs_h, h_ok, w_idx, w_ok
+
+
+@triton.jit
+def coverage_projection_kernel(
+    Prev, Curr, Mask, ConvW, ConvB, ProjW, Z, Stats, Relu,
+    T, L, WIDTH, HEIGHT, H, DC, CIN, N_CROSS,
+    STATS: tl.constexpr, WRITE_RELU: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    b = tl.program_id(0)
+    tile = tl.program_id(1)
+    (offs_l, l_ok, row, col, keep, offs_c, from_prev, from_curr, channel_pos,
+     offs_dc, dc_ok, offs_h, h_ok, w_idx, w_ok) = _arm_tile(
+        Mask, b, tile, T, L, WIDTH, H, DC, CIN, N_CROSS, BLOCK_L, BLOCK_C, BLOCK_DC, BLOCK_H)
+    z_pos = (b * H + offs_h)[:, None] * T * L + offs_l[None, :]
+    z_ok = h_ok[:, None] & l_ok[None, :]
+    conv_b = tl.load(ConvB + offs_dc, mask=dc_ok, other=0.0)
+    proj_w = tl.load(ProjW + offs_h[:, None] * DC + offs_dc[None, :], mask=h_ok[:, None] & dc_ok[None, :], other=0.0)
+
+    conv = tl.zeros([BLOCK_DC, BLOCK_L], tl.float32)  # conv5x5 (no bias) of the coverage at step t
+    sum_z = tl.zeros([BLOCK_H], tl.float32)
+    sum_z2 = tl.zeros([BLOCK_H], tl.float32)
+    for t in range(T):
+        y = tl.maximum(conv + conv_b[:, None], 0.0)
+        y = tl.where(keep[None, :], y, 0.0)
+        z = tl.dot(proj_w, y, input_precision=PRECISION)  # [BLOCK_H, BLOCK_L]
+        tl.store(Z + z_pos + t * L, z, mask=z_ok)
+        if STATS:
+            zk = tl.where(keep[None, :], z, 0.0)
+            sum_z += tl.sum(zk, 1)
+            sum_z2 += tl.sum(zk * zk, 1)
+        if WRITE_RELU:
+            on = (conv + conv_b[:, None] > 0) & keep[None, :]
+            tl.store(Relu + b * T * L + t * L + offs_l, tl.sum(on.to(tl.int32) << offs_dc[:, None].to(tl.int32), 0), mask=l_ok)
+        if t + 1 < T:
+            # Step t+1's coverage adds step t's attention.
+            conv += _conv_of_step(Prev, Curr, ConvW, channel_pos + t * L, from_prev, from_curr, l_ok, row, col,
+                                  w_idx, w_ok, HEIGHT, WIDTH, PRECISION, BLOCK_DC, BLOCK_L)
+    if STATS:
+        base = (b * tl.num_programs(1) + tile) * 2 * BLOCK_H
+        tl.store(Stats + base + offs_h, sum_z)
+        tl.store(Stats + base + BLOCK_H + offs_h, sum_z2)
+
+
+@triton.jit
+def _grad_z(DS, Z, idx, ok, coef_a, coef_b, coef_m, coef_c):
+    """dZ = a dS + b Z + c (the BatchNorm backward, per head), 0 outside `ok`."""
+    ds = tl.load(DS + idx, mask=ok, other=0.0)
+    z = tl.load(Z + idx, mask=ok, other=0.0)
+    return tl.where(ok, coef_a * ds + coef_b * (z - coef_m) + coef_c, 0.0)
+
+
+@triton.jit
+def arm_backward_kernel(
+    Prev, Curr, Mask, ConvW, ConvB, ProjW, DS, Z, CoefDZ, Relu, DPrev, DCurr, DConvW, DConvB, DProjW,
+    T, L, WIDTH, HEIGHT, H, DC, CIN, N_CROSS,
+    PRECISION: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Backward of Z = proj(mask(relu(conv(coverage) + bias))) over one (image, tile of L).
+
+    With dY_t = (proj^T dZ_t) * relu'(t) (relu' includes the mask; its bits were written by
+    the forward, so any position's dY_t can be rebuilt from dZ_t), and G_t = sum_{t' > t} dY_t'
+    (the coverage at t' contains X_t for every t < t'):
+      d X_t        = conv^T(G_t)             running sum, walking t downwards, of conv^T(dY_t)
+      d conv.weight = sum_t G_t (x) X_t       per tap, X_t read at the tap's neighbours
+      d conv.bias   = sum_t sum_l dY_t,   d proj = sum_t dZ_t Y_t^T
+    Y_t needs the conv of the coverage at t: a first walk sums conv(X_t) over all t, the
+    downward walk subtracts conv(X_t) step by step. The coverage image and the conv output
+    are never written; per-program partial parameter gradients are, and summed by the caller.
+    dZ itself is not in memory either: the BatchNorm backward makes it a per-head affine map
+    of the refined softmax's score gradient dS (dR = -dS) and of Z, dZ = a dS + b (Z - mean) + c
+    (CoefDZ [4, H]: a, b, mean, c; b = c = 0 in eval), applied at each load (masked positions do not matter:
+    their ReLU bits and Y are 0).
+    """
+    b = tl.program_id(0)
+    tile = tl.program_id(1)
+    (offs_l, l_ok, row, col, keep, offs_c, from_prev, from_curr, channel_pos,
+     offs_dc, dc_ok, offs_h, h_ok, w_idx, w_ok) = _arm_tile(
+        Mask, b, tile, T, L, WIDTH, H, DC, CIN, N_CROSS, BLOCK_L, BLOCK_C, BLOCK_DC, BLOCK_H)
+    z_rows = (b * H + offs_h)[:, None] * T * L  # [BLOCK_H, 1]
+    conv_b = tl.load(ConvB + offs_dc, mask=dc_ok, other=0.0)
+    proj_w_t = tl.load(ProjW + offs_h[None, :] * DC + offs_dc[:, None], mask=dc_ok[:, None] & h_ok[None, :], other=0.0)
+    relu_shift = offs_dc[:, None].to(tl.int32)
+    program = b * tl.num_programs(1) + tile
+    coef_a = tl.load(CoefDZ + offs_h, mask=h_ok, other=0.0)[:, None]
+    coef_b = tl.load(CoefDZ + H + offs_h, mask=h_ok, other=0.0)[:, None]
+    coef_m = tl.load(CoefDZ + 2 * H + offs_h, mask=h_ok, other=0.0)[:, None]
+    coef_c = tl.load(CoefDZ + 3 * H + offs_h, mask=h_ok, other=0.0)[:, None]
+
+    conv = tl.zeros([BLOCK_DC, BLOCK_L], tl.float32)
+    for t in range(T - 1):
+        conv += _conv_of_step(Prev, Curr, ConvW, channel_pos + t * L, from_prev, from_curr, l_ok, row, col,
+                              w_idx, w_ok, HEIGHT, WIDTH, PRECISION, BLOCK_DC, BLOCK_L)
+
+    g = tl.zeros([BLOCK_DC, BLOCK_L], tl.float32)  # G_t = sum_{t' > t} dY_t'
+    d_x = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)  # conv^T(G_t)
+    d_bias = tl.zeros([BLOCK_DC], tl.float32)
+    d_proj = tl.zeros([BLOCK_H, BLOCK_DC], tl.float32)
+    for step in range(T):
+        t = T - 1 - step
+        pos_t = channel_pos + t * L
+        tl.store(DPrev + pos_t, d_x, mask=from_prev[:, None] & l_ok[None, :])
+        tl.store(DCurr + pos_t, d_x, mask=from_curr[:, None] & l_ok[None, :])
+        # this step: dY_t at the tile, the projection's gradient; then conv^T(dY_t) and d conv.weight
+        dz = _grad_z(DS, Z, z_rows + t * L + offs_l[None, :], h_ok[:, None] & l_ok[None, :], coef_a, coef_b, coef_m, coef_c)
+        y = tl.where(keep[None, :], tl.maximum(conv + conv_b[:, None], 0.0), 0.0)
+        d_proj += tl.dot(dz, tl.trans(y), input_precision=PRECISION)
+        bits = tl.load(Relu + b * T * L + t * L + offs_l, mask=l_ok, other=0)
+        d_y = tl.where(((bits[None, :] >> relu_shift) & 1) != 0, tl.dot(proj_w_t, dz, input_precision=PRECISION), 0.0)
+        d_bias += tl.sum(d_y, 1)
+        e = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
+        for tap in range(TAPS):  # a loop, not unrolled: TAPS copies of these dots' buffers overflow shared memory
+            dy = tap // KSIZE - PAD
+            dx = tap - tap // KSIZE * KSIZE - PAD  # tap % KSIZE: the interpreter's constexpr has no __rmod__
+            inside = _tap_inside(l_ok, row, col, HEIGHT, WIDTH, dy, dx)
+            # d conv.weight[:, :, tap] += G_t X_t(l + tap)^T
+            x = tl.load(Prev + pos_t + (dy * WIDTH + dx), mask=from_prev[:, None] & inside[None, :], other=0.0).to(tl.float32)
+            x += tl.load(Curr + pos_t + (dy * WIDTH + dx), mask=from_curr[:, None] & inside[None, :], other=0.0).to(tl.float32)
+            part = DConvW + ((program * TAPS + tap) * BLOCK_DC + offs_dc[:, None]) * BLOCK_C + offs_c[None, :]
+            tl.store(part, tl.load(part) + tl.dot(g, tl.trans(x), input_precision=PRECISION))
+            # conv^T: position l receives dY_t(l - tap) through weight[:, :, tap]
+            src_ok = _tap_inside(l_ok, row, col, HEIGHT, WIDTH, -dy, -dx)
+            src = offs_l - (dy * WIDTH + dx)
+            dz_n = _grad_z(DS, Z, z_rows + t * L + src[None, :], h_ok[:, None] & src_ok[None, :], coef_a, coef_b, coef_m, coef_c)
+            bits_n = tl.load(Relu + b * T * L + t * L + src, mask=src_ok, other=0)
+            d_y_n = tl.where(((bits_n[None, :] >> relu_shift) & 1) != 0, tl.dot(proj_w_t, dz_n, input_precision=PRECISION), 0.0)
+            w_t = tl.load(ConvW + w_idx + tap, mask=w_ok, other=0.0)  # [dc, C]
+            e += tl.dot(tl.trans(w_t), d_y_n, input_precision=PRECISION)
+        d_x += e
+        g += d_y
+        if t > 0:  # the conv of the coverage at t-1: remove step t-1's contribution
+            conv -= _conv_of_step(Prev, Curr, ConvW, channel_pos + (t - 1) * L, from_prev, from_curr, l_ok, row, col,
+                                  w_idx, w_ok, HEIGHT, WIDTH, PRECISION, BLOCK_DC, BLOCK_L)
+    tl.store(DConvB + program * BLOCK_DC + offs_dc, d_bias)
+    tl.store(DProjW + (program * BLOCK_H + offs_h[:, None]) * BLOCK_DC + offs_dc[None, :], d_proj)
+
+
+@triton.jit
+def _refined_tile(q, do, K, V, Z, Mask, DAttn, lse, bh, b, offs_t, offs_d, l0, scale, shift, T, L, D, seed, rng_offset,
+                  p_drop, HAS_R: tl.constexpr, HAS_DATTN: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One [BLOCK_T, BLOCK_L] tile of P' = softmax(S - R) (recomputed from lse; 0 at padded
+    or out-of-range entries) and of dropout(dA'), dA' = dO.V^T (+ dAttn)."""
+    s, offs_l = _scores(q, K, Z, Mask, bh, b, offs_t, l0, scale, shift, T, L, D, HAS_R, PRECISION, BLOCK_L, BLOCK_D)
+    l_ok = offs_l < L
+    tl_idx = (bh * T + offs_t[:, None]) * L + offs_l[None, :]
+    tl_ok = (offs_t < T)[:, None] & l_ok[None, :]
+    p = tl.where(tl_ok, tl.exp(s - lse[:, None]), 0.0)
+    v = tl.load(V + (bh * L + offs_l[:, None]) * D + offs_d[None, :], mask=l_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if HAS_DATTN:
+        dp += tl.load(DAttn + tl_idx, mask=tl_ok, other=0.0).to(tl.float32)
+    dp = _dropout(dp, bh, offs_t, offs_l, T, L, seed, rng_offset, p_drop, DROPOUT)
+    return p, dp, offs_l, tl_idx, tl_ok
+
+
+@triton.jit
+def _query_tile(Q, Lse, T, D, H, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (batch*head, tile of T) program of the backward row passes: indices, masks, its
+    queries and their logsumexp."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = offs_t < T
+    d_ok = offs_d < D
+    td = (bh * T + offs_t[:, None]) * D + offs_d[None, :]
+    td_ok = t_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + td, mask=td_ok, other=0.0)
+    lse = tl.load(Lse + bh * T + offs_t, mask=t_ok, other=0.0)
+    return bh, b, offs_t, t_ok, offs_d, d_ok, td, td_ok, q, lse
+
+
+@triton.jit
+def attention_backward_rows_kernel(
+    Q, K, V, Z, Scale, Shift, Mean, Mask, DOut, DAttn, Lse, DS, DQ, Stats,
+    T, L, D, H, seed, rng_offset, p_drop,
+    HAS_R: tl.constexpr, HAS_DATTN: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Backward pass 1, over query tiles: the refined softmax A' = dropout(softmax(S - R)).
+
+    P' = exp(S - R - lse) is recomputed from the forward's logsumexp, dA' = dO.V^T (+ the
+    gradient of the returned attention) per tile, never stored. Two sweeps over L: the first
+    gives delta = rowsum(P' * dropout(dA')) and rowsum(P') (P' renormalised by it: lse is
+    rounded), from the recomputed P', not FlashAttention's
+    rowsum(dO * O): with the stored O, rounded and in the input dtype, the rows of dS no longer
+    sum to zero to rounding, and the BatchNorm bias gradient is exactly their sum), the second writes
+    dS = P' * (dropout(dA') - delta) [B*H, T, L] float32 (the ARM backward needs it at
+    neighbouring positions: dR = -dS; pass 2 adds the unrefined term to it in place),
+    dq = dS.K (float32), and with HAS_R per-program (sum dS, sum dS*(Z - mean)) for the
+    BatchNorm backward (Mean: the per-head mean the forward normalised with).
+    """
+    bh, b, offs_t, t_ok, offs_d, d_ok, td, td_ok, q, lse = _query_tile(Q, Lse, T, D, H, BLOCK_T, BLOCK_D)
+    do = tl.load(DOut + td, mask=td_ok, other=0.0)
+    scale = 1.0
+    shift = 0.0
+    if HAS_R:
+        scale = tl.load(Scale + bh % H)
+        shift = tl.load(Shift + bh % H)
+    delta = tl.zeros([BLOCK_T], tl.float32)
+    total = tl.zeros([BLOCK_T], tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        p, dp, offs_l, tl_idx, tl_ok = _refined_tile(q, do, K, V, Z, Mask, DAttn, lse, bh, b, offs_t, offs_d, l0, scale,
+                                                     shift, T, L, D, seed, rng_offset, p_drop, HAS_R, HAS_DATTN,
+                                                     DROPOUT, PRECISION, BLOCK_L, BLOCK_D)
+        delta += tl.sum(p * dp, 1)
+        total += tl.sum(p, 1)
+    # exp(S - R - lse) sums to 1 only to lse's rounding: renormalise, so that rows of dS sum to 0
+    renorm = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)  # 0 for rows past T
+    delta *= renorm
+    dq = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    sum_ds = tl.zeros([BLOCK_T], tl.float32)
+    sum_dsz = tl.zeros([BLOCK_T], tl.float32)
+    mean = 0.0
+    if HAS_R:
+        mean = tl.load(Mean + bh % H)
+    for l0 in range(0, L, BLOCK_L):
+        p, dp, offs_l, tl_idx, tl_ok = _refined_tile(q, do, K, V, Z, Mask, DAttn, lse, bh, b, offs_t, offs_d, l0, scale,
+                                                     shift, T, L, D, seed, rng_offset, p_drop, HAS_R, HAS_DATTN,
+                                                     DROPOUT, PRECISION, BLOCK_L, BLOCK_D)
+        l_ok = offs_l < L
+        ld = (bh * L + offs_l[:, None]) * D + offs_d[None, :]
+        ld_ok = l_ok[:, None] & d_ok[None, :]
+        ds = p * renorm[:, None] * (dp - delta[:, None])
+        tl.store(DS + tl_idx, ds, mask=tl_ok)
+        k = tl.load(K + ld, mask=ld_ok, other=0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        if HAS_R:
+            z = tl.load(Z + tl_idx, mask=tl_ok, other=0.0) - mean
+            sum_ds += tl.sum(ds, 1)
+            sum_dsz += tl.sum(ds * z, 1)
+    tl.store(DQ + td, dq, mask=td_ok)
+    if HAS_R:
+        base = (bh * tl.num_programs(1) + tl.program_id(1)) * 2
+        tl.store(Stats + base, tl.sum(sum_ds, 0))
+        tl.store(Stats + base + 1, tl.sum(sum_dsz, 0))
+
+
+@triton.jit
+def unrefined_backward_rows_kernel(
+    Q, K, Mask, DA, Lse, DS, DQ,
+    T, L, D, H, seed, p_drop,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Backward pass 2 (self coverage only), over query tiles: the unrefined softmax
+    A = dropout(softmax(S)), whose gradient dA the ARM backward wrote. P = exp(S - lse)
+    recomputed; a first sweep over L gives delta = rowsum(dropout(dA) * P), the second
+    adds dS_A = P * (dropout(dA) - delta) to dS in place and dS_A.K to dq."""
+    bh, b, offs_t, t_ok, offs_d, d_ok, td, td_ok, q, lse = _query_tile(Q, Lse, T, D, H, BLOCK_T, BLOCK_D)
+    delta = tl.zeros([BLOCK_T], tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        s, offs_l = _scores(q, K, K, Mask, bh, b, offs_t, l0, 1.0, 0.0, T, L, D, False, PRECISION, BLOCK_L, BLOCK_D)
+        tl_idx = (bh * T + offs_t[:, None]) * L + offs_l[None, :]
+        tl_ok = t_ok[:, None] & (offs_l < L)[None, :]
+        p = tl.where(tl_ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = _dropout(tl.load(DA + tl_idx, mask=tl_ok, other=0.0), bh, offs_t, offs_l, T, L, seed, 0, p_drop, DROPOUT)
+        delta += tl.sum(p * dp, 1)
+    dq = tl.load(DQ + td, mask=td_ok, other=0.0)
+    for l0 in range(0, L, BLOCK_L):
+        s, offs_l = _scores(q, K, K, Mask, bh, b, offs_t, l0, 1.0, 0.0, T, L, D, False, PRECISION, BLOCK_L, BLOCK_D)
+        l_ok = offs_l < L
+        tl_idx = (bh * T + offs_t[:, None]) * L + offs_l[None, :]
+        tl_ok = t_ok[:, None] & l_ok[None, :]
+        p = tl.where(tl_ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = _dropout(tl.load(DA + tl_idx, mask=tl_ok, other=0.0), bh, offs_t, offs_l, T, L, seed, 0, p_drop, DROPOUT)
+        ds = p * (dp - delta[:, None])
+        tl.store(DS + tl_idx, tl.load(DS + tl_idx, mask=tl_ok, other=0.0) + ds, mask=tl_ok)
+        k = tl.load(K + (bh * L + offs_l[:, None]) * D + offs_d[None, :], mask=l_ok[:, None] & d_ok[None, :], other=0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + td, dq, mask=td_ok)
+
+
+@triton.jit
+def attention_backward_keys_kernel(
+    Q, DOut, Attn, DS, DK, DV,
+    T, L, D,
+    PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Backward pass 3, over key tiles: dk = dS^T.q (dS of both softmaxes, 0 at padded keys)
+    and dv = A'^T.dO, with the returned attention A' (dropout already applied) as stored."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    l_ok = offs_l < L
+    d_ok = offs_d < D
+    dk = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        t_ok = offs_t < T
+        td = (bh * T + offs_t[:, None]) * D + offs_d[None, :]
+        td_ok = t_ok[:, None] & d_ok[None, :]
+        tl_idx = (bh * T + offs_t[:, None]) * L + offs_l[None, :]
+        tl_ok = t_ok[:, None] & l_ok[None, :]
+        q = tl.load(Q + td, mask=td_ok, other=0.0)
+        do = tl.load(DOut + td, mask=td_ok, other=0.0)
+        ds = tl.load(DS + tl_idx, mask=tl_ok, other=0.0)
+        a = tl.load(Attn + tl_idx, mask=tl_ok, other=0.0)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=PRECISION)
+    ld = (bh * L + offs_l[:, None]) * D + offs_d[None, :]
+    ld_ok = l_ok[:, None] & d_ok[None, :]
+    tl.store(DK + ld, dk.to(DK.dtype.element_ty), mask=ld_ok)
+    tl.store(DV + ld, dv.to(DV.dtype.element_ty), mask=ld_ok)

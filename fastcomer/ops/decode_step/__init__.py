@@ -1,0 +1,80 @@
+"""The fused decode step over flat rows: one call per decoder layer per step, for every beam.
+
+`fused_cross_attention_step` is what the decoding engine calls, and the one place that
+branches on the backend. It computes the function of `reference.cross_attention_step` for
+rows that name their image through `image_index`, and runs it on the CUDA extension
+(`cuda_kernel`), the Triton kernel (`triton_kernel`) or plain PyTorch (`reference`); see
+`fastcomer.backends` for how the backend is chosen.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ... import backends
+from ...model.arm import FoldedARM
+from .interface import check_inputs
+from .reference import rows_step
+
+__all__ = ["fused_cross_attention_step", "coverage_dtype"]
+
+
+def coverage_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the coverage sums a backend (resolved) keeps for a model of `dtype`: the
+    kernels keep them in float32 whatever the model's dtype."""
+    return dtype if backend == "torch" else torch.float32
+
+
+def fused_cross_attention_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor,
+    image_index: Tensor,
+    height: int,
+    arm: Optional[FoldedARM],
+    coverage: Optional[Tensor],
+    prev_attn: Optional[Tensor],
+    backend: Optional[str] = None,
+    rows_per_image: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
+    """One step of cross-attention with the ARM for all rows of one decoder layer.
+
+    q [R, nhead, head_dim] (already scaled); k, v [I, nhead, L, head_dim] (each image once;
+    any strides with a unit last stride); key_padding_mask [I, L] bool (True = padding);
+    image_index [R] int32/int64: row r reads image image_index[r], or is inactive when it is
+    negative (its output and returned attention are 0, its coverage row is not touched);
+    height: of the h x w = L feature map (row-major); arm: the folded ARM (needed when a
+    coverage is given).
+    coverage [R, C, L] (cross block first; each row contiguous, any row stride), or None for
+    layer 0 / a model without ARM: this layer's sums over the previous steps, which it refines
+    with; after the conv has read them, this step is added in place: cross block += prev_attn,
+    self block += A (the unrefined attention).
+    prev_attn [R, nhead, L]: what the previous layer returned at this step (needed when
+    refining with cross coverage; ignored otherwise).
+    backend: 'auto' | 'cuda' | 'triton' | 'torch' (default: $FASTCOMER_BACKEND, else auto).
+    rows_per_image: G when the rows come in groups of G per image, in image order (row r
+    reads image r // G, or is skipped): the torch path then reads each image's K/V once for
+    its G rows instead of gathering a copy per row. The kernels read image_index either way.
+    Returns (A'V [R, nhead, head_dim] in q's dtype, returned [R, nhead, L]: the attention this
+    layer returns, A' (A without refinement), float32 (float64 for float64 inputs), which is
+    the next layer's prev_attn).
+    """
+    shape = check_inputs(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn)
+    args = (q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn)
+    name = backends.resolve(q, backend)
+    if name == "cuda":
+        from .cuda_kernel import cuda_step, unsupported_reason
+
+        why = unsupported_reason(shape, q, coverage, prev_attn)
+        if why is None:
+            return cuda_step(*args, shape=shape)
+        if backends.requested_backend(backend) == "cuda":
+            raise ValueError(f"backend 'cuda' cannot run this step: {why}")
+        # auto: the Triton kernel computes the same function for shapes the CUDA build lacks
+        name = "triton" if backends.triton_status()[0] else "torch"
+    if name == "triton":
+        from .triton_kernel import triton_step
+
+        return triton_step(*args, shape=shape)
+    return rows_step(*args, rows_per_image=rows_per_image)

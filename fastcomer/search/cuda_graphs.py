@@ -1,0 +1,47 @@
+"""Replaying a decoding step as CUDA graphs, one per prefix window.
+
+The step (`SearchSlots.step`) only touches static buffers and keeps its counters on the
+device, so a graph captured once replays every later step of the same window. The first
+call of a window runs eagerly on a side stream (lazy initialisation, Triton compilation
+and cuBLAS workspaces happen there, outside any capture); the second captures and
+replays. If a capture fails, a warning says why and the steps run eagerly: the same
+kernels in the same order, so the same results.
+"""
+import warnings
+from typing import Callable, Dict
+
+import torch
+
+
+class StepGraphs:
+    def __init__(self, step: Callable[[int], None], enabled: bool):
+        self.step = step
+        self.enabled = enabled
+        self.graphs: Dict[int, "torch.cuda.CUDAGraph"] = {}
+        self.warm = set()
+        self.pool = torch.cuda.graph_pool_handle() if enabled else None  # the windows' graphs run one at a time
+
+    def __call__(self, window: int) -> None:
+        if not self.enabled:
+            self.step(window)
+        elif window in self.graphs:
+            self.graphs[window].replay()
+        elif window not in self.warm:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step(window)
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm.add(window)
+        else:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.step(window)
+            except RuntimeError as err:  # capture records, it does not run: the state is untouched
+                warnings.warn(f"fastcomer: CUDA graph capture failed, decoding eagerly instead: {err}")
+                self.enabled = False
+                self.step(window)
+                return
+            self.graphs[window] = graph
+            graph.replay()

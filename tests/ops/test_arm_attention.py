@@ -1,0 +1,110 @@
+"""fastcomer.ops.arm_attention and patch() compiled for a CUDA GPU, at the published shapes
+(d_model 256, nhead 8, dc 32, 16 sequences): the same checks as tests/interpreter, against
+the plain path in float64. Skipped without CUDA."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from support.asserts import assert_close_rel
+
+from support.markers import requires_gpu
+
+pytestmark = requires_gpu
+
+NHEAD, HEAD_DIM, DC, BATCH = 8, 32, 32, 16
+
+
+@pytest.mark.parametrize("coverage", ["cross", "self", "both"])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("t, h, w", [(32, 8, 32), (64, 16, 78), (1, 7, 13)])
+def test_float32_matches_plain_path(coverage, training, t, h, w):
+    from interpreter.arm_cases import check_layer
+
+    check_layer(BATCH, t, h, w, coverage, training, NHEAD, HEAD_DIM, DC, 1e-5, device="cuda")
+
+
+@pytest.mark.parametrize("dtype, precision, rtol", [
+    (torch.float32, "tf32", 5e-3), (torch.float16, "ieee", 5e-3), (torch.bfloat16, "ieee", 4e-2),
+])
+def test_reduced_precision(dtype, precision, rtol):
+    from interpreter.arm_cases import check_layer
+
+    check_layer(BATCH, 32, 16, 64, "both", True, NHEAD, HEAD_DIM, DC, rtol, device="cuda", dtype=dtype,
+                precision=precision)
+
+
+def test_dropout_statistics_and_replay():
+    from fastcomer.ops import ARMWeights, arm_attention
+    from interpreter.arm_cases import make_arm, make_inputs, make_mask
+
+    b, t, h, w, p = BATCH, 32, 16, 64, 0.3
+    mask = make_mask(b, h, w, "cuda")
+    (q, k, v, prev), (grad_out, _) = make_inputs(b, NHEAD, HEAD_DIM, t, h, w)
+    q, k, v, prev, grad_out = (x.cuda() for x in (q, k, v, prev, grad_out))
+    v.requires_grad_()
+    weights = ARMWeights.from_module(make_arm(NHEAD, DC, "both", True).cuda())
+    out, attn = arm_attention(q, k, v, mask, h, w, prev, weights, bn_training=True, dropout_p=p, seed=11)
+    unmasked = (~mask).view(b, 1, 1, -1).expand(b, NHEAD, t, h * w).reshape(attn.shape)
+    dropped = (attn[unmasked] == 0).float().mean().item()
+    assert abs(dropped - p) < 4 * (p * (1 - p) / unmasked.sum().item()) ** 0.5
+    (grad_v,) = torch.autograd.grad((out * grad_out).sum(), [v])
+    assert_close_rel(grad_v, torch.bmm(attn.detach().transpose(1, 2), grad_out), 1e-5, "dV with dropout")
+
+
+def test_patched_golden_training_step(golden, golden_model):
+    import fastcomer
+    from fastcomer.vocab import PAD_IDX
+
+    def step(model):
+        feature = torch.cat((golden["feature"], golden["feature"])).float().cuda()
+        mask = torch.cat((golden["feature_mask"], golden["feature_mask"])).cuda()
+        logits = model.decoder(feature, mask, golden["tgt"].cuda())
+        loss = F.cross_entropy(logits.flatten(0, 1), golden["out"].cuda().flatten(), ignore_index=PAD_IDX)
+        loss.backward()
+        return logits.detach().cpu(), {k: p.grad.cpu() for k, p in model.decoder.named_parameters()}
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    plain = golden_model.float().cuda().train()
+    patched = fastcomer.patch(copy.deepcopy(plain), backend="auto")
+    logits, grads = step(patched)
+    ref_logits, ref_grads = step(plain)
+    assert_close_rel(logits, ref_logits, 2e-5, "logits vs plain float32")
+    assert_close_rel(logits, golden["logits_train"], 2e-4, "logits vs golden")
+    overall = max(g.abs().max().item() for g in golden["grads_train"].values())
+    for name, want in golden["grads_train"].items():
+        err = (grads[name].double() - want).abs().max().item()
+        allowed = max(2e-3 * max(want.abs().max().item(), 1e-3 * overall), 4 * (ref_grads[name].double() - want).abs().max().item())
+        assert err <= allowed, f"gradient of {name}: {err:.3e} > {allowed:.3e}"
+
+
+def test_fused_layer_uses_less_memory_than_plain():
+    """The fused layer never holds the coverage image or the conv output: its forward+backward
+    peak stays below the plain path's (its backward still holds several [B*H, T, L] float32 tensors)."""
+    import functools
+
+    from fastcomer.model.arm import AttentionRefinementModule
+    from fastcomer.model.attention import MultiheadAttention
+    from fastcomer.modules import FusedARMAttention
+
+    b, t, h, w = BATCH, 64, 16, 64
+    attn = MultiheadAttention(NHEAD * HEAD_DIM, NHEAD).cuda().train()
+    arm = AttentionRefinementModule(NHEAD, DC, True, True).cuda().train()
+    fused = FusedARMAttention.from_module(attn, backend="triton")
+    query = torch.randn(b, t, NHEAD * HEAD_DIM, device="cuda", requires_grad=True)
+    memory = torch.randn(b, h * w, NHEAD * HEAD_DIM, device="cuda", requires_grad=True)
+    mask = torch.zeros(b, h * w, dtype=torch.bool, device="cuda")
+    prev = torch.softmax(torch.randn(b * NHEAD, t, h * w, device="cuda"), -1).requires_grad_()
+
+    def peak(module):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out, returned = module(query, memory, mask, None, functools.partial(arm, prev, mask, h))
+        (out.square().mean() + returned.square().mean()).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    plain_peak, fused_peak = peak(attn), peak(fused)
+    assert fused_peak < 0.75 * plain_peak, (fused_peak, plain_peak)

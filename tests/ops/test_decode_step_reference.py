@@ -1,0 +1,59 @@
+"""The plain-PyTorch decode step (the reference of the fused kernels) against the plain
+decoder's cross-attention + ARM over a whole teacher-forced sequence, step by step."""
+import pytest
+import torch
+
+from fastcomer import CoMER
+from fastcomer.benchmarking import scale_weights
+from fastcomer.ops.decode_step.reference import cross_attention_step
+
+from support.asserts import assert_close_rel
+from support.random_models import random_images
+
+RTOL = 1e-12
+
+
+@pytest.mark.parametrize("cross, self_", [(True, True), (True, False), (False, True)])
+def test_step_matches_teacher_forced_decoder(cross, self_):
+    torch.manual_seed(0)
+    model = CoMER(d_model=32, growth_rate=4, num_layers=1, nhead=4, num_decoder_layers=3, dim_feedforward=64,
+                  dropout=0.0, dc=8, cross_coverage=cross, self_coverage=self_)
+    model = scale_weights(model.double(), 0, end_bias=0.0, end_scale=1.0)
+    images, group, steps = 2, 3, 9
+    img, img_mask = random_images(0, [(48, 64), (32, 80)])
+    with torch.no_grad():
+        feature, mask = model.encoder(img, img_mask)
+    _, h, w, d = feature.shape
+    L, nhead = h * w, model.config.nhead
+    assert mask.any(), "the batch must have padded positions"
+    # Rows grouped by image: `group` different sequences per image.
+    tgt = torch.randint(3, model.config.vocab_size, (images * group, steps))
+    layers = model.decoder.model.layers
+    captured = [{} for _ in layers]
+    hooks = [
+        layer.multihead_attn.register_forward_hook(lambda m, args, out, c=c: c.update(query=args[0], out=out[0], attn=out[1]))
+        for layer, c in zip(layers, captured)
+    ]
+    with torch.no_grad():
+        model.decoder(feature.repeat_interleave(group, dim=0), mask.repeat_interleave(group, dim=0), tgt)
+    for hook in hooks:
+        hook.remove()
+
+    arm = model.decoder.model.arm.fold()
+    memory, memory_mask = feature.reshape(images, L, d), mask.reshape(images, L)
+    kv = [
+        [x.view(images, L, nhead, -1).transpose(1, 2) for x in layer.multihead_attn.project_key_value(memory)]
+        for layer in layers
+    ]
+    channels = nhead * (int(cross) + int(self_))
+    coverage = [None] + [torch.zeros(images * group, channels, L, dtype=torch.float64) for _ in layers[1:]]
+    with torch.no_grad():
+        for t in range(steps):
+            returned = None
+            for j, (layer, c) in enumerate(zip(layers, captured)):
+                mha = layer.multihead_attn
+                q = mha.project_query(c["query"][:, t]).view(images, group, nhead, -1)
+                out, returned = cross_attention_step(q, *kv[j], memory_mask, h, arm, coverage[j], returned)
+                assert_close_rel(mha.out_proj(out.reshape(images * group, d)), c["out"][:, t], RTOL, f"output, step {t}, layer {j}")
+                expected = c["attn"].view(images * group, nhead, steps, L)[:, :, t]
+                assert_close_rel(returned, expected, RTOL, f"attention, step {t}, layer {j}")

@@ -1,0 +1,33 @@
+"""Search cases and the comparison of a search with the reference's."""
+import random
+
+import torch
+
+from support.asserts import assert_close_rel
+from support.random_models import random_images, random_model
+
+RTOL = 1e-12
+
+
+def assert_same_search(out, ref):
+    assert out.first_pass_hyps == ref.first_pass_hyps
+    assert out.first_pass_scores.dtype == torch.float32
+    assert torch.equal(out.first_pass_scores, ref.first_pass_scores)
+    assert_close_rel(out.rescore, ref.rescore, RTOL, "rescore")
+    assert [h.seq for h in out.hyps] == [h.seq for h in ref.hyps]
+    assert_close_rel([h.score for h in out.hyps], [h.score for h in ref.hyps], RTOL, "final scores")
+
+
+def random_search_case(seed: int):
+    """A random model, a padded batch of 1-3 images of different sizes and search settings."""
+    rng = random.Random(1000 + seed)
+    sizes = [(rng.choice([32, 48]), rng.choice([32, 64, 80])) for _ in range(rng.randint(1, 3))]
+    img, mask = random_images(seed, sizes)
+    settings = dict(
+        beam_size=seed % 12 + 1,
+        max_len=rng.randint(2, 16),
+        alpha=rng.choice([1.0, 0.6, 1.4]),
+        early_stopping=rng.random() < 0.4,
+        temperature=rng.choice([1.0, 0.7, 1.6]),
+    )
+    return random_model(seed), img, mask, settings
