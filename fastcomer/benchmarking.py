@@ -221,6 +221,15 @@ def measure(fn: Callable[[], Any], calls: Optional[int] = None, warmup: int = 0,
     return statistics.median(samples), samples
 
 
+def copy_bandwidth(device: torch.device, megabytes: int) -> float:
+    """Bytes per second of a device-to-device copy of `megabytes` (read + write counted): the
+    rate that turns the bytes a kernel must move into its floor."""
+    src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    seconds, _ = measure(lambda: dst.copy_(src), min_run_time=0.05)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> Tuple[Any, float]:
     """fn's result and its wall-clock seconds, the device synchronised around it: one call of
     seconds (a whole search), whose answer is kept for the comparison."""
@@ -375,14 +384,13 @@ def render_table(results: Sequence[Tuple[str, Report]]) -> str:
         else:
             variants = list(dict.fromkeys(v for _, _, row in entries for v in row["medians_s"]))
             baselines = list(dict.fromkeys(b for _, _, row in entries for b in row["speedups"]))
-            lines = [f"| {benchmark} | {' | '.join(variants)} | {' | '.join(f'speed-up vs {b}' for b in baselines)} "
-                     "| machine | file |",
-                     "|---" * (len(variants) + len(baselines) + 3) + "|"]
+            header = [benchmark, *variants, *(f"speed-up vs {b}" for b in baselines), "machine", "file"]
+            lines = [f"| {' | '.join(header)} |", "|---" * len(header) + "|"]
             for label, report, row in entries:
                 times = [format_seconds(row["medians_s"][v]) if v in row["medians_s"] else "" for v in variants]
                 ratios = [f"{row['speedups'][b]:.2f}x" if b in row["speedups"] else "" for b in baselines]
-                lines.append(f"| {row['name']} ({row['subject']}) | {' | '.join(times)} | {' | '.join(ratios)} "
-                             f"| {machine(report)} | `{label}` |")
+                cells = [f"{row['name']} ({row['subject']})", *times, *ratios, machine(report), f"`{label}`"]
+                lines.append(f"| {' | '.join(cells)} |")
         tables.append("\n".join(lines))
     return "\n\n".join(tables)
 
