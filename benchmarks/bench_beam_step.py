@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastcomer import backends
-from fastcomer.benchmarking import bench_model, copy_bandwidth, make_row, measure
+from fastcomer.benchmarking import bench_model, make_row, measure
 from fastcomer.search.options import SearchOptions
 from fastcomer.search.search_slots import FeatureLayout, SearchSlots
 
@@ -49,11 +49,6 @@ def floor_bytes(batch: SearchSlots) -> int:
 @pytest.fixture(scope="module")
 def model(device):
     return bench_model(0, str(device))
-
-
-@pytest.fixture(scope="module")
-def bandwidth(device, smoke):
-    return copy_bandwidth(device, 4 if smoke else 256 if device.type == "cuda" else 32)
 
 
 @torch.inference_mode()

@@ -11,10 +11,9 @@ device's measured copy bandwidth.
     python -m pytest benchmarks/bench_decode_step.py --bench-out decode_step.json    # GPU, full grid
     python -m pytest benchmarks/bench_decode_step.py --device cpu --smoke             # CPU check
 """
-import pytest
 import torch
 
-from fastcomer.benchmarking import copy_bandwidth, make_row, measure
+from fastcomer.benchmarking import make_row, measure
 from fastcomer.model.arm import AttentionRefinementModule
 from fastcomer.ops.decode_step import fused_cross_attention_step
 
@@ -59,11 +58,6 @@ def bytes_moved(step) -> int:
     read and written back, prev_attn read and the returned attention (as large) written."""
     size = lambda name: step[name].numel() * step[name].element_size()
     return size("k") + size("v") + 2 * size("coverage") + 2 * size("prev_attn")
-
-
-@pytest.fixture(scope="module")
-def bandwidth(device, smoke):
-    return copy_bandwidth(device, 4 if smoke else 256 if device.type == "cuda" else 32)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcomer.benchmarking import Report, new_report, render_table, write_report
+from fastcomer.benchmarking import Report, copy_bandwidth, new_report, render_table, write_report
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPORT = pytest.StashKey[Report]()
@@ -44,6 +44,12 @@ def smoke(pytestconfig) -> bool:
 @pytest.fixture(scope="session")
 def dtype(pytestconfig) -> torch.dtype:
     return DTYPES[pytestconfig.getoption("dtype")]
+
+
+@pytest.fixture(scope="session")
+def bandwidth(device, smoke) -> float:
+    """The device's copy rate, bytes per second: the step benchmarks' bytes floor."""
+    return copy_bandwidth(device, 4 if smoke else 256 if device.type == "cuda" else 32)
 
 
 @pytest.fixture(scope="session")

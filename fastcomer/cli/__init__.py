@@ -5,9 +5,9 @@ import shlex
 import sys
 from typing import List, Optional
 
-from . import bench, env
+from . import bench, compare, env, plot, table
 
-COMMANDS = (bench, env)
+COMMANDS = (bench, env, compare, table, plot)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
