@@ -200,24 +200,27 @@ def load_report(path: Path) -> Report:
 # --- timing ------------------------------------------------------------------------------------
 
 def measure(fn: Callable[[], Any], calls: Optional[int] = None, warmup: int = 0, min_run_time: float = 0.2) -> Tuple[float, List[float]]:
-    """Median seconds per call of `fn` and the samples, by torch.utils.benchmark.Timer.
+    """Median seconds per call of `fn` and the samples.
 
-    torch.utils.benchmark rather than pytest-benchmark's timer, because these are CUDA kernels
-    of microseconds: its timer synchronises the device around each block of calls (so a block
-    times the kernels, not their launches, without a synchronisation per call), runs with a
-    fixed torch thread count, and times CPU and CUDA alike, so every row of a report is
-    measured the same way. Default: blocks of calls for at least `min_run_time` seconds, one
-    sample per block. With `calls`: after `warmup` calls, `calls` samples of one call each
-    (for work whose state advances with each call, such as a beam step)."""
-    from torch.utils import benchmark
+    Default: torch.utils.benchmark.Timer.blocked_autorange, blocks of calls for at least
+    `min_run_time` seconds, one sample per block. torch.utils.benchmark rather than
+    pytest-benchmark's timer, because these are CUDA kernels of microseconds: it synchronises
+    the device around each block of calls (so a block times the kernels, not their launches,
+    without a synchronisation per call), runs with a fixed torch thread count, and times CPU
+    and CUDA alike, so every row of a report is measured the same way.
 
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    With `calls`: after `warmup` calls, exactly `calls` samples of one call each, the device
+    synchronised around each (for work whose state advances with each call, such as a beam
+    step, where the Timer's own warm-up calls would be counted against its bound)."""
     if calls is None:
+        from torch.utils import benchmark
+
+        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         measurement = timer.blocked_autorange(min_run_time=min_run_time)
         return measurement.median, list(measurement.times)
     for _ in range(warmup):
         fn()
-    samples = [timer.timeit(1).median for _ in range(calls)]
+    samples = [timed(fn)[1] for _ in range(calls)]
     return statistics.median(samples), samples
 
 
@@ -230,15 +233,14 @@ def copy_bandwidth(device: torch.device, megabytes: int) -> float:
     return 2 * src.numel() * src.element_size() / seconds
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> Tuple[Any, float]:
-    """fn's result and its wall-clock seconds, the device synchronised around it: one call of
-    seconds (a whole search), whose answer is kept for the comparison."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def timed(fn: Callable[[], Any]) -> Tuple[Any, float]:
+    """fn's result and its wall-clock seconds, CUDA synchronised around it (as
+    torch.utils.benchmark does): one call, such as a whole search whose answer is kept."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize()
     return result, time.perf_counter() - start
 
 
@@ -319,11 +321,11 @@ def engine_row(
         label = f"{shape[0]}x{shape[1]} images {k + 1}-{k + batch}/{images}"
         # The first search warms up (allocator, kernel compilation, graph capture: kept for later
         # searches of the same settings); its time is kept apart as the cold start.
-        cold_s.append(timed(lambda: beam_search(model, img, mask, **search, **engine), device)[1])
-        fast, seconds = timed(lambda: beam_search(model, img, mask, **search, return_details=True, **engine), device)
+        cold_s.append(timed(lambda: beam_search(model, img, mask, **search, **engine))[1])
+        fast, seconds = timed(lambda: beam_search(model, img, mask, **search, return_details=True, **engine))
         engine_s.append(seconds)
         log(f"{label}: engine {seconds:.2f} s; reference running ...")
-        slow, seconds = timed(lambda: reference_beam_search(model, img, mask, **search), device)
+        slow, seconds = timed(lambda: reference_beam_search(model, img, mask, **search))
         reference_s.append(seconds)
         same = [h.seq for h in fast.hyps] == [h.seq for h in slow]
         identical &= same
