@@ -25,7 +25,7 @@ from fastcomer.search.search_slots import FeatureLayout, SearchSlots
 WINDOW, HEIGHT, BEAM_SIZE, MAX_LEN = 64, 16, 10, 200
 WARMUP, CALLS = 5, 40  # below WINDOW - 1 together: the timed steps share one window
 CASES = [(images, length) for length in (256, 1024) for images in (1, 8, 32)]
-SMOKE_CASES = [(1, 256)]
+SMOKE_CASES = [(1, 64)]
 
 
 def pytest_generate_tests(metafunc):

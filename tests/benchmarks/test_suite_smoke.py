@@ -17,13 +17,13 @@ def test_step_and_engine_benchmarks_smoke(tmp_path):
     report = load_report(out)
     rows = {(row["benchmark"], row["name"]): row for row in report["rows"]}
     assert set(rows) == {("decode_step", "images=1 rows=2 L=64"), ("decode_step", "images=2 rows=4 L=64"),
-                         ("beam_step", "images=1 L=256"), ("engine", "32x64 max_len=4 batch=1")}
+                         ("beam_step", "images=1 L=64"), ("engine", "32x64 max_len=4 batch=1")}
     assert all(seconds > 0 for row in rows.values() for seconds in row["medians_s"].values())
     # on CPU: the torch step (triton needs the interpreter, cuda a GPU), eager beam steps
     assert rows["decode_step", "images=1 rows=2 L=64"]["subject"] == "torch"
     assert rows["decode_step", "images=1 rows=2 L=64"]["details"]["bytes_floor_s"] > 0
-    assert rows["beam_step", "images=1 L=256"]["subject"] == "eager"
+    assert rows["beam_step", "images=1 L=64"]["subject"] == "eager"
     engine = rows["engine", "32x64 max_len=4 batch=1"]
     assert engine["checks"]["identical"] and set(engine["speedups"]) == {"reference"}
     assert report["environment"]["device"] == "cpu" and report["command"].startswith("pytest benchmarks/")
-    assert "fastcomer benchmarks" in done.stdout and "| images=1 L=256 (eager) |" in done.stdout
+    assert "fastcomer benchmarks" in done.stdout and "| images=1 L=64 (eager) |" in done.stdout
