@@ -10,7 +10,10 @@
 """
 import argparse
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
+
+if TYPE_CHECKING:  # the commands import torch only when they run
+    from ..benchmarking import Report
 
 Points = Dict[str, List[Tuple[float, float]]]
 
@@ -24,7 +27,7 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=run)
 
 
-def engine_points(reports: Sequence[dict], x: str) -> Points:
+def engine_points(reports: Sequence["Report"], x: str) -> Points:
     """The engine rows' speed-ups as (x, speed-up) points per series; x is 'decoded_length'
     (series: image size and machine) or 'pixels' (series: max_len and machine)."""
     from ..benchmarking import machine
@@ -43,7 +46,7 @@ def engine_points(reports: Sequence[dict], x: str) -> Points:
     return {key: sorted(points) for key, points in series.items()}
 
 
-def kernel_times(reports: Sequence[dict]) -> Dict[str, Tuple[List[str], Points]]:
+def kernel_times(reports: Sequence["Report"]) -> Dict[str, Tuple[List[str], Points]]:
     """Per benchmark other than the engine: its case names in order, and per variant the
     (case index, median seconds) points."""
     tables: Dict[str, Tuple[List[str], Points]] = {}
@@ -60,7 +63,7 @@ def kernel_times(reports: Sequence[dict]) -> Dict[str, Tuple[List[str], Points]]
     return tables
 
 
-def draw(reports: Sequence[dict], out: Path) -> List[Path]:
+def draw(reports: Sequence["Report"], out: Path) -> List[Path]:
     """Every figure the reports have data for, written into `out`; returns their paths."""
     import matplotlib
 
