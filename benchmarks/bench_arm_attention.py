@@ -155,7 +155,8 @@ def test_arm_attention(level, mode, case, device, dtype, smoke, pytestconfig, pe
             expected = bench.eager().double()
             for name, call in calls.items():
                 errors[name] = ((call().double() - expected).abs().max() / expected.abs().max()).item()
-        assert max(errors.values()) < (1e-4 if dtype == torch.float32 else 2e-2), errors
+        exact = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+        assert max(errors.values()) < (1e-4 if exact else 2e-2), errors  # float32, else tf32/half rounding
 
     def timed_call(call):
         def run():
