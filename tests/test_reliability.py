@@ -210,7 +210,8 @@ def test_types_in_decode_images(case):
 
 @pytest.mark.parametrize("index", [3, 100])
 def test_decode_step_validates_image_index(index):
-    step = make_step(2, "both", image_index=(2, 0, index, -1))  # 3 images
+    step = make_step(2, "both", image_index=(2, 0, 1, -1))  # 3 images
+    step["image_index"][2] = index
     with pytest.raises(ValueError, match="image_index must be < 3"):
         fused_cross_attention_step(**step, backend="torch")
 
@@ -226,7 +227,7 @@ def test_decode_step_index_check_has_no_host_sync():
 
 # --- Concurrency ---------------------------------------------------------------------------
 
-def test_kept_slots_are_never_shared():
+def test_kept_slots_are_never_shared(graph_policy):
     """A search checks kept slots out: one running beside it builds its own; both check theirs
     back in when they end (one set kept per settings), and the next search reuses them."""
     model = random_model(2)
