@@ -25,6 +25,15 @@ MISTAKES = (None,) * 16 + (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and do not spin a second one on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.lru_cache(maxsize=None)
 def model_of(seed: int):
     return random_model(seed)
@@ -33,7 +42,7 @@ def model_of(seed: int):
 @st.composite
 def cases(draw):
     seed = draw(st.integers(0, 2))
-    batch = draw(st.integers(0, 2))
+    batch = draw(st.sampled_from([1, 2, 0, 1, 2]))  # a batch of 0 now and then, not as often as integers() draws it
     padded = draw(st.booleans())
     if padded:
         sizes = [(draw(st.integers(1, 40)), draw(st.integers(1, 40))) for _ in range(batch)]
@@ -70,7 +79,7 @@ def outcome(run):
         return type(error), str(error)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cases())
 def test_engine_greedy_and_decode_images_against_the_reference(case):
