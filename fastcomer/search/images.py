@@ -4,6 +4,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..model.adapt import as_comer
 from .engine import beam_search
 from .hypotheses import Hypothesis
 
@@ -34,6 +35,7 @@ def decode_images(model, images: Sequence[Tensor], batch_size: int = 16, **searc
     batched together, so when every batch holds a single size (or batch_size is 1) the
     answers equal those of decoding each image alone.
     """
+    model = as_comer(model)  # fastcomer's CoMER, the public code's CoMER or LitCoMER
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if search_kwargs.get("return_details"):
