@@ -1,31 +1,18 @@
-"""fastcomer.recognize / prepare_image and the `fastcomer recognize` command."""
-import io
-import json
-
+"""fastcomer.recognize and prepare_image: CoMER's evaluation preprocessing, then decode_images."""
 import numpy as np
 import pytest
 import torch
 
 PIL = pytest.importorskip("PIL.Image")
 
-from fastcomer import Recognition, RecognitionError, decode_images, prepare_image, recognize  # noqa: E402
-from fastcomer.cli import main  # noqa: E402
+from fastcomer import RecognitionError, decode_images, prepare_image, recognize  # noqa: E402
 from fastcomer.vocab import vocab  # noqa: E402
 
+from support.images import strokes  # noqa: E402
 from support.public_comer import standin_lit_comer  # noqa: E402
 from support.random_models import random_images, random_model  # noqa: E402
 
 SEARCH = dict(beam_size=2, max_len=6)
-
-
-def strokes(height, width, seed=0, light_on_dark=True):
-    """A uint8 image: a few bright strokes on black (CoMER's look), or the inverse."""
-    rng = np.random.RandomState(seed)
-    image = np.zeros((height, width), np.uint8)
-    for _ in range(4):
-        r, c = rng.randint(0, height), rng.randint(0, width)
-        image[r : r + max(1, height // 4), c : c + max(2, width // 6)] = 255
-    return image if light_on_dark else 255 - image
 
 
 @pytest.fixture(scope="module")
@@ -138,70 +125,3 @@ def test_bad_arguments(model):
         recognize(model, [strokes(20, 40)], batch_size=0)
     with pytest.raises(TypeError, match="sequence of images"):
         recognize(model, strokes(20, 40))
-
-
-# --- the command ---
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, model):
-    path = tmp_path_factory.mktemp("ckpt") / "comer.ckpt"
-    coverage = {"cross_coverage": model.config.cross_coverage, "self_coverage": model.config.self_coverage}
-    torch.save({"state_dict": {"comer_model." + k: v for k, v in model.state_dict().items()},
-                "hyper_parameters": coverage}, path)  # partial: the rest is inferred from shapes
-    return path
-
-
-def image_files(folder, count):
-    paths = []
-    for i in range(count):
-        paths.append(folder / f"img{i}.png")
-        PIL.fromarray(strokes(20, 40 + 8 * i, i)).save(paths[-1])
-    return paths
-
-
-def run_cli(argv, capsys):
-    status = main(argv)
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def test_cli_one_line_per_image(model, checkpoint, tmp_path, capsys):
-    paths = image_files(tmp_path, 3)
-    status, out, err = run_cli(["recognize", *map(str, paths), "--checkpoint", str(checkpoint), "--beam-size", "2",
-                                "--max-len", "6"], capsys)
-    assert status == 0 and not err
-    expected = recognize(model, paths, **SEARCH)
-    assert out.splitlines() == [f"{p}\t{latex}" for p, latex in zip(paths, expected)]
-    status, out, _ = run_cli(["recognize", str(tmp_path), "--checkpoint", str(checkpoint), "--beam-size", "2",
-                              "--max-len", "6", "--json"], capsys)  # a folder: its image files
-    rows = [json.loads(line) for line in out.splitlines()]
-    assert [(r["path"], r["latex"], r["error"]) for r in rows] == [(str(p), latex, None) for p, latex in zip(paths, expected)]
-
-
-def test_cli_failed_image_exit_status(checkpoint, tmp_path, capsys):
-    (good,) = image_files(tmp_path, 1)
-    status, out, err = run_cli(["recognize", str(good), str(tmp_path / "absent.png"), "--checkpoint", str(checkpoint),
-                                "--beam-size", "2", "--max-len", "6"], capsys)
-    assert status == 1
-    assert out.startswith(f"{good}\t") and len(out.splitlines()) == 1
-    assert "absent.png" in err and "Traceback" not in err
-
-
-def test_cli_progress_bar(checkpoint, tmp_path, capsys, monkeypatch):
-    paths = image_files(tmp_path, 3)
-    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
-    status, _, err = run_cli(["recognize", *map(str, paths), "--checkpoint", str(checkpoint), "--beam-size", "2",
-                              "--max-len", "6", "--batch-size", "1"], capsys)
-    assert status == 0 and "3/3 images" in err
-
-
-@pytest.mark.parametrize("args", [["--beam-size", "0"], ["--batch-size", "-1"], ["--max-len", "1"], ["--device", "gpu"],
-                                  ["--checkpoint", "absent.ckpt"], ["--max-len", "x"]])
-def test_cli_usage_errors(checkpoint, tmp_path, capsys, args):
-    (image,) = image_files(tmp_path, 1)
-    with pytest.raises(SystemExit) as exit_:
-        main(["recognize", str(image), "--checkpoint", str(checkpoint), *args])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "error:" in err and "Traceback" not in err

@@ -9,14 +9,13 @@ source's very tensors (not copies), so an optimiser step, `load_state_dict` or `
 the source is seen by the next search, and whose modules follow the source's training flags.
 """
 import weakref
-from dataclasses import replace
 from typing import Dict
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .comer import CoMER
+from .comer import CoMER, CoMERConfig
 
 # source module -> its view; the view holds the source's tensors, not the source itself
 _views: "weakref.WeakKeyDictionary[nn.Module, CoMER]" = weakref.WeakKeyDictionary()
@@ -51,23 +50,31 @@ def _tensors(module: nn.Module) -> Dict[str, Tensor]:
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
-def _config_of(source: nn.Module, tensors: Dict[str, Tensor]):
-    from ..checkpoint import CheckpointError, infer_config
-
-    arm = source.decoder.model.arm
-    hints = {} if arm is None else {"cross_coverage": arm.cross_coverage, "self_coverage": arm.self_coverage}
+def _config_of(source: nn.Module) -> CoMERConfig:
+    """The configuration, read from the source's modules (CoMER's attribute names)."""
+    decoder, layers = source.decoder, source.decoder.model.layers
+    arm = decoder.model.arm
     try:
-        config = infer_config(tensors, hints)
-    except CheckpointError as err:
-        raise TypeError(f"{type(source).__qualname__} does not have CoMER's parameters: {err}") from None
-    first = source.decoder.model.layers[0]
-    dropout = getattr(getattr(first, "dropout", None), "p", 0.0)
-    return replace(config, nhead=first.self_attn.num_heads, dropout=dropout)
+        return CoMERConfig(
+            d_model=source.encoder.norm.normalized_shape[0],
+            growth_rate=source.encoder.model.dense1[0].conv2.out_channels,
+            num_layers=len(source.encoder.model.dense1),
+            nhead=layers[0].self_attn.num_heads,
+            num_decoder_layers=len(layers),
+            dim_feedforward=layers[0].linear1.out_features,
+            dropout=layers[0].dropout.p,
+            dc=32 if arm is None else arm.conv.out_channels,  # no ARM: the published value, unused
+            cross_coverage=arm is not None and bool(arm.cross_coverage),
+            self_coverage=arm is not None and bool(arm.self_coverage),
+            vocab_size=decoder.proj.out_features,
+        )
+    except (AttributeError, IndexError, TypeError) as err:
+        raise TypeError(f"{type(source).__qualname__} does not have CoMER's modules: {err}") from None
 
 
 def _build_view(source: nn.Module, tensors: Dict[str, Tensor]) -> CoMER:
     with torch.device("meta"):  # no memory, no initialisation: every tensor is replaced below
-        view = CoMER.from_config(_config_of(source, tensors))
+        view = CoMER.from_config(_config_of(source))
     expected = _tensors(view)
     if expected.keys() != tensors.keys():
         extra, missing = sorted(tensors.keys() - expected.keys()), sorted(expected.keys() - tensors.keys())
