@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from .model.adapt import as_comer
@@ -153,7 +154,7 @@ def prepare_image(image: ImageSource, invert: Union[bool, str] = "auto") -> Tens
 
 
 def recognize(
-    model,
+    model: nn.Module,
     images: Sequence[ImageSource],
     beam_size: int = 10,
     max_len: int = 200,
