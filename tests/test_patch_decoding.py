@@ -15,7 +15,7 @@ from fastcomer.patch import EngineBeamSearch
 from support.public_comer import public_comer_module, standin_lit_comer
 from support.random_models import random_images, random_model
 
-SEARCH = dict(beam_size=3, max_len=8, alpha=1.0, early_stopping=False, temperature=1.0)
+SEARCH = dict(beam_size=2, max_len=6, alpha=1.0, early_stopping=False, temperature=1.0)
 
 
 def images(seed=0):
