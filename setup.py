@@ -129,11 +129,13 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
-        # matplotlib: the test of `fastcomer plot`; hypothesis: the property-based search tests
-        "test": ["pytest", "hypothesis", "pybind11>=2.10", "matplotlib", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        # matplotlib: the test of `fastcomer plot`; hypothesis: the property-based search tests;
+        # pillow: the tests of `fastcomer recognize`
+        "test": ["pytest", "hypothesis", "pybind11>=2.10", "matplotlib", "pillow", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # the suite under benchmarks/ runs under pytest, timed by torch.utils.benchmark
         "bench": ["pytest", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "plot": ["matplotlib"],
+        "images": ["pillow"],  # fastcomer.recognize / `fastcomer recognize` on image files
     },
     entry_points={"console_scripts": ["fastcomer = fastcomer.cli:main"]},
 )

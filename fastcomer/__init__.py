@@ -4,6 +4,7 @@ from .backends import env_report
 from .checkpoint import CheckpointError, load_comer
 from .model.comer import CoMER, CoMERConfig
 from .patch import patch, unpatch
+from .recognize import Recognition, RecognitionError, prepare_image, recognize
 from .search.engine import beam_search, greedy_search
 from .search.hypotheses import BeamSearchOutput, Hypothesis
 from .search.images import decode_images

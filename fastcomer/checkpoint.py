@@ -1,12 +1,18 @@
 """Loading CoMER checkpoints without pytorch-lightning or the CoMER code."""
+import codecs
+import collections
 import os
+import pickle
 import re
-from dataclasses import replace
-from typing import Any, Dict, Mapping, Optional, Union
+import types
+from dataclasses import fields, replace
+from typing import Any, BinaryIO, Dict, Mapping, Optional, Union
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
+from .model.adapt import as_comer
 from .model.comer import CoMER, CoMERConfig
 
 LIGHTNING_PREFIX = "comer_model."
@@ -16,18 +22,103 @@ class CheckpointError(ValueError):
     """A checkpoint that does not describe a CoMER model; the message names the first offending key."""
 
 
-def _read(source: Union[str, os.PathLike, Mapping[str, Any]], map_location, weights_only: bool) -> Mapping[str, Any]:
+# What the restricted unpickler lets a checkpoint name: tensors, plain containers, dtypes; nothing
+# that runs code. Storages are resolved by torch.load itself before these are consulted.
+_SAFE_GLOBALS = {
+    "collections.OrderedDict": collections.OrderedDict,
+    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    "torch.Size": torch.Size,
+    "torch.device": torch.device,
+    "_codecs.encode": codecs.encode,  # how pickle protocol 2 stores bytes
+    **{f"torch.{name}": dtype for name, dtype in vars(torch).items() if isinstance(dtype, torch.dtype)},
+}
+
+
+class AttributeDict(dict):
+    """Inert stand-in for Lightning's AttributeDict, in which Lightning stores hyper-parameters."""
+
+
+_ATTRIBUTE_DICTS = ("pytorch_lightning.utilities.parsing.AttributeDict", "lightning_fabric.utilities.data.AttributeDict",
+                    "lightning.fabric.utilities.data.AttributeDict")
+# Lightning 1.x keys a checkpoint's `callbacks` by the callback classes themselves.
+_CALLBACK_MODULES = ("pytorch_lightning.callbacks.", "lightning.pytorch.callbacks.")
+_inert_classes: Dict[str, type] = {}
+
+
+def _inert_class(qualified: str) -> type:
+    """One empty class per callback class name: a dictionary key that runs nothing."""
+    if qualified not in _inert_classes:
+        _inert_classes[qualified] = type(qualified.rpartition(".")[2], (), {"__module__": "fastcomer.checkpoint.inert"})
+    return _inert_classes[qualified]
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A checkpoint names a global the restricted unpickler does not load."""
+
+    def __init__(self, qualified: str):
+        super().__init__(f"refused to load {qualified}")
+        self.qualified = qualified
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Loads the objects of `_SAFE_GLOBALS` and Lightning's classes (as inert stand-ins); refuses any other."""
+
+    def find_class(self, module: str, name: str):
+        qualified = f"{module}.{name}"
+        if qualified in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[qualified]
+        if qualified in _ATTRIBUTE_DICTS:
+            return AttributeDict
+        if (module + ".").startswith(_CALLBACK_MODULES):
+            return _inert_class(qualified)
+        raise RefusedGlobal(qualified)
+
+
+def _restricted_load(file, **kwargs):
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+# torch.load's pickle_module: the restricted unpickler for both of torch's file formats
+restricted_pickle = types.ModuleType("fastcomer.checkpoint.restricted_pickle")
+restricted_pickle.Unpickler = RestrictedUnpickler
+restricted_pickle.load = _restricted_load
+
+
+def _describe(source) -> str:
+    return repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+
+
+def _read(source, map_location, weights_only: bool) -> Mapping[str, Any]:
     if isinstance(source, Mapping):
         return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        raise TypeError(f"source: got {type(source).__name__} of {len(source)} bytes; "
+                        "to load a checkpoint held in memory pass io.BytesIO(data)")
+    if not isinstance(source, (str, os.PathLike)) and not callable(getattr(source, "read", None)):
+        raise TypeError("source must be a path, a binary file object, a loaded checkpoint (a mapping) or a CoMER "
+                        f"module, got {type(source).__name__}")
+    name = _describe(source)
+    if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+        cause = "is a directory" if os.path.isdir(source) else "no such file"
+        raise CheckpointError(f"cannot read checkpoint {name}: {cause}")
     try:
-        return torch.load(source, map_location=map_location, weights_only=weights_only)
+        if weights_only:
+            return torch.load(source, map_location=map_location, weights_only=False, pickle_module=restricted_pickle)
+        return torch.load(source, map_location=map_location, weights_only=False)
+    except RefusedGlobal as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {name}: it names {err.qualified}, which fastcomer does not load without running "
+            "code from the file; if the file is trusted, pass weights_only=False") from None
     except Exception as err:  # noqa: BLE001 - torch raises several types for unreadable files
-        hint = " (if the file is trusted, pass weights_only=False)" if weights_only else ""
-        raise CheckpointError(f"cannot read checkpoint {os.fspath(source)!r}: {err}{hint}") from err
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint {name}: not a torch checkpoint ({detail})") from err
 
 
 def _model_state(raw: Mapping[str, Any]) -> Dict[str, Tensor]:
     """The model's state dict with CoMER's Lightning prefix removed."""
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"not a CoMER checkpoint: expected a mapping, the file holds a {type(raw).__name__}")
     state = raw.get("state_dict", raw)
     if not isinstance(state, Mapping) or not state:
         raise CheckpointError("not a CoMER checkpoint: expected a state dict or a Lightning checkpoint with 'state_dict'")
@@ -105,40 +196,89 @@ def _check_state(model: CoMER, state: Mapping[str, Tensor]) -> None:
             raise CheckpointError(f"missing key {key!r}: expected a tensor of shape {tuple(value.shape)}")
         if state[key].shape != value.shape:
             raise CheckpointError(f"key {key!r}: expected shape {tuple(value.shape)}, got {tuple(state[key].shape)}")
+        if state[key].is_floating_point() != value.is_floating_point():  # never cast weights from integers
+            kind = "a floating" if value.is_floating_point() else "an integer"
+            raise CheckpointError(f"key {key!r}: expected {kind} tensor, got {state[key].dtype}")
     for key in state:
         if key not in expected:
             raise CheckpointError(f"unexpected key {key!r}: not a parameter or buffer of CoMER({model.config})")
 
 
+_COVERAGE_FIELDS = ("cross_coverage", "self_coverage")
+
+
+def _check_config_values(values: Mapping[str, Any], where: str, error: type) -> None:
+    """Each CoMER hyper-parameter in values has the right type and range; `where` names the source."""
+    for name, value in values.items():
+        if name == "dropout":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
+            expected = "a number in [0, 1)"
+        elif name in _COVERAGE_FIELDS:
+            ok, expected = isinstance(value, bool), "a bool"
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            expected = "a positive int"
+        if not ok:
+            raise error(f"{where}[{name!r}]: expected {expected}, got {value!r}")
+
+
+def _model_hyper_parameters(raw: Mapping[str, Any]) -> Dict[str, Any]:
+    """The CoMER entries of a checkpoint's hyper_parameters (it also stores search and optimiser settings)."""
+    hparams = raw.get("hyper_parameters")
+    if hparams is None:
+        return {}
+    if not isinstance(hparams, Mapping):
+        raise CheckpointError(f"'hyper_parameters': expected a mapping, got {type(hparams).__name__}")
+    names = {f.name for f in fields(CoMERConfig)}
+    found = {k: v for k, v in hparams.items() if k in names}
+    _check_config_values(found, "hyper_parameters", CheckpointError)
+    return found
+
+
 def load_comer(
-    source: Union[str, os.PathLike, Mapping[str, Any]],
+    source: Union[str, os.PathLike, BinaryIO, Mapping[str, Any], nn.Module],
     map_location: Optional[Union[str, torch.device]] = None,
     config: Optional[Mapping[str, Any]] = None,
     weights_only: bool = True,
 ) -> CoMER:
     """Build a CoMER model from a checkpoint, in eval mode.
 
-    `source` is a path or an already loaded object: a Lightning checkpoint (keys under
-    'state_dict' prefixed 'comer_model.', hyper-parameters under 'hyper_parameters')
-    or a bare state dict with or without the prefix. Without stored hyper-parameters
-    the configuration is inferred from tensor shapes; `config` overrides single
-    entries either way. The model takes the checkpoint's floating dtype (a float64
-    checkpoint gives a float64 model) and the device of its tensors (after `map_location`).
+    `source` is a path, a binary file object or an already loaded object: a Lightning
+    checkpoint (keys under 'state_dict' prefixed 'comer_model.', hyper-parameters under
+    'hyper_parameters'), CoMER's published one included, or a bare state dict with or
+    without the prefix. The configuration is inferred from tensor shapes; stored
+    hyper-parameters (all or some) and then `config` override single entries. The model
+    takes the checkpoint's floating dtype (a float64 checkpoint gives a float64 model) and
+    the device of its tensors (after `map_location`).
+
+    weights_only (default True): read files with a restricted unpickler that builds tensors,
+    plain containers and numbers, and stands in inert classes for Lightning's `AttributeDict`
+    and callback classes; any other object named in the file is refused (CheckpointError),
+    so nothing in the file runs. False: torch.load's full unpickling, for trusted files only.
+
+    `source` may also be a module: fastcomer's CoMER is returned as it is; the public CoMER
+    code's CoMER or LitCoMER gives a fastcomer CoMER over the same parameter tensors (not a
+    copy), in eval mode (the source's own flags are left alone).
     """
-    raw = _read(source, map_location, weights_only)
-    state = _model_state(raw)
-    hparams = raw.get("hyper_parameters")
+    if isinstance(source, nn.Module):
+        if map_location is not None or config is not None:
+            raise TypeError("map_location and config apply to checkpoints, not to a module source")
+        model = as_comer(source, fresh=True)
+        return model if model is source else model.eval()
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping of CoMER hyper-parameters or None, got {type(config).__name__}")
     config = dict(config or {})
     unknown = set(config) - set(CoMERConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown config entries {sorted(unknown)}")
-    cfg = CoMERConfig.from_dict(hparams) if isinstance(hparams, Mapping) else infer_config(state, config)
-    cfg = replace(cfg, **config)
+    _check_config_values(config, "config", ValueError)
+    raw = _read(source, map_location, weights_only)
+    state = _model_state(raw)
+    stated = {**_model_hyper_parameters(raw), **config}
+    cfg = replace(infer_config(state, stated), **stated)
     model = CoMER.from_config(cfg)
     _check_state(model, state)
     reference = state["decoder.proj.weight"]
-    if not reference.is_floating_point():
-        raise CheckpointError(f"key 'decoder.proj.weight': expected a floating tensor, got {reference.dtype}")
     device = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else reference.device
     model = model.to(dtype=reference.dtype, device=device)
     model.load_state_dict(state)

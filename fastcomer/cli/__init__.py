@@ -5,9 +5,9 @@ import shlex
 import sys
 from typing import List, Optional
 
-from . import bench, compare, env, plot, table
+from . import bench, compare, env, plot, recognize, table
 
-COMMANDS = (bench, env, compare, table, plot)
+COMMANDS = (bench, recognize, env, compare, table, plot)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -125,5 +125,6 @@ class Encoder(nn.Module):
             )
         feature, mask = self.model(img, img_mask)
         feature = self.feature_proj(feature).permute(0, 2, 3, 1)
-        feature = feature + image_position_encoding(mask, self.d_model)
+        # in the features' dtype: float16/bfloat16 models stay in their dtype (the LayerNorm needs it)
+        feature = feature + image_position_encoding(mask, self.d_model).to(feature.dtype)
         return self.norm(feature), mask

@@ -165,7 +165,7 @@ class DecodingState:
         """Causal self-attention of the newest position over the cached ones: x [rows, d]."""
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(self.rows, 3, self.nhead, -1)
         cache = self.self_kv[:, layer]  # [rows, k/v, nhead, max_len, head_dim]
-        cache.index_copy_(3, self.position.view(1), qkv[:, 1:, :, None])
+        cache.index_copy_(3, self.position.view(1), qkv[:, 1:, :, None].to(cache.dtype))  # autocast: qkv may be half
         k, v = cache[:, :, :, :window].unbind(1)
         scores = torch.matmul((qkv[:, 0] * attn.head_dim**-0.5)[:, :, None], k.transpose(2, 3))
         weights = torch.softmax(scores.masked_fill(pad[:, None, None], float("-inf")), dim=-1)

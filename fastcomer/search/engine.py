@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
+from ..model.adapt import as_comer
 from ..vocab import EOS_IDX, PAD_IDX, SOS_IDX
 from .decoding_state import DecodingState, prefix_window
 from .first_pass import first_pass
@@ -33,6 +34,8 @@ def beam_search(
 ) -> Union[List[Hypothesis], BeamSearchOutput]:
     """CoMER's beam search (SPEC section 3), the same answers as `reference_beam_search`.
 
+    model: fastcomer's CoMER, the public CoMER code's CoMER or LitCoMER (searched over its own
+    tensors, see `fastcomer.model.adapt`).
     img [b, 1, H, W], img_mask [b, H, W] (True = padding); the model must be in eval mode.
     direction "both" is CoMER's bidirectional search with rescoring by the opposite
     direction; "l2r" or "r2l" runs that direction's searches alone, without rescoring:
@@ -47,6 +50,7 @@ def beam_search(
     Arguments are checked before any work (README, "Contract"): a batch of 0 images
     returns [] (with return_details, empty lists).
     """
+    model = as_comer(model)  # fastcomer's CoMER, the public code's CoMER or LitCoMER
     check_search_args(model, img, img_mask, beam_size, max_len, temperature, alpha, early_stopping)
     options = SearchOptions(beam_size, max_len, alpha, early_stopping, temperature, direction)
     if img.shape[0] == 0:
@@ -80,6 +84,7 @@ def greedy_search(
     len counting the start token but not the end token, as a beam hypothesis's.
     backend: as beam_search's.
     """
+    model = as_comer(model)  # fastcomer's CoMER, the public code's CoMER or LitCoMER
     check_search_args(model, img, img_mask, 1, max_len, temperature, alpha)
     (forward,) = search_directions(direction, ("l2r", "r2l"))
     if img.shape[0] == 0:

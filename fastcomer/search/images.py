@@ -4,6 +4,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..model.adapt import as_comer
 from .engine import beam_search
 from .hypotheses import Hypothesis
 
@@ -37,6 +38,7 @@ def decode_images(model, images: Sequence[Tensor], batch_size: int = 16, **searc
     Floating-point images are converted to the model's dtype; other types raise TypeError
     (integer pixels are not rescaled for you). Every image is checked before any search.
     """
+    model = as_comer(model)  # fastcomer's CoMER, the public code's CoMER or LitCoMER
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):
         raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__} {batch_size!r}")
     if batch_size < 1:
