@@ -30,24 +30,35 @@ def _weights(conv_weight, conv_bias, proj_weight, bn_weight, bn_bias, running_me
                       num_batches_tracked, momentum, eps, CoverageMode(coverage))
 
 
-@torch.library.custom_op("fastcomer::arm_attention", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+@torch.library.custom_op("fastcomer::arm_attention", mutates_args=())
 def _arm_attention_op(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, height: int, width: int, prev_attn: Optional[Tensor],
     conv_weight: Optional[Tensor], conv_bias: Optional[Tensor], proj_weight: Optional[Tensor],
     bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
     running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
     coverage: str, bn_training: bool, dropout_p: float, seed: Tensor, precision: str,
-) -> Tuple[Tensor, Tensor]:
-    arm = _weights(conv_weight, conv_bias, proj_weight, bn_weight, bn_bias, running_mean, running_var,
-                   num_batches_tracked, momentum, eps, coverage)
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, attn, running_mean, running_var, num_batches_tracked after this call; the last
+    three empty when the call does not update them). Functional, as an op with an autograd
+    formula must be: the statistics are updated on copies, which the caller writes back."""
+    updated = [_updated_copy(t, bn_training) for t in (running_mean, running_var, num_batches_tracked)]
+    arm = _weights(conv_weight, conv_bias, proj_weight, bn_weight, bn_bias, *updated, momentum, eps, coverage)
     with torch.no_grad():
-        return arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, bn_training=bn_training,
-                             dropout_p=dropout_p, seed=int(seed), precision=precision)
+        out, attn = arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, bn_training=bn_training,
+                                  dropout_p=dropout_p, seed=int(seed), precision=precision)
+    return (out, attn, *(q.new_empty(0) if t is None or not bn_training else t for t in updated))
+
+
+def _updated_copy(statistic: Optional[Tensor], bn_training: bool) -> Optional[Tensor]:
+    return statistic.clone() if statistic is not None and bn_training else statistic
 
 
 @_arm_attention_op.register_fake
-def _(q, k, v, key_padding_mask, height, width, prev_attn, *arm_and_options):
-    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], k.shape[1]))
+def _(q, k, v, key_padding_mask, height, width, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight, bn_bias,
+      running_mean, running_var, num_batches_tracked, momentum, eps, coverage, bn_training, *options):
+    statistics = [q.new_empty(0) if t is None or not bn_training else torch.empty_like(t)
+                  for t in (running_mean, running_var, num_batches_tracked)]
+    return (torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], k.shape[1])), *statistics)
 
 
 @torch.library.custom_op("fastcomer::arm_attention_backward", mutates_args=())
@@ -62,9 +73,9 @@ def _arm_attention_backward_op(
     inputs = [None if t is None else t.detach().requires_grad_()
               for t in (q, k, v, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight, bn_bias)]
     q_, k_, v_, prev_, *params = inputs
-    # copies of the running statistics: the forward op already updated the real ones
-    arm = _weights(*params, *(None if t is None else t.clone() for t in (running_mean, running_var)),
-                   None, momentum, eps, coverage)
+    if bn_training and conv_weight is not None:  # statistics the recomputation may update, then drops
+        running_mean, running_var = torch.zeros_like(bn_weight), torch.ones_like(bn_weight)
+    arm = _weights(*params, running_mean, running_var, None, momentum, eps, coverage)
     with torch.enable_grad():
         out, attn = arm_attention(q_, k_, v_, key_padding_mask, height, width, prev_, arm, bn_training=bn_training,
                                   dropout_p=dropout_p, seed=int(seed), precision=precision)
@@ -87,12 +98,14 @@ def _(grad_out, grad_attn, q, k, v, key_padding_mask, height, width, prev_attn, 
 def _setup_context(ctx, inputs, output):
     (q, k, v, key_padding_mask, height, width, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight, bn_bias,
      running_mean, running_var, _, momentum, eps, coverage, bn_training, dropout_p, seed, precision) = inputs
+    # in training the running statistics are only updated (written back after this op), never read
+    statistics = (None, None) if bn_training else (running_mean, running_var)
     ctx.save_for_backward(q, k, v, key_padding_mask, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight,
-                          bn_bias, running_mean, running_var, seed)
+                          bn_bias, *statistics, seed)
     ctx.options = (height, width, momentum, eps, coverage, bn_training, dropout_p, precision)
 
 
-def _backward(ctx, grad_out, grad_attn):
+def _backward(ctx, grad_out, grad_attn, *statistics_grads):
     (q, k, v, key_padding_mask, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight, bn_bias, running_mean,
      running_var, seed) = ctx.saved_tensors
     height, width, momentum, eps, coverage, bn_training, dropout_p, precision = ctx.options
@@ -126,5 +139,11 @@ def arm_attention_op(
         weights = (None,) * 8 + (None, 0.0, CoverageMode.CROSS.value)
     else:
         weights = (*arm[:8], arm.momentum, float(arm.eps), arm.coverage.value)
-    return torch.ops.fastcomer.arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, *weights,
-                                             bn_training, dropout_p, seed_tensor, precision)
+    out, attn, *statistics = torch.ops.fastcomer.arm_attention(q, k, v, key_padding_mask, height, width, prev_attn,
+                                                               *weights, bn_training, dropout_p, seed_tensor, precision)
+    if arm is not None and bn_training:
+        with torch.no_grad():
+            for buffer, updated in zip((arm.running_mean, arm.running_var, arm.num_batches_tracked), statistics):
+                if buffer is not None:
+                    buffer.copy_(updated)
+    return out, attn
