@@ -7,9 +7,10 @@ plain-PyTorch backend), so they compute what `fastcomer.greedy_search` computes.
 static: one batch size, image size and max_len per export (pad images to that size; the
 mask keeps padding out of the answers' attention as in any padded batch).
 """
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,20 @@ def _plain_state(decoder: nn.Module, rows: int, height: int, width: int, max_len
     return DecodingState(decoder, rows, 1, height, width, max_len, like.dtype, like.device, "torch")
 
 
+@contextlib.contextmanager
+def _buffers_replaced(state: DecodingState, tensors: Dict[str, Optional[Tensor]]) -> Iterator[None]:
+    """The state reads `tensors` as its buffers inside the block and its own ones after it
+    (so that no traced tensor stays behind in it)."""
+    kept = {name: getattr(state, name) for name in tensors}
+    for name, tensor in tensors.items():
+        setattr(state, name, tensor)
+    try:
+        yield
+    finally:
+        for name, tensor in kept.items():
+            setattr(state, name, tensor)
+
+
 class EncoderWithMemory(nn.Module):
     """img [b, 1, H, W], img_mask [b, H, W] -> memory_kv [layers, 2, b, nhead, h*w, head_dim]
     (every decoder layer's cross-attention keys and values) and memory_mask [b, h*w]."""
@@ -41,7 +56,7 @@ class EncoderWithMemory(nn.Module):
         super().__init__()
         self.model = model
         like = next(model.parameters())
-        # kept outside the module tree (built here: it folds the ARM, which tracing cannot)
+        # kept outside the module tree; built here, as it folds the ARM, which tracing cannot
         object.__setattr__(self, "state", _plain_state(model.decoder, batch, *feature_size, max_len, like))
         self.train(model.training)
 
@@ -49,11 +64,11 @@ class EncoderWithMemory(nn.Module):
         feature, mask = self.model.encoder(img, img_mask)
         state = self.state
         # start() overwrites these in place; new ones per call, so a traced graph mutates no constant
-        for name in _STARTED_BUFFERS:
-            if getattr(state, name) is not None:
-                setattr(state, name, torch.empty_like(getattr(state, name)))
-        state.start(feature, mask, torch.full((state.slots,), SOS_IDX, device=feature.device))
-        return state.memory_kv, state.memory_mask
+        fresh = {name: torch.empty_like(getattr(state, name)) for name in _STARTED_BUFFERS
+                 if getattr(state, name) is not None}
+        with _buffers_replaced(state, fresh):
+            state.start(feature, mask, torch.full((state.slots,), SOS_IDX, device=feature.device))
+            return state.memory_kv, state.memory_mask
 
 
 class IncrementalDecoderStep(nn.Module):
@@ -69,7 +84,7 @@ class IncrementalDecoderStep(nn.Module):
         super().__init__()
         self.decoder = decoder
         like = next(decoder.parameters())
-        # kept outside the module tree: its buffers are replaced by the inputs at every call
+        # kept outside the module tree; it reads the inputs as its buffers at every call
         object.__setattr__(self, "state", _plain_state(decoder, batch, *feature_size, max_len, like))
         self.train(decoder.training)
 
@@ -78,12 +93,12 @@ class IncrementalDecoderStep(nn.Module):
         state = self.state
         if (coverage is None) != (state.coverage is None):
             raise ValueError("coverage must be given exactly when the decoder has an ARM")
-        state.tokens, state.position, state.memory_kv, state.memory_mask = tokens, position, memory_kv, memory_mask
-        # copies: the step updates its caches in place, the graph returns them as outputs
-        state.self_kv = self_kv.clone()
-        state.coverage = None if coverage is None else coverage.clone()
-        logits = state.step(state.max_len)
-        return (logits, state.self_kv) if coverage is None else (logits, state.self_kv, state.coverage)
+        # copies of the caches: the step updates them in place, the graph returns them as outputs
+        inputs = dict(tokens=tokens, position=position, memory_kv=memory_kv, memory_mask=memory_mask,
+                      self_kv=self_kv.clone(), coverage=None if coverage is None else coverage.clone())
+        with _buffers_replaced(state, inputs):
+            logits = state.step(state.max_len)
+            return (logits, state.self_kv) if coverage is None else (logits, state.self_kv, state.coverage)
 
     def initial_caches(self) -> Tuple[Tensor, ...]:
         """Zero self_kv (and coverage) for the first step, the step's cache inputs."""
