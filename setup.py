@@ -121,7 +121,9 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pybind11>=2.10", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "test": ["pytest", "pytest-benchmark", "pybind11>=2.10", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+                 "onnx", "onnxruntime", "onnxscript"],
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "bench": ["pytest-benchmark", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["fastcomer = fastcomer.cli:main"]},
