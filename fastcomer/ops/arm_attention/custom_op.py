@@ -6,7 +6,7 @@ The ops wrap the public entry `fastcomer.ops.arm_attention.arm_attention` (the T
 kernels and their autograd Function), with the ARM's weights flattened into tensors and
 scalars, as an op schema needs. The backward op recomputes the entry's forward with autograd
 and differentiates it (running statistics untouched), so it depends on nothing but the
-entry. torch.library.triton_op would let inductor see the kernels themselves, but it needs
+entry; eager calls of `arm_attention_op` skip the op and its recomputation. torch.library.triton_op would let inductor see the kernels themselves, but it needs
 every launch inside the launchers written as `wrap_triton(kernel)[grid](...)`.
 """
 from typing import List, Optional, Tuple
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ...model.arm import CoverageMode
 from . import arm_attention
+from ..tracing import is_tracing
 from .interface import ARMWeights, check_inputs
 
 # The differentiable inputs, in the order of the backward op's gradients.
@@ -129,9 +130,25 @@ def arm_attention_op(
     prev_attn: Optional[Tensor] = None, arm: Optional[ARMWeights] = None, *, bn_training: bool = False,
     dropout_p: float = 0.0, seed: Optional[int] = None, precision: str = "ieee",
 ) -> Tuple[Tensor, Tensor]:
-    """`fastcomer.ops.arm_attention.arm_attention` (same arguments, same results) through the
-    custom op `torch.ops.fastcomer.arm_attention`: one node under torch.compile and
-    torch.export. The dropout seed is drawn as a tensor (no host sync, no graph break)."""
+    """`fastcomer.ops.arm_attention.arm_attention` (same arguments, same results); traced (by
+    torch.compile, torch.export or on fake tensors) through the custom op
+    `torch.ops.fastcomer.arm_attention`, one node, with the dropout seed drawn as a tensor (no
+    host sync, no graph break). Eager calls run the entry itself, whose autograd Function
+    saves what its backward needs instead of recomputing the forward as the op's backward does."""
+    if not is_tracing(q):
+        return arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, bn_training=bn_training,
+                             dropout_p=dropout_p, seed=seed, precision=precision)
+    return arm_attention_through_op(q, k, v, key_padding_mask, height, width, prev_attn, arm, bn_training=bn_training,
+                                    dropout_p=dropout_p, seed=seed, precision=precision)
+
+
+def arm_attention_through_op(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, height: int, width: int,
+    prev_attn: Optional[Tensor] = None, arm: Optional[ARMWeights] = None, *, bn_training: bool = False,
+    dropout_p: float = 0.0, seed: Optional[int] = None, precision: str = "ieee",
+) -> Tuple[Tensor, Tensor]:
+    """`arm_attention` through the custom op, eager or traced (what `arm_attention_op` runs
+    when tracing); running statistics written back to the ARM's buffers after the op."""
     check_inputs(q, k, v, key_padding_mask, height, width, prev_attn, arm, precision)
     seed_tensor = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if seed is None and dropout_p > 0
                    else torch.tensor(seed or 0, dtype=torch.int64))

@@ -6,7 +6,7 @@ the dispatcher `fused_cross_attention_step`.
 
 `decode_step` is what the decoding engine calls: the plain-PyTorch backend runs the
 dispatcher directly, so that compilers and exporters (torch.export, ONNX) see its
-operations; the kernel backends go through the op.
+operations; traced, the kernel backends go through the op; eager calls skip it.
 """
 from typing import Optional, Tuple
 
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ...model.arm import CoverageMode, FoldedARM
+from ..tracing import is_tracing
 from . import fused_cross_attention_step
 from .interface import returned_dtype
 
@@ -40,8 +41,9 @@ def decode_step(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, image
                 arm: Optional[FoldedARM], coverage: Optional[Tensor], prev_attn: Optional[Tensor], backend: str,
                 rows_per_image: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """`fused_cross_attention_step` (same arguments and results) for a resolved backend
-    ('torch', 'triton' or 'cuda'): 'torch' inline, the kernels as the custom op."""
-    if backend == "torch":
+    ('torch', 'triton' or 'cuda'): traced, the kernels as the custom op and 'torch' inline;
+    eager, the dispatcher itself (no op dispatch overhead)."""
+    if backend == "torch" or not is_tracing(q):
         return fused_cross_attention_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn,
                                           backend=backend, rows_per_image=rows_per_image)
     weights = (None,) * 4 + (CoverageMode.CROSS.value,) if arm is None else (*arm[:4], arm.coverage.value)
