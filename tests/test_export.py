@@ -70,4 +70,4 @@ def test_onnx_greedy_search_matches_engine(model, onnx_dir, direction):
     got = onnx_greedy_search(onnx_dir / ENCODER_FILE, onnx_dir / STEP_FILE, img, img_mask, direction=direction)
     assert [h.seq for h in got] == [h.seq for h in want]
     assert_close_rel([h.score for h in got], [h.score for h in want], 1e-5, "scores")
-    assert len({len(h.seq) for h in want}) > 1 or any(0 < len(h.seq) < MAX_LEN - 1 for h in want)
+    assert any(len(h.seq) > 2 for h in want)  # several steps were compared, not only an immediate end

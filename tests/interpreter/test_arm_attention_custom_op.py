@@ -35,3 +35,22 @@ def test_op_matches_entry(training, dropout_p):
     names = ["out", "attn", "running_mean", "running_var", "num_batches_tracked", "q", "k", "v", "prev_attn", *ARM_PARAMS]
     for name, got, want in zip(names, results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_decode_step_op_matches_dispatcher():
+    """torch.ops.fastcomer.decode_step on the Triton backend: the dispatcher's outputs and
+    in-place coverage update (the op's declared mutation)."""
+    from fastcomer.ops.decode_step import fused_cross_attention_step
+
+    from support.decode_step_cases import clone, make_step
+
+    step = make_step(2, "both")
+    direct = clone(step)
+    want, want_returned = fused_cross_attention_step(**direct, backend="triton")
+    arm = step["arm"]
+    got, got_returned = torch.ops.fastcomer.decode_step(
+        step["q"], step["k"], step["v"], step["key_padding_mask"], step["image_index"], step["height"], *arm[:4],
+        arm.coverage.value, step["coverage"], step["prev_attn"], "triton", None)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_returned, want_returned, rtol=0, atol=0)
+    torch.testing.assert_close(step["coverage"], direct["coverage"], rtol=0, atol=0)
