@@ -27,7 +27,8 @@ def add_parser(commands) -> None:
     timing.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default: %(default)s)")
     timing.add_argument("--seed", type=int, default=0)
     timing.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    timing.add_argument("--out", type=Path, help="write the results as JSON to this file, or into this directory")
+    timing.add_argument("--out", type=Path,
+                        help="write the results as JSON (fastcomer.benchmarking's schema) to this file, or into this directory")
     timing.set_defaults(run=run)
 
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     """Time the engine against the reference beam search; fail if they answer differently."""
     import torch
 
-    from ..benchmarking import FULL_SHAPES, QUICK_SHAPES, format_table, run_benchmark, write_report
+    from ..benchmarking import FULL_SHAPES, QUICK_SHAPES, bench_model, engine_row, new_report, render_table, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,17 +52,15 @@ def run(args: argparse.Namespace) -> int:
     max_len = args.max_len or (60 if args.quick else 200)
     print(f"decoding {args.images} image(s) of each of {', '.join(f'{h}x{w}' for h, w in shapes)}, beam {args.beam_size}, "
           f"max_len {max_len}, on {args.device} with {torch.get_num_threads()} thread(s)", flush=True)
-    report = None
+    report = new_report(torch.device(args.device), args.command_line)
+    model = bench_model(args.seed, args.device)
+    path = None
     for shape in shapes:  # the report is written after each shape, so a long run keeps what it measured
-        part = run_benchmark([shape], args.images, args.beam_size, max_len, args.device, args.seed,
-                             log=lambda s: print(s, flush=True), batch=args.batch, backend=args.backend,
-                             graphs={"auto": None, "on": True, "off": False}[args.graphs])
-        if report is None:
-            report = part
-        else:
-            report["results"] += part["results"]
+        report["rows"].append(engine_row(model, shape, args.images, args.beam_size, max_len, args.seed, args.batch,
+                                         args.backend, {"auto": None, "on": True, "off": False}[args.graphs],
+                                         log=lambda s: print(s, flush=True)))
         path = write_report(report, args.out)
-    print(format_table(report))
+    print(render_table([(str(path or "not written"), report)]))
     if path is not None:
         print(f"wrote {path}")
-    return 0 if all(row["identical"] for row in report["results"]) else 1
+    return 0 if all(row["checks"]["identical"] for row in report["rows"]) else 1
