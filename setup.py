@@ -129,8 +129,9 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
-        # matplotlib: the test of `fastcomer plot`; onnx, onnxruntime, onnxscript: the ONNX export tests
-        "test": ["pytest", "pybind11>=2.10", "matplotlib", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        # matplotlib: the test of `fastcomer plot`; hypothesis: the property-based search tests;
+        # onnx, onnxruntime, onnxscript: the ONNX export tests
+        "test": ["pytest", "hypothesis", "pybind11>=2.10", "matplotlib", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
                  "onnx", "onnxruntime", "onnxscript"],
         # the suite under benchmarks/ runs under pytest, timed by torch.utils.benchmark
         "bench": ["pytest", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
