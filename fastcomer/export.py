@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .model.arm import FoldedARM
 from .search.decoding_state import DecodingState
 from .search.hypotheses import Hypothesis
 from .search.options import search_directions
@@ -35,7 +36,7 @@ def _plain_state(decoder: nn.Module, rows: int, height: int, width: int, max_len
 
 
 @contextlib.contextmanager
-def _buffers_replaced(state: DecodingState, tensors: Dict[str, Optional[Tensor]]) -> Iterator[None]:
+def _buffers_replaced(state: DecodingState, tensors: Dict[str, object]) -> Iterator[None]:
     """The state reads `tensors` as its buffers inside the block and its own ones after it
     (so that no traced tensor stays behind in it)."""
     kept = {name: getattr(state, name) for name in tensors}
@@ -66,6 +67,9 @@ class EncoderWithMemory(nn.Module):
         # start() overwrites these in place; new ones per call, so a traced graph mutates no constant
         fresh = {name: torch.empty_like(getattr(state, name)) for name in _STARTED_BUFFERS
                  if getattr(state, name) is not None}
+        if state.arm is not None:  # start() refreshes the folded ARM in place too
+            fresh["arm"] = state.arm._replace(**{name: torch.empty_like(getattr(state.arm, name))
+                                                 for name in FoldedARM._fields[:4]})
         with _buffers_replaced(state, fresh):
             state.start(feature, mask, torch.full((state.slots,), SOS_IDX, device=feature.device))
             return state.memory_kv, state.memory_mask
