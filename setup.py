@@ -130,12 +130,15 @@ setup(
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         # matplotlib: the test of `fastcomer plot`; hypothesis: the property-based search tests;
-        # pillow: the tests of `fastcomer recognize`
-        "test": ["pytest", "hypothesis", "pybind11>=2.10", "matplotlib", "pillow", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        # pillow: the tests of `fastcomer recognize`; onnx, onnxruntime, onnxscript: the ONNX export tests
+        "test": ["pytest", "hypothesis", "pybind11>=2.10", "matplotlib", "pillow", "onnx", "onnxruntime", "onnxscript",
+                 "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # the suite under benchmarks/ runs under pytest, timed by torch.utils.benchmark
         "bench": ["pytest", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "plot": ["matplotlib"],
         "images": ["pillow"],  # fastcomer.recognize / `fastcomer recognize` on image files
+        # `fastcomer export-onnx` and fastcomer.export.onnx_greedy_search
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={"console_scripts": ["fastcomer = fastcomer.cli:main"]},
 )

@@ -132,14 +132,14 @@ def resolve(tensor: torch.Tensor, explicit: Optional[str] = None, cuda_kernels: 
     whether the op has a CUDA-extension implementation (the decode step has; the training
     op has not, so 'auto' never picks 'cuda' for it and forcing 'cuda' raises)."""
     name = requested_backend(explicit)
-    cuda_available = cuda_kernels and cuda_extension_usable()
-    kernel_dtype = tensor.dtype in KERNEL_DTYPES
     if name == "torch":
         return "torch"
+    kernel_dtype = tensor.dtype in KERNEL_DTYPES
     if name == "auto":
         if not tensor.is_cuda or not kernel_dtype:
             return "torch"
-        if cuda_available:
+        # looked up only past the plain cases: the import is a graph break under torch.compile
+        if cuda_kernels and cuda_extension_usable():
             return "cuda"
         return "triton" if triton_status()[0] else "torch"
     if not kernel_dtype:
@@ -153,7 +153,7 @@ def resolve(tensor: torch.Tensor, explicit: Optional[str] = None, cuda_kernels: 
         return "triton"
     if not cuda_kernels:
         raise ValueError("backend 'cuda' has no implementation of this op (use 'triton' or 'torch')")
-    if not cuda_available:
+    if not cuda_extension_usable():
         raise RuntimeError("backend 'cuda' was forced but the fastcomer CUDA extension is not built (see fastcomer.env_report())")
     if not tensor.is_cuda:
         raise RuntimeError("backend 'cuda' was forced on CPU tensors")

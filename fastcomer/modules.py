@@ -45,7 +45,8 @@ class _FusedAttentionMixin:
 
     def fused_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor, arm) -> Tuple[Tensor, Tensor]:
         """query [b, t, d], key and value [b, L, d] -> (out [b, t, d], attention [(b nhead), t, L])."""
-        from .ops.arm_attention import ARMWeights, arm_attention
+        from .ops.arm_attention import ARMWeights
+        from .ops.arm_attention.custom_op import arm_attention_op  # one node under torch.compile / export
 
         if key_padding_mask is None:
             raise ValueError("the fused ARM attention needs memory_key_padding_mask [b, L]")
@@ -67,7 +68,7 @@ class _FusedAttentionMixin:
                 raise ValueError(f"L = {L} keys do not form an image of height {height}")
             width = L // height
         precision = "tf32" if q.is_cuda and q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-        out, attn = arm_attention(
+        out, attn = arm_attention_op(
             q, k, v, key_padding_mask, height, width, prev_attn, weights, bn_training=bn_training,
             dropout_p=self.dropout if self.training else 0.0, precision=precision,
         )

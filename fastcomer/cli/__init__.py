@@ -5,9 +5,9 @@ import shlex
 import sys
 from typing import List, Optional
 
-from . import bench, compare, env, plot, recognize, table
+from . import bench, compare, env, export_onnx, plot, recognize, table
 
-COMMANDS = (bench, recognize, env, compare, table, plot)
+COMMANDS = (bench, recognize, env, compare, table, plot, export_onnx)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

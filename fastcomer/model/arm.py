@@ -5,7 +5,7 @@ is checked against this file; `refine_coverage` is the one definition of the
 coverage -> refinement map that they all share.
 """
 import enum
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn as nn
@@ -62,7 +62,12 @@ class FoldedARM(NamedTuple):
 
 class MaskBatchNorm2d(nn.Module):
     """BatchNorm over channels, applied only at unmasked positions (masked ones keep
-    their input). Training statistics are taken over the unmasked positions only."""
+    their input). Training statistics are taken over the unmasked positions only.
+
+    The function of nn.BatchNorm1d on the unmasked positions gathered into rows, computed
+    with masked sums and counts instead of the gather, so that no shape depends on the
+    mask's values (torch.compile and torch.export trace it as one graph). `bn` is a plain
+    nn.BatchNorm1d holding the parameters and buffers (CoMER's names and state dict)."""
 
     def __init__(self, num_features: int):
         super().__init__()
@@ -70,10 +75,34 @@ class MaskBatchNorm2d(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x [N, C, h, w], mask [N, h, w] (True = padding) -> [N, C, h, w]."""
-        x = x.permute(0, 2, 3, 1)
-        keep = ~mask
-        x = x.index_put((keep,), self.bn(x[keep]))
-        return x.permute(0, 3, 1, 2)
+        bn = self.bn
+        keep = ~mask[:, None]  # [N, 1, h, w]
+        if bn.training or bn.running_mean is None:
+            mean, var = self.batch_statistics(x, keep)
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        y = (x - mean[:, None, None]) * torch.rsqrt(var + bn.eps)[:, None, None]
+        if bn.affine:
+            y = y * bn.weight[:, None, None] + bn.bias[:, None, None]
+        return torch.where(keep, y, x)
+
+    def batch_statistics(self, x: Tensor, keep: Tensor) -> Tuple[Tensor, Tensor]:
+        """Mean and biased variance per channel over the kept positions; in training with
+        running statistics, updates them as nn.BatchNorm1d does (unbiased variance, momentum,
+        or the cumulative average when momentum is None)."""
+        bn = self.bn
+        dims = (0, 2, 3)
+        count = keep.sum().to(x.dtype)
+        mean = torch.where(keep, x, 0.0).sum(dims) / count
+        var = torch.where(keep, x - mean[:, None, None], 0.0).square().sum(dims) / count
+        if bn.training and bn.track_running_stats:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+                # a tensor factor, not float(num_batches_tracked): no host sync, no graph break
+                factor = bn.num_batches_tracked.to(x.dtype).reciprocal() if bn.momentum is None else bn.momentum
+                bn.running_mean.mul_(1 - factor).add_(factor * mean)
+                bn.running_var.mul_(1 - factor).add_(factor * var * count / (count - 1))
+        return mean, var
 
 
 class AttentionRefinementModule(nn.Module):

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model.arm import AttentionRefinementModule, FoldedARM
-from ..ops.decode_step import coverage_dtype, fused_cross_attention_step, refresh_prepared_weights
+from ..ops.decode_step import coverage_dtype, refresh_prepared_weights
+from ..ops.decode_step.custom_op import decode_step  # the kernels as one custom op under torch.compile
 from ..vocab import PAD_IDX
 
 # Prefix windows are multiples of this: at most WINDOW_STEP - 1 wasted positions per step,
@@ -153,7 +154,7 @@ class DecodingState:
             q = layer.multihead_attn.project_query(x)
             coverage = None if self.coverage is None or j == 0 else self.coverage[:, j - 1]
             k, v = self.memory_kv[j]
-            out, returned = fused_cross_attention_step(
+            out, returned = decode_step(
                 q.view(self.rows, self.nhead, -1), k, v, self.memory_mask, self.image_index,
                 self.height, self.arm, coverage, returned, backend=self.backend, rows_per_image=self.group,
             )

@@ -33,9 +33,10 @@ def test_masked_batchnorm_statistics_in_training():
     layer, and updates its running statistics as BatchNorm1d does (unbiased variance)."""
     model = model64().train()
     feature, mask, tgt = random_decoder_inputs()
-    bn = model.decoder.model.arm.post_norm.bn
-    seen = []
-    bn.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    post_norm = model.decoder.model.arm.post_norm
+    bn = post_norm.bn
+    seen = []  # the unmasked positions as BatchNorm1d rows [positions, nhead]
+    post_norm.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().permute(0, 2, 3, 1)[~args[1]]))
     mean, var = bn.running_mean.clone(), bn.running_var.clone()
     model.decoder(feature, mask, tgt)
     assert len(seen) == SMALL["num_decoder_layers"] - 1

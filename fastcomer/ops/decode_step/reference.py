@@ -83,7 +83,8 @@ def rows_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, pre
         if rows != images * rows_per_image:
             raise ValueError(f"fused_cross_attention_step: {rows} rows are not {images} images x "
                              f"rows_per_image={rows_per_image}")
-        if q.device.type == "cpu":  # on a GPU this check would cost a sync per call
+        # on a GPU this check would cost a sync per call, and under torch.compile a graph break
+        if q.device.type == "cpu" and not torch.compiler.is_compiling():
             grouped = torch.arange(rows, device=q.device) // rows_per_image
             if not bool(((image_index == grouped) | ~active).all()):
                 raise ValueError("fused_cross_attention_step: with rows_per_image, row r must read image "

@@ -1,0 +1,38 @@
+"""`fastcomer export-onnx`: a checkpoint's encoder and incremental decoder step as ONNX."""
+import argparse
+from pathlib import Path
+
+from .bench import image_shape
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "export-onnx",
+        help="write a checkpoint's encoder and incremental decoder step as ONNX (needs the `onnx` extra)",
+        description="Write OUT_DIR/encoder.onnx (img, img_mask -> memory_kv, memory_mask: the features' "
+        "cross-attention keys and values of every decoder layer) and OUT_DIR/decoder_step.onnx (tokens, position, "
+        "memory_kv, memory_mask, self_kv, coverage -> logits, new_self_kv, new_coverage) for one batch size, image "
+        "size and max_len (static shapes; pad images to the size). fastcomer.export.onnx_greedy_search drives them "
+        "in onnxruntime.",
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a CoMER checkpoint (fastcomer.load_comer)")
+    parser.add_argument("out_dir", type=Path, help="directory for the two .onnx files")
+    parser.add_argument("--image-size", type=image_shape, default=(64, 256), help="HEIGHTxWIDTH (default: 64x256)")
+    parser.add_argument("--batch", type=int, default=1, help="images per call (default: %(default)s)")
+    parser.add_argument("--max-len", type=int, default=200, help="tokens per answer, start token included (default: %(default)s)")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import load_comer
+    from ..export import export_onnx
+
+    model = load_comer(args.checkpoint, map_location="cpu")
+    model = model.to(torch.float32)  # ONNX runtimes take the float32 graph
+    paths = export_onnx(model, args.out_dir, args.batch, args.image_size, args.max_len, args.opset)
+    for path in paths:
+        print(path)
+    return 0
