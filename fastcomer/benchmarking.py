@@ -12,8 +12,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import backends
+from .flop_floor import flop_floor
 from .model.comer import CoMER
 from .search.engine import beam_search
+from .search.images import decode_images
+from .search.threads import search_threads
 from .search.reference import reference_beam_search
 from .vocab import EOS_IDX, SOS_IDX
 
@@ -95,9 +98,12 @@ def run_benchmark(
     batch: int = 1,
     backend: Optional[str] = None,
     graphs: Optional[bool] = None,
+    workers: int = 1,
 ) -> Dict:
     """Decode `images` random images per shape with both searches, `batch` images per call;
-    check that they answer identically; return the measurements (seconds per call)."""
+    check that they answer identically; return the measurements (seconds per call). With
+    workers > 1 (CPU), also the engine's time per image for all images of a shape at once,
+    spread over that many worker processes (`decode_images`)."""
     if images % batch:
         raise ValueError(f"images ({images}) must be a multiple of batch ({batch})")
     model = bench_model(seed, device)
@@ -126,6 +132,16 @@ def run_benchmark(
         row["engine_s_per_image"] = statistics.mean(row["engine_s"]) / batch
         row["reference_s_per_image"] = statistics.mean(row["reference_s"]) / batch
         row["ratio"] = row["reference_s_per_image"] / row["engine_s_per_image"]
+        if workers > 1:
+            every = [im for k in range(images) for im in bench_images(shape, seed + k, 1, device, torch.float32)[0]]
+            _, spread_s = timed(lambda: decode_images(model, every, workers=workers, **search, **engine), device)
+            row["engine_workers"], row["engine_spread_s_per_image"] = workers, spread_s / images
+            log(f"{shape[0]}x{shape[1]}: {images} images on {workers} workers {spread_s / images:.2f} s/image")
+        if device == "cpu":  # the engine against its FLOP floor on this machine (fastcomer.flop_floor)
+            row["floor"] = flop_floor(model, img, mask, **search, backend=backend)
+            row["floor"]["engine_ratio"] = row["engine_s_per_image"] / row["floor"]["floor_s_per_image"]
+            log(f"{shape[0]}x{shape[1]}: engine {row['floor']['engine_ratio']:.2f}x its FLOP floor "
+                f"({row['floor']['floor_s_per_image']:.3f} s/image, {row['floor']['flops_per_image'] / 1e9:.1f} GFLOP)")
         rows.append(row)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -134,6 +150,7 @@ def run_benchmark(
         "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "engine_threads": search_threads(),
         "model": "CoMER() published config, seeded random weights (fastcomer.benchmarking.bench_model), float32",
         "search": {**search, "alpha": 1.0, "early_stopping": False, "temperature": 1.0, "direction": "both"},
         "engine_backend": backend or os.environ.get("FASTCOMER_BACKEND", "auto"),

@@ -1,5 +1,6 @@
 """`fastcomer bench`: the decoding engine against the reference beam search."""
 import argparse
+import os
 from pathlib import Path
 from typing import Tuple
 
@@ -26,7 +27,10 @@ def add_parser(commands) -> None:
     timing.add_argument("--beam-size", type=int, default=10)
     timing.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default: %(default)s)")
     timing.add_argument("--seed", type=int, default=0)
-    timing.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    timing.add_argument("--threads", type=int, default=0, help="torch CPU threads of both searches (default: the "
+                        "engine's $FASTCOMER_THREADS, else 1; the reference's torch's choice)")
+    timing.add_argument("--workers", type=int, default=1, help="also time all images of a shape spread over this "
+                        "many worker processes (CPU; default: %(default)s)")
     timing.add_argument("--out", type=Path, help="write the results as JSON to this file, or into this directory")
     timing.set_defaults(run=run)
 
@@ -47,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["FASTCOMER_THREADS"] = str(args.threads)
     shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     max_len = args.max_len or (60 if args.quick else 200)
     print(f"decoding {args.images} image(s) of each of {', '.join(f'{h}x{w}' for h, w in shapes)}, beam {args.beam_size}, "
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     for shape in shapes:  # the report is written after each shape, so a long run keeps what it measured
         part = run_benchmark([shape], args.images, args.beam_size, max_len, args.device, args.seed,
                              log=lambda s: print(s, flush=True), batch=args.batch, backend=args.backend,
-                             graphs={"auto": None, "on": True, "off": False}[args.graphs])
+                             graphs={"auto": None, "on": True, "off": False}[args.graphs], workers=args.workers)
         if report is None:
             report = part
         else:
