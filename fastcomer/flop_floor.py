@@ -70,6 +70,8 @@ def flop_floor(model, img: torch.Tensor, mask: torch.Tensor, threads=None, **sea
     {"flops_per_image", "flops_by_op" (per image), "rates_gflop_s" {"conv", "matmul"},
     "floor_s_per_image", "threads"}; FLOPs of convolutions count at the conv rate, all
     others at the matmul rate. CPU models only."""
+    if img.device.type != "cpu":
+        raise ValueError(f"flop_floor measures CPU rates: img must be on the CPU, got {img.device}")
     threads = search_threads(threads)
     images = img.shape[0]
     with torch.inference_mode(), intra_op_threads(threads):
