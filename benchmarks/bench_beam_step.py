@@ -42,7 +42,7 @@ def floor_bytes(batch: SearchSlots) -> int:
     state = batch.state
     weights = sum(tensor_bytes(p) for p in state.decoder.parameters())
     coverage = 2 * tensor_bytes(state.coverage) if state.coverage is not None else 0
-    self_kv = tensor_bytes(state.self_kv) * WINDOW // state.max_len
+    self_kv = (tensor_bytes(state.self_keys) + tensor_bytes(state.self_values)) * WINDOW // state.max_len
     return weights + tensor_bytes(state.memory_kv) + coverage + self_kv
 
 

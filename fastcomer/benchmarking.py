@@ -27,8 +27,10 @@ import torch
 
 from . import backends
 from ._version import __version__
+from .flop_floor import flop_floor
 from .model.comer import CoMER
 from .search.engine import beam_search
+from .search.images import decode_images
 from .search.reference import reference_beam_search
 from .vocab import EOS_IDX, SOS_IDX
 
@@ -54,8 +56,9 @@ class Environment(TypedDict):
 
 
 class Floor(TypedDict):
-    """A row's FLOP floor (filled by a later step, not by these benchmarks): the FLOPs one image
-    costs, the per-op rates measured on the same machine, and the subject's time over the floor."""
+    """A row's FLOP floor (`fastcomer.flop_floor`, CPU rows of the engine benchmark): the FLOPs
+    one image costs, the per-op rates measured on the same machine in the same run, and the
+    subject's time over the floor (details: FLOPs by op, the floor's seconds per image, threads)."""
 
     flops_per_image: float
     rates_flop_s: Dict[str, float]
@@ -306,10 +309,13 @@ def engine_row(
     backend: Optional[str] = None,
     graphs: Optional[bool] = None,
     log: Callable[[str], None] = print,
+    workers: int = 1,
 ) -> Row:
     """Decode `images` random images of `shape`, `batch` per call, with the engine and with the
     reference beam search; check that they answer identically. The row's medians are seconds
-    per image (per call / batch); its details keep every call's seconds."""
+    per image (per call / batch); its details keep every call's seconds. With workers > 1
+    (CPU), also the engine's seconds per image for all the images at once, spread over that
+    many worker processes (`decode_images`). On CPU the row's floor is the engine's FLOP floor."""
     if images % batch:
         raise ValueError(f"images ({images}) must be a multiple of batch ({batch})")
     device = next(model.parameters()).device
@@ -337,8 +343,21 @@ def engine_row(
     medians = {"engine": statistics.median(engine_s) / batch, "reference": statistics.median(reference_s) / batch}
     details = dict(engine_s=engine_s, engine_cold_s=cold_s, reference_s=reference_s, hyp_lengths=lengths,
                    decoded_length=max(lengths))
-    return make_row("engine", engine_row_name(shape, max_len, batch), params, "engine", medians,
-                    checks={"identical": identical}, details=details)
+    if workers > 1:
+        every = [im for k in range(images) for im in bench_images(shape, seed + k, 1, str(device), torch.float32)[0]]
+        spread_s = timed(lambda: decode_images(model, every, workers=workers, **search, **engine))[1]
+        details.update(workers=workers, engine_spread_s_per_image=spread_s / images)
+        log(f"{shape[0]}x{shape[1]}: {images} images on {workers} workers, {spread_s / images:.2f} s/image")
+    row = make_row("engine", engine_row_name(shape, max_len, batch), params, "engine", medians,
+                   checks={"identical": identical}, details=details)
+    if device.type == "cpu":
+        floor = flop_floor(model, img, mask, **search, backend=backend)
+        row["floor"] = {"flops_per_image": floor["flops_per_image"],
+                        "rates_flop_s": {kind: rate * 1e9 for kind, rate in floor["rates_gflop_s"].items()},
+                        "ratio": medians["engine"] / floor["floor_s_per_image"], "details": floor}
+        log(f"{shape[0]}x{shape[1]}: engine {row['floor']['ratio']:.2f}x its FLOP floor "
+            f"({floor['floor_s_per_image']:.3f} s/image, {floor['flops_per_image'] / 1e9:.1f} GFLOP per image)")
+    return row
 
 
 # --- tables and comparisons ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """`fastcomer bench`: the decoding engine against the reference beam search."""
 import argparse
+import os
 
 from .arguments import device, image_shape, output_path, positive_int
 
@@ -26,7 +27,10 @@ def add_parser(commands) -> None:
     timing.add_argument("--beam-size", type=positive_int, default=10)
     timing.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:n] (default: %(default)s)")
     timing.add_argument("--seed", type=int, default=0)
-    timing.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    timing.add_argument("--threads", type=positive_int, help="torch CPU threads of both searches (default: the "
+                        "engine's $FASTCOMER_THREADS, else 1; the reference's torch's choice)")
+    timing.add_argument("--workers", type=positive_int, default=1, help="also time all images of a shape spread over "
+                        "this many worker processes (CPU; default: %(default)s)")
     timing.add_argument("--out", type=output_path,
                         help="write the results as JSON (fastcomer.benchmarking's schema) to this file, or into this directory")
     timing.set_defaults(run=run)
@@ -40,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["FASTCOMER_THREADS"] = str(args.threads)  # the engine's searches read it
     shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     max_len = args.max_len or (60 if args.quick else 200)
     print(f"decoding {args.images} image(s) of each of {', '.join(f'{h}x{w}' for h, w in shapes)}, beam {args.beam_size}, "
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     for shape in shapes:  # the report is written after each shape, so a long run keeps what it measured
         report["rows"].append(engine_row(model, shape, args.images, args.beam_size, max_len, args.seed, args.batch,
                                          args.backend, {"auto": None, "on": True, "off": False}[args.graphs],
-                                         log=lambda s: print(s, flush=True)))
+                                         log=lambda s: print(s, flush=True), workers=args.workers))
         path = write_report(report, args.out)
     print(render_table([(str(path or "not written"), report)]))
     if path is not None:

@@ -54,6 +54,10 @@ def split_heads(x: Tensor, nhead: int) -> Tensor:
 
 
 class DecodingState:
+    # The per-row state tensors that a reorder gathers: their row dimension, and the dimension
+    # of positions of which it gathers the window only (None: all of it).
+    REORDERED = {"tokens": (0, None), "self_keys": (1, 4), "self_values": (1, 3), "coverage": (0, None)}
+
     def __init__(self, decoder, slots: int, group: int, height: int, width: int, max_len: int,
                  dtype: torch.dtype, device, backend: str):
         """Buffers for `slots` slots of `group` rows, each reading one image of h x w features, up to max_len
@@ -74,14 +78,22 @@ class DecodingState:
         self.memory_mask = torch.ones(slots, self.length, dtype=torch.bool, device=device)
         self.slot_of_row = torch.arange(slots, dtype=torch.int32, device=device).repeat_interleave(group)
         self.image_index = self.slot_of_row.clone()  # what the fused kernels read: -1 skips a row
-        # One tensor per kind of row state, rows first, so that a reorder is one gather each.
-        # Zeros, not garbage: the self-attention's masked positions multiply V by weight 0.
-        self.self_kv = like.new_zeros(self.rows, len(layers), 2, self.nhead, max_len, head_dim)
+        # One tensor per kind of row state, so that a reorder is one gather each. The self K/V
+        # are layer-major, so that each layer's K^T [rows, nhead, head_dim, window] and V
+        # [rows, nhead, window, head_dim] are matmul operands as they lie (no copy; K^T as the
+        # copy that matmul made of a K cache, so the scores are bitwise the same). Zeros, not
+        # garbage: the self-attention's masked positions multiply V by weight 0.
+        self.self_keys = like.new_zeros(len(layers), self.rows, self.nhead, head_dim, max_len)
+        self.self_values = like.new_zeros(len(layers), self.rows, self.nhead, max_len, head_dim)
         # Layer j > 0 refines with coverage[:, j - 1]; layer 0 has none.
         channels = self.arm.coverage.channels(self.nhead) if self.arm else 0
         self.coverage = (like.new_zeros(self.rows, len(layers) - 1, channels, self.length,
                                         dtype=coverage_dtype(backend, dtype)) if self.arm else None)
         self.tokens = torch.full((self.rows, max_len), PAD_IDX, dtype=torch.long, device=device)
+        # A reorder gathers into these (index_select, a row copy each) and copies back: the
+        # state's buffers stay where they are, as CUDA graphs need.
+        self.reordered = {name: torch.empty_like(getattr(self, name)) for name in self.REORDERED
+                          if getattr(self, name) is not None}
         self.position = torch.zeros((), dtype=torch.long, device=device)  # index of the newest token
 
     def start(self, feature: Tensor, feature_mask: Tensor, tokens: Tensor) -> None:
@@ -109,7 +121,8 @@ class DecodingState:
         self.refresh_arm(other.arm)
         self.memory_kv.copy_(other.memory_kv[:, :, slots])
         self.memory_mask.copy_(other.memory_mask[slots])
-        self.self_kv.copy_(other.self_kv[rows])
+        self.self_keys.copy_(other.self_keys[:, rows])
+        self.self_values.copy_(other.self_values[:, rows])
         if self.coverage is not None:
             self.coverage.copy_(other.coverage[rows])
         self.tokens.copy_(other.tokens[rows])
@@ -136,11 +149,15 @@ class DecodingState:
         self.tokens.index_copy_(1, self.position.view(1), tokens.view(-1, 1))
 
     def reorder(self, parents: Tensor, window: int) -> None:
-        """New row r continues old row parents[r]: one gather per state tensor."""
-        self.tokens.copy_(self.tokens[parents])
-        self.self_kv[..., :window, :] = self.self_kv[parents, ..., :window, :]
-        if self.coverage is not None:
-            self.coverage.copy_(self.coverage[parents])
+        """New row r continues old row parents[r]: one gather per state tensor (of the self
+        K/V, the window's positions only)."""
+        for name, gathered in self.reordered.items():
+            state = getattr(self, name)
+            row_dim, position_dim = self.REORDERED[name]
+            if position_dim is not None:
+                state, gathered = state.narrow(position_dim, 0, window), gathered.narrow(position_dim, 0, window)
+            torch.index_select(state, row_dim, parents, out=gathered)
+            state.copy_(gathered)
 
     def step(self, window: int) -> Tensor:
         """The decoder's logits for the newest token of every row: [rows, vocab]."""
@@ -165,10 +182,11 @@ class DecodingState:
     def self_attention(self, attn, layer: int, x: Tensor, pad: Tensor, window: int) -> Tensor:
         """Causal self-attention of the newest position over the cached ones: x [rows, d]."""
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(self.rows, 3, self.nhead, -1)
-        cache = self.self_kv[:, layer]  # [rows, k/v, nhead, max_len, head_dim]
-        cache.index_copy_(3, self.position.view(1), qkv[:, 1:, :, None].to(cache.dtype))  # autocast: qkv may be half
-        k, v = cache[:, :, :, :window].unbind(1)
-        scores = torch.matmul((qkv[:, 0] * attn.head_dim**-0.5)[:, :, None], k.transpose(2, 3))
+        keys, values = self.self_keys[layer], self.self_values[layer]
+        keys.index_copy_(3, self.position.view(1), qkv[:, 1, :, :, None].to(keys.dtype))  # autocast: qkv may be half
+        values.index_copy_(2, self.position.view(1), qkv[:, 2, :, None].to(values.dtype))
+        v = values[:, :, :window]
+        scores = torch.matmul((qkv[:, 0] * attn.head_dim**-0.5)[:, :, None], keys[..., :window])
         weights = torch.softmax(scores.masked_fill(pad[:, None, None], float("-inf")), dim=-1)
         out = torch.matmul(weights, v)  # [rows, nhead, 1, head_dim]
         return attn.out_proj(out.view(self.rows, -1))

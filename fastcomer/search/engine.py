@@ -15,8 +15,10 @@ from .first_pass import first_pass
 from .hypotheses import BeamSearchOutput, Hypothesis, no_images_output
 from .options import SearchOptions, check_search_args, search_directions
 from .rescoring import rescore, select_best
+from .threads import with_search_threads
 
 
+@with_search_threads
 @torch.inference_mode()
 def beam_search(
     model,
@@ -31,6 +33,7 @@ def beam_search(
     direction: str = "both",
     backend: Optional[str] = None,
     graphs: Optional[bool] = None,
+    threads: Optional[int] = None,
 ) -> Union[List[Hypothesis], BeamSearchOutput]:
     """CoMER's beam search (SPEC section 3), the same answers as `reference_beam_search`.
 
@@ -45,7 +48,10 @@ def beam_search(
     FASTCOMER_BACKEND. The kernels compute the same function in float32 arithmetic, so
     answers equal the reference's up to float32 near-ties. graphs: replay the steps as CUDA
     graphs (same results, less launch overhead); None reads FASTCOMER_CUDA_GRAPHS, whose
-    default `auto` means on for models on CUDA.
+    default `auto` means on for models on CUDA. threads: torch's intra-op threads during
+    the search (restored afterwards); None reads FASTCOMER_THREADS, default 1, the fastest
+    for the step's small ops (`fastcomer.search.threads`); spread images over cores with
+    `decode_images(..., workers=...)` instead.
 
     Arguments are checked before any work (README, "Contract"): a batch of 0 images
     returns [] (with return_details, empty lists).
@@ -66,6 +72,7 @@ def beam_search(
     return BeamSearchOutput(best, hyps, scores, reverse) if return_details else best
 
 
+@with_search_threads
 @torch.inference_mode()
 def greedy_search(
     model,
@@ -76,13 +83,14 @@ def greedy_search(
     temperature: float = 1.0,
     direction: str = "l2r",
     backend: Optional[str] = None,
+    threads: Optional[int] = None,
 ) -> List[Hypothesis]:
     """Per image the most likely token at every step, in one direction ("l2r" or "r2l"),
     until the end token or max_len tokens (start token included).
 
     Score: sum of the chosen tokens' log-probabilities (end token included) / len**alpha,
     len counting the start token but not the end token, as a beam hypothesis's.
-    backend: as beam_search's.
+    backend, threads: as beam_search's.
     """
     model = as_comer(model)  # fastcomer's CoMER, the public code's CoMER or LitCoMER
     check_search_args(model, img, img_mask, 1, max_len, temperature, alpha)

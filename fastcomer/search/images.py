@@ -1,5 +1,9 @@
-"""Decoding many images of different sizes: batches of similar sizes, to cut padding."""
-from typing import List, Sequence, Tuple
+"""Decoding many images of different sizes: batches of similar sizes, to cut padding, spread
+over worker processes on CPU."""
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -27,25 +31,53 @@ def size_buckets(sizes: Sequence[Tuple[int, int]], batch_size: int) -> List[List
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def decode_images(model, images: Sequence[Tensor], batch_size: int = 16, **search_kwargs) -> List[Hypothesis]:
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# The model of a worker process of decode_images, inherited by fork (never pickled).
+_worker_model = None
+
+
+def _set_worker_model(model) -> None:
+    global _worker_model
+    _worker_model = model
+
+
+def _decode_batch(img: Tensor, mask: Tensor, search_kwargs: dict) -> List[Hypothesis]:
+    return beam_search(_worker_model, img, mask, **search_kwargs)
+
+
+def decode_images(model, images: Sequence[Tensor], batch_size: Optional[int] = None, workers: Optional[int] = None,
+                  **search_kwargs) -> List[Hypothesis]:
     """Beam search (`fastcomer.beam_search`, with search_kwargs) over images [1, H, W] or
     [H, W] of any sizes, on the model's device; answers in input order.
 
     Each answer is CoMER's for the padded batch its image lands in; images of one size are
     batched together, so when every batch holds a single size (or batch_size is 1) the
-    answers equal those of decoding each image alone.
+    answers equal those of decoding each image alone. batch_size None: 1 on CPU (a search
+    of one image per core is the fastest there), 16 on CUDA.
+
+    workers (CPU models): batches are decoded by this many worker processes at once, each
+    search single-threaded (`beam_search`'s threads), so N images on N cores take about
+    the time of one; None: the cores this process may use (`available_cores`), at most one
+    per batch. The workers are forked, so the model is shared, not pickled; where fork is
+    unavailable, or for a CUDA model, batches run one after another in this process.
 
     Floating-point images are converted to the model's dtype; other types raise TypeError
     (integer pixels are not rescaled for you). Every image is checked before any search.
     """
     model = as_comer(model)  # fastcomer's CoMER, the public code's CoMER or LitCoMER
+    param = next(model.parameters())
+    if batch_size is None:
+        batch_size = 1 if param.device.type == "cpu" else 16
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):
         raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__} {batch_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if search_kwargs.get("return_details"):
         raise ValueError("decode_images returns answers only; call beam_search for return_details")
-    param = next(model.parameters())
     prepared = []
     for i, im in enumerate(images):
         if not isinstance(im, Tensor) or not im.dtype.is_floating_point:
@@ -56,9 +88,21 @@ def decode_images(model, images: Sequence[Tensor], batch_size: int = 16, **searc
         if not bool(torch.isfinite(im).all()):
             raise ValueError(f"image {i} holds NaN or infinite pixels")
         prepared.append((im if im.dim() == 3 else im[None]).to(device=param.device, dtype=param.dtype))
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
+    buckets = size_buckets([tuple(im.shape[1:]) for im in prepared], batch_size)
+    batches = [pad_images([prepared[i] for i in bucket]) for bucket in buckets]
+    processes = min(workers or available_cores(), len(batches))
+    if param.device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+        processes = 1
+    if processes <= 1:
+        results = [beam_search(model, img, mask, **search_kwargs) for img, mask in batches]
+    else:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_set_worker_model, initargs=(model,)) as pool:
+            results = list(pool.map(_decode_batch, *zip(*batches), [search_kwargs] * len(batches)))
     answers: List[Hypothesis] = [None] * len(prepared)  # type: ignore[list-item]
-    for bucket in size_buckets([tuple(im.shape[1:]) for im in prepared], batch_size):
-        img, mask = pad_images([prepared[i] for i in bucket])
-        for i, hyp in zip(bucket, beam_search(model, img, mask, **search_kwargs)):
+    for bucket, hyps in zip(buckets, results):
+        for i, hyp in zip(bucket, hyps):
             answers[i] = hyp
     return answers
