@@ -127,6 +127,19 @@ def _tap_inside(l_ok, row, col, HEIGHT, WIDTH, dy, dx):
 
 
 @triton.jit
+def _mm(a, b, PRECISION: tl.constexpr):
+    """a.b with float32 accumulation on tensor cores where PRECISION allows: 'ieee' (exact
+    float32 products, FMA units), 'tf32', or 'bf16'/'fp16' (operands rounded to that type:
+    the ARM's convs and projection for half inputs)."""
+    if PRECISION == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PRECISION == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _conv_of_step(Prev, Curr, ConvW, pos, from_prev, from_curr, l_ok, row, col, w_idx, w_ok, HEIGHT, WIDTH,
                   PRECISION: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_L: tl.constexpr):
     """conv5x5 (no bias) of one step's attention X_t over a tile: 25 implicit-GEMM taps
@@ -140,7 +153,7 @@ def _conv_of_step(Prev, Curr, ConvW, pos, from_prev, from_curr, l_ok, row, col, 
         x = tl.load(Prev + src, mask=from_prev[:, None] & inside[None, :], other=0.0).to(tl.float32)
         x += tl.load(Curr + src, mask=from_curr[:, None] & inside[None, :], other=0.0).to(tl.float32)
         w = tl.load(ConvW + w_idx + tap, mask=w_ok, other=0.0)
-        conv += tl.dot(w, x, input_precision=PRECISION)
+        conv += _mm(w, x, PRECISION)
     return conv
 
 
@@ -192,7 +205,7 @@ def coverage_projection_kernel(
     for t in range(T):
         y = tl.maximum(conv + conv_b[:, None], 0.0)
         y = tl.where(keep[None, :], y, 0.0)
-        z = tl.dot(proj_w, y, input_precision=PRECISION)  # [BLOCK_H, BLOCK_L]
+        z = _mm(proj_w, y, PRECISION)  # [BLOCK_H, BLOCK_L]
         tl.store(Z + z_pos + t * L, z, mask=z_ok)
         if STATS:
             zk = tl.where(keep[None, :], z, 0.0)
@@ -274,9 +287,9 @@ def arm_backward_kernel(
         # this step: dY_t at the tile, the projection's gradient; then conv^T(dY_t) and d conv.weight
         dz = _grad_z(DS, Z, z_rows + t * L + offs_l[None, :], h_ok[:, None] & l_ok[None, :], coef_a, coef_b, coef_m, coef_c)
         y = tl.where(keep[None, :], tl.maximum(conv + conv_b[:, None], 0.0), 0.0)
-        d_proj += tl.dot(dz, tl.trans(y), input_precision=PRECISION)
+        d_proj += _mm(dz, tl.trans(y), PRECISION)
         bits = tl.load(Relu + b * T * L + t * L + offs_l, mask=l_ok, other=0)
-        d_y = tl.where(((bits[None, :] >> relu_shift) & 1) != 0, tl.dot(proj_w_t, dz, input_precision=PRECISION), 0.0)
+        d_y = tl.where(((bits[None, :] >> relu_shift) & 1) != 0, _mm(proj_w_t, dz, PRECISION), 0.0)
         d_bias += tl.sum(d_y, 1)
         e = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
         for tap in range(TAPS):  # a loop, not unrolled: TAPS copies of these dots' buffers overflow shared memory
@@ -287,15 +300,15 @@ def arm_backward_kernel(
             x = tl.load(Prev + pos_t + (dy * WIDTH + dx), mask=from_prev[:, None] & inside[None, :], other=0.0).to(tl.float32)
             x += tl.load(Curr + pos_t + (dy * WIDTH + dx), mask=from_curr[:, None] & inside[None, :], other=0.0).to(tl.float32)
             part = DConvW + ((program * TAPS + tap) * BLOCK_DC + offs_dc[:, None]) * BLOCK_C + offs_c[None, :]
-            tl.store(part, tl.load(part) + tl.dot(g, tl.trans(x), input_precision=PRECISION))
+            tl.store(part, tl.load(part) + _mm(g, tl.trans(x), PRECISION))
             # conv^T: position l receives dY_t(l - tap) through weight[:, :, tap]
             src_ok = _tap_inside(l_ok, row, col, HEIGHT, WIDTH, -dy, -dx)
             src = offs_l - (dy * WIDTH + dx)
             dz_n = _grad_z(DS, Z, z_rows + t * L + src[None, :], h_ok[:, None] & src_ok[None, :], coef_a, coef_b, coef_m, coef_c)
             bits_n = tl.load(Relu + b * T * L + t * L + src, mask=src_ok, other=0)
-            d_y_n = tl.where(((bits_n[None, :] >> relu_shift) & 1) != 0, tl.dot(proj_w_t, dz_n, input_precision=PRECISION), 0.0)
+            d_y_n = tl.where(((bits_n[None, :] >> relu_shift) & 1) != 0, _mm(proj_w_t, dz_n, PRECISION), 0.0)
             w_t = tl.load(ConvW + w_idx + tap, mask=w_ok, other=0.0)  # [dc, C]
-            e += tl.dot(tl.trans(w_t), d_y_n, input_precision=PRECISION)
+            e += _mm(tl.trans(w_t), d_y_n, PRECISION)
         d_x += e
         g += d_y
         if t > 0:  # the conv of the coverage at t-1: remove step t-1's contribution
