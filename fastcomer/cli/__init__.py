@@ -3,9 +3,9 @@ is a module of this package with `add_parser(commands)` and the function it runs
 import argparse
 from typing import List, Optional
 
-from . import bench, env
+from . import bench, env, kernels
 
-COMMANDS = (bench, env)
+COMMANDS = (bench, env, kernels)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -14,7 +14,7 @@ over query tiles recompute softmax(S - R) from the logsumexp and dA' = dO.V^T pe
 ARM backward reads at neighbouring positions, so it is kept) and dq; BatchNorm's backward
 is per-head arithmetic in PyTorch (vectors of length nhead) that turns dS into dZ as an
 affine map applied inside `arm_backward_kernel` (d prev_attn, d unrefined attention,
-conv, bias and projection gradients, without the coverage image, the conv output or dZ
+bias and projection gradients; `arm_weight_grad_kernel` the conv weight's, without the coverage image, the conv output or dZ
 in memory; it reads Z's ReLU pattern, one int32 of bits per position, that the forward
 wrote); with self coverage a second row pass adds the unrefined softmax's term to dS and
 dq; a pass over key tiles gives dk = dS^T.q and dv = A'^T.dO. Dropout masks are replayed
@@ -29,8 +29,9 @@ from torch import Tensor
 from ...backends import triton_interpreter
 from ...model.arm import CONV_TAPS, KERNEL_SIZE
 from .interface import ARMWeights
-from .triton_kernels import (arm_backward_kernel, attention_backward_keys_kernel, attention_backward_rows_kernel,
-                                    attention_rows_kernel, coverage_projection_kernel, unrefined_backward_rows_kernel)
+from .triton_kernels import (arm_backward_kernel, arm_weight_grad_kernel, attention_backward_keys_kernel,
+                             attention_backward_rows_kernel, attention_rows_kernel, coverage_projection_kernel,
+                             unrefined_backward_rows_kernel)
 
 def attention_blocks(D: int, L: int) -> dict:
     """Tile sizes of the attention row and key passes (also what the static report compiles)."""
@@ -52,6 +53,12 @@ def _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, r
         HAS_R=has_r, WRITE_OUT=out is not None, WRITE_LSE=lse is not None,
         DROPOUT=p_drop > 0, PRECISION=precision, **blocks,
     )
+
+
+# Warps per program of the ARM kernels: their [dc, tile] float32 accumulators and the
+# tap loop's operands fit in 255 registers per thread over 8 warps, not over 4 (spills;
+# see `python -m fastcomer kernels`).
+ARM_NUM_WARPS = 8
 
 
 def arm_blocks(nhead: int, dc: int, cin: int, L: int) -> dict:
@@ -86,7 +93,7 @@ def _coverage_projection(prev, curr, mask_u8, nhead, height, width, arm: ARMWeig
         arm.conv_weight.float().contiguous(), arm.conv_bias.float().contiguous(),
         arm.proj_weight.float().reshape(nhead, dc).contiguous(), z, partial, relu,
         T, L, width, height, nhead, dc, cin, nhead if prev is not None else 0,
-        STATS=stats, WRITE_RELU=relu_bits, PRECISION=precision, **blocks,
+        STATS=stats, WRITE_RELU=relu_bits, PRECISION=precision, num_warps=ARM_NUM_WARPS, **blocks,
     )
     sums = partial.double().sum((0, 1))[:, :nhead] if stats else None
     return z, sums, (relu if relu_bits else None)
@@ -189,8 +196,8 @@ def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu,
        the per-head affine map dZ = a dS' + b (Z - mean) + c (b, c: through the batch statistics,
        training only).
     3. With self coverage, A and its logsumexp recomputed by the forward's first kernel.
-    4. `arm_backward_kernel`: d prev_attn, dA, conv, bias and projection gradients (dZ applied
-       on the fly from dS' and Z).
+    4. `arm_backward_kernel`: d prev_attn, dA, bias and projection gradients (dZ applied
+       on the fly from dS' and Z); `arm_weight_grad_kernel`: the conv weight's, one reduction per tap.
     5. With self coverage, `unrefined_backward_rows_kernel`: dS_A = P * (dropout(dA) - delta_A)
        added to dS' in place and dS_A.K to dq.
     6. `attention_backward_keys_kernel` over key tiles: dk = dS^T.q, dv = A'^T.dO.
@@ -261,7 +268,8 @@ def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu,
 
 def _arm_backward(prev, curr, mask_u8, height, width, ds, z, coef_dz, relu, arm, conv_weight, conv_bias,
                   proj_weight, precision):
-    """Gradients of Z = proj(mask(relu(conv(coverage) + bias))) through `arm_backward_kernel`,
+    """Gradients of Z = proj(mask(relu(conv(coverage) + bias))) through `arm_backward_kernel`
+    and `arm_weight_grad_kernel`,
     with dZ = a dS + b (Z - mean) + c per head (coef_dz [4, H]: a, b, mean, c): (d prev_attn, d unrefined attention,
     d conv.weight, d conv.bias, d proj.weight)."""
     b, L = mask_u8.shape
@@ -274,18 +282,22 @@ def _arm_backward(prev, curr, mask_u8, height, width, ds, z, coef_dz, relu, arm,
     device = ds.device
     grad_prev = torch.zeros(BH, T, L, device=device) if prev is not None else None
     grad_curr = torch.zeros(BH, T, L, device=device) if curr is not None else None
-    part_w = torch.zeros(programs, CONV_TAPS, blocks["BLOCK_DC"], blocks["BLOCK_C"], device=device)
+    part_w = torch.empty(programs, CONV_TAPS, blocks["BLOCK_DC"], blocks["BLOCK_C"], device=device)
     part_b = torch.empty(programs, blocks["BLOCK_DC"], device=device)
     part_proj = torch.empty(programs, blocks["BLOCK_H"], blocks["BLOCK_DC"], device=device)
     first = prev if prev is not None else curr
+    second = curr if curr is not None else first
+    proj_w = proj_weight.float().reshape(nhead, dc).contiguous()
+    sizes = (T, L, width, height, nhead, dc, cin, nhead if prev is not None else 0)
     arm_backward_kernel[(b, tiles)](
-        first, curr if curr is not None else first, mask_u8,
-        conv_weight.float().contiguous(), conv_bias.float().contiguous(), proj_weight.float().reshape(nhead, dc).contiguous(),
+        first, second, mask_u8, conv_weight.float().contiguous(), conv_bias.float().contiguous(), proj_w,
         ds, z, coef_dz, relu, grad_prev if grad_prev is not None else grad_curr,
-        grad_curr if grad_curr is not None else grad_prev,
-        part_w, part_b, part_proj,
-        T, L, width, height, nhead, dc, cin, nhead if prev is not None else 0,
-        PRECISION=precision, **blocks,
+        grad_curr if grad_curr is not None else grad_prev, part_b, part_proj, *sizes,
+        PRECISION=precision, num_warps=ARM_NUM_WARPS, **blocks,
+    )
+    arm_weight_grad_kernel[(CONV_TAPS, b, tiles)](
+        first, second, mask_u8, proj_w, ds, z, coef_dz, relu, part_w, *sizes, PRECISION=precision,
+        num_warps=ARM_NUM_WARPS, **blocks,
     )
     grad_conv_w = part_w.sum(0)[:, :dc, :cin].permute(1, 2, 0).reshape(dc, cin, KERNEL_SIZE, KERNEL_SIZE)
     grad_conv_b = part_b.sum(0)[:dc]

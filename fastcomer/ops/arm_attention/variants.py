@@ -17,7 +17,7 @@ import torch
 
 from ...model.arm import CONV_TAPS, CoverageMode
 from . import triton_kernels as K
-from .triton_function import arm_blocks, arm_dot_precision, attention_blocks
+from .triton_function import ARM_NUM_WARPS, arm_blocks, arm_dot_precision, attention_blocks
 
 __all__ = ["ArmShape", "DTYPE_MODES", "SHAPES", "kernel_variants"]
 
@@ -102,9 +102,10 @@ def _layer_variants(shape: ArmShape, mode: str) -> List[dict]:
                         dict(ptr, Attn="*fp32"), dict(HAS_R=False, WRITE_OUT=False, WRITE_LSE=False, **flags),
                         row_grid, 4 * qkd, td * e + ld * e + attn * 4 + b * L, mode, ints))
     arm_flags = dict(PRECISION=conv_precision, **arm)
+    arm_warps = dict(num_warps=ARM_NUM_WARPS)
     out.append(_variant("arm_attention.forward", f"coverage_projection {tag}", K.coverage_projection_kernel, ptr,
                         dict(STATS=True, WRITE_RELU=True, **arm_flags), arm_grid, conv + proj,
-                        attn * (e + 4 + 4) + b * T * L * 4 + b * L, mode, ints))
+                        attn * (e + 4 + 4) + b * T * L * 4 + b * L, mode, ints, **arm_warps))
     out.append(_variant("arm_attention.forward", f"attention_rows refined {tag}", K.attention_rows_kernel, ptr,
                         dict(HAS_R=True, WRITE_OUT=True, WRITE_LSE=True, **flags), row_grid, 6 * qkd,
                         2 * td * e + 2 * ld * e + attn * (4 + e) + BH * T * 4 + b * L, mode, ints))
@@ -115,11 +116,15 @@ def _layer_variants(shape: ArmShape, mode: str) -> List[dict]:
     out.append(_variant("arm_attention.backward", f"attention_rows unrefined+lse {tag}", K.attention_rows_kernel,
                         dict(ptr, Attn="*fp32"), dict(HAS_R=False, WRITE_OUT=False, WRITE_LSE=True, **flags),
                         row_grid, 4 * qkd, td * e + ld * e + attn * 4 + BH * T * 4 + b * L, mode, ints))
-    # the conv twice (the sum over steps, then removed step by step), its weight gradient and conv^T;
-    # d proj and proj^T dZ at the tile and its 25 neighbours
+    # the conv twice (the sum over steps, then removed step by step) and conv^T; d proj and
+    # proj^T dZ at the tile and its 25 neighbours
     out.append(_variant("arm_attention.backward", f"arm_backward {tag}", K.arm_backward_kernel, ptr, arm_flags,
-                        arm_grid, 4 * conv + proj * (2 + CONV_TAPS),
-                        attn * (e + 4 + 4 + 4 + 4 + 4) + b * T * L * 4 + b * L, mode, ints))
+                        arm_grid, 3 * conv + proj * (2 + CONV_TAPS),
+                        attn * (e + 4 + 4 + 4 + 4 + 4) + b * T * L * 4 + b * L, mode, ints, **arm_warps))
+    # per tap: G_t X_t^T, and proj^T dZ rebuilt at the tile (25 times over; reads shared in L2)
+    out.append(_variant("arm_attention.backward", f"arm_weight_grad {tag}", K.arm_weight_grad_kernel, ptr,
+                        arm_flags, (CONV_TAPS, arm_grid[0], arm_grid[1]), conv + CONV_TAPS * proj,
+                        attn * (e + 4 + 4 + 4) + b * T * L * 4 + b * L, mode, ints, **arm_warps))
     out.append(_variant("arm_attention.backward", f"unrefined_backward_rows {tag}",
                         K.unrefined_backward_rows_kernel, ptr, dict(DROPOUT=True, PRECISION=precision, **blocks),
                         row_grid, 6 * qkd, td * e + ld * e + attn * (4 + 4 + 4) + td * 4 * 2 + b * L, mode, ints))
