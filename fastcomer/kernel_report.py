@@ -30,8 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-__all__ = ["ARCHS", "PEAKS", "PROVIDERS", "KernelStats", "occupancy_warps", "sass_stats", "report",
-           "format_report", "cuda_extension_stats"]
+__all__ = ["ARCHS", "PEAKS", "PROVIDERS", "KernelStats", "compile_variant", "occupancy_warps", "sass_stats",
+           "report", "format_report", "cuda_extension_stats"]
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
 
@@ -144,7 +144,9 @@ def _estimate(arch: int, dtype: str, tensor_core: int, flops: float, bytes_: flo
     return max(compute_s, memory_s) * 1e6, "compute" if compute_s >= memory_s else "memory"
 
 
-def _compile_triton(variant: dict, arch: int):
+def compile_variant(variant: dict, arch: int):
+    """Compile one variant for compute capability `arch` (80, 90) with Triton's compiler, as its
+    launcher would: pointers (and scalars in int_values that are multiples of 16) marked 16-divisible."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -240,7 +242,7 @@ def report(arch: str = "sm_90", shapes: str = "published", select: Optional[Call
                    repr(sorted(variant["constexprs"].items())), variant["num_warps"], variant["num_stages"],
                    repr(sorted((k, v % 16 == 0) for k, v in variant.get("int_values", {}).items())))
             if key not in compiled:
-                compiled[key] = _compile_triton(variant, capability)
+                compiled[key] = compile_variant(variant, capability)
             kernels.append(dataclasses.asdict(_stats_of(variant, capability, compiled[key])))
     result = {"arch": arch, "shapes": shapes, "peaks": PEAKS[capability], "providers": providers, "kernels": kernels}
     if cuda:
