@@ -33,6 +33,12 @@ from .triton_kernels import (arm_backward_kernel, arm_weight_grad_kernel, attent
                              attention_backward_rows_kernel, attention_rows_kernel, coverage_projection_kernel,
                              unrefined_backward_rows_kernel)
 
+# Warps per program of the row passes (a tile of 16 queries against tiles of 64 keys): with 4,
+# the float32 backward row pass and the TF32 refined forward spill (see `python -m fastcomer
+# kernels`); the key pass keeps Triton's default of 4.
+ROW_NUM_WARPS = 8
+
+
 def attention_blocks(D: int, L: int) -> dict:
     """Tile sizes of the attention row and key passes (also what the static report compiles)."""
     return dict(BLOCK_T=16, BLOCK_L=max(16, min(64, triton.next_power_of_2(L))), BLOCK_D=max(16, triton.next_power_of_2(D)))
@@ -51,7 +57,7 @@ def _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, r
         out if out is not None else dummy, attn, lse if lse is not None else dummy,
         T, L, D, nhead, seed, rng_offset, p_drop,
         HAS_R=has_r, WRITE_OUT=out is not None, WRITE_LSE=lse is not None,
-        DROPOUT=p_drop > 0, PRECISION=precision, **blocks,
+        DROPOUT=p_drop > 0, PRECISION=precision, num_warps=ROW_NUM_WARPS, **blocks,
     )
 
 
@@ -223,7 +229,8 @@ def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu,
         q, k, v, z if has_r else dummy, scale if has_r else dummy, shift if has_r else dummy, mean_f, mask_u8, grad_out,
         grad_attn, lse, ds, dq, stats,
         T, L, D, nhead, seed, BH * T * L if has_r else 0, p_drop,
-        HAS_R=has_r, HAS_DATTN=has_dattn, DROPOUT=p_drop > 0, PRECISION=precision, **blocks,
+        HAS_R=has_r, HAS_DATTN=has_dattn, DROPOUT=p_drop > 0, PRECISION=precision, num_warps=ROW_NUM_WARPS,
+        **blocks,
     )
     grad_prev = None
     grads_arm = (None,) * 5
@@ -255,7 +262,7 @@ def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu,
         if grad_curr is not None:
             unrefined_backward_rows_kernel[(BH, t_tiles)](
                 q, k, mask_u8, grad_curr, lse_a, ds, dq, T, L, D, nhead, seed, p_drop,
-                DROPOUT=p_drop > 0, PRECISION=precision, **blocks,
+                DROPOUT=p_drop > 0, PRECISION=precision, num_warps=ROW_NUM_WARPS, **blocks,
             )
             del grad_curr
     dk = torch.empty_like(k)

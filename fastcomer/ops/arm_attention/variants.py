@@ -17,7 +17,7 @@ import torch
 
 from ...model.arm import CONV_TAPS, CoverageMode
 from . import triton_kernels as K
-from .triton_function import ARM_NUM_WARPS, arm_blocks, arm_dot_precision, attention_blocks
+from .triton_function import ARM_NUM_WARPS, ROW_NUM_WARPS, arm_blocks, arm_dot_precision, attention_blocks
 
 __all__ = ["ArmShape", "DTYPE_MODES", "SHAPES", "kernel_variants"]
 
@@ -100,22 +100,23 @@ def _layer_variants(shape: ArmShape, mode: str) -> List[dict]:
     # forward
     out.append(_variant("arm_attention.forward", f"attention_rows unrefined {tag}", K.attention_rows_kernel,
                         dict(ptr, Attn="*fp32"), dict(HAS_R=False, WRITE_OUT=False, WRITE_LSE=False, **flags),
-                        row_grid, 4 * qkd, td * e + ld * e + attn * 4 + b * L, mode, ints))
+                        row_grid, 4 * qkd, td * e + ld * e + attn * 4 + b * L, mode, ints, **row_warps))
     arm_flags = dict(PRECISION=conv_precision, **arm)
     arm_warps = dict(num_warps=ARM_NUM_WARPS)
+    row_warps = dict(num_warps=ROW_NUM_WARPS)
     out.append(_variant("arm_attention.forward", f"coverage_projection {tag}", K.coverage_projection_kernel, ptr,
                         dict(STATS=True, WRITE_RELU=True, **arm_flags), arm_grid, conv + proj,
                         attn * (e + 4 + 4) + b * T * L * 4 + b * L, mode, ints, **arm_warps))
     out.append(_variant("arm_attention.forward", f"attention_rows refined {tag}", K.attention_rows_kernel, ptr,
                         dict(HAS_R=True, WRITE_OUT=True, WRITE_LSE=True, **flags), row_grid, 6 * qkd,
-                        2 * td * e + 2 * ld * e + attn * (4 + e) + BH * T * 4 + b * L, mode, ints))
+                        2 * td * e + 2 * ld * e + attn * (4 + e) + BH * T * 4 + b * L, mode, ints, **row_warps))
     # backward
     out.append(_variant("arm_attention.backward", f"attention_backward_rows {tag}", K.attention_backward_rows_kernel,
                         ptr, dict(HAS_R=True, HAS_DATTN=True, **flags), row_grid, 10 * qkd,
-                        2 * td * e + 2 * ld * e + attn * (4 + e + 4) + td * 4 + b * L, mode, ints))
+                        2 * td * e + 2 * ld * e + attn * (4 + e + 4) + td * 4 + b * L, mode, ints, **row_warps))
     out.append(_variant("arm_attention.backward", f"attention_rows unrefined+lse {tag}", K.attention_rows_kernel,
                         dict(ptr, Attn="*fp32"), dict(HAS_R=False, WRITE_OUT=False, WRITE_LSE=True, **flags),
-                        row_grid, 4 * qkd, td * e + ld * e + attn * 4 + BH * T * 4 + b * L, mode, ints))
+                        row_grid, 4 * qkd, td * e + ld * e + attn * 4 + BH * T * 4 + b * L, mode, ints, **row_warps))
     # the conv twice (the sum over steps, then removed step by step) and conv^T; d proj and
     # proj^T dZ at the tile and its 25 neighbours
     out.append(_variant("arm_attention.backward", f"arm_backward {tag}", K.arm_backward_kernel, ptr, arm_flags,
@@ -127,7 +128,7 @@ def _layer_variants(shape: ArmShape, mode: str) -> List[dict]:
                         attn * (e + 4 + 4 + 4) + b * T * L * 4 + b * L, mode, ints, **arm_warps))
     out.append(_variant("arm_attention.backward", f"unrefined_backward_rows {tag}",
                         K.unrefined_backward_rows_kernel, ptr, dict(DROPOUT=True, PRECISION=precision, **blocks),
-                        row_grid, 6 * qkd, td * e + ld * e + attn * (4 + 4 + 4) + td * 4 * 2 + b * L, mode, ints))
+                        row_grid, 6 * qkd, td * e + ld * e + attn * (4 + 4 + 4) + td * 4 * 2 + b * L, mode, ints, **row_warps))
     out.append(_variant("arm_attention.backward", f"attention_backward_keys {tag}",
                         K.attention_backward_keys_kernel, ptr, dict(PRECISION=precision, **blocks), key_grid,
                         4 * qkd, 2 * td * e + attn * (e + 4) + 2 * ld * e, mode, ints))
