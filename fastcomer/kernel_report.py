@@ -192,6 +192,16 @@ def _provider(module: str) -> Optional[Callable]:
 CUDA_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "decode_step.cu"
 
 
+def _demangle(name: str) -> str:
+    """`decode_step_kernel<float, 8>` for a mangled C++ name (c++filt when present)."""
+    tool = shutil.which("c++filt")
+    if tool is None:
+        return name
+    full = subprocess.run([tool, name], capture_output=True, text=True).stdout.strip() or name
+    full = full.replace("(anonymous namespace)::", "")
+    return re.sub(r"^void |\([^()]*\)$|\w+::", "", full)
+
+
 def cuda_extension_stats(arch: int, source: Path = CUDA_SOURCE) -> List[dict]:
     """Registers, stack, shared memory, occupancy and instruction mix of every kernel in the
     CUDA extension's source, compiled with nvcc to a cubin (-cubin -arch sm_XX). Raises
@@ -213,7 +223,7 @@ def cuda_extension_stats(arch: int, source: Path = CUDA_SOURCE) -> List[dict]:
     rows = []
     for name, (registers, stack, shared) in sorted(usage.items()):
         mix = sass_stats(per_function.get(name, ""))
-        rows.append({"name": name, "registers": registers, "stack_bytes": stack, "static_shared_bytes": shared,
+        rows.append({"name": _demangle(name), "registers": registers, "stack_bytes": stack, "static_shared_bytes": shared,
                      "warps": threads // 32, "warps_per_sm": occupancy_warps(arch, registers, shared, threads // 32),
                      "tensor_core_instructions": mix["tensor_core"], "ffma_instructions": mix["ffma"],
                      "spill_store_bytes": mix["spill_store_bytes"], "spill_load_bytes": mix["spill_load_bytes"]})
@@ -283,7 +293,8 @@ def format_report(result: dict) -> str:
     if isinstance(cuda, str):
         lines.append(f"CUDA extension: {cuda}")
     elif cuda:
-        lines.append("CUDA extension (csrc/decode_step.cu, nvcc):")
+        lines.append("CUDA extension (csrc/decode_step.cu, nvcc; shared memory static only: the dynamic part depends "
+                     "on the launch and is not in warps/SM):")
         for row in cuda:
             lines.append(f"  {row['name']}: {row['registers']} regs, stack {row['stack_bytes']} B, spill st/ld "
                          f"{row['spill_store_bytes']}/{row['spill_load_bytes']} B, smem {row['static_shared_bytes']} "
