@@ -95,6 +95,8 @@ def _layer_variants(shape: ArmShape, mode: str) -> List[dict]:
     ptr.update(Mask="*u8", Relu="*i32")
     conv = 2 * dc * cin * CONV_TAPS * b * L * max(T - 1, 0)  # conv5x5 of every step's attention
     proj = 2 * H * dc * b * L * T
+    arm_warps = dict(num_warps=ARM_NUM_WARPS)
+    row_warps = dict(num_warps=ROW_NUM_WARPS)
     out = []
     flags = dict(DROPOUT=True, PRECISION=precision, **blocks)
     # forward
@@ -102,8 +104,6 @@ def _layer_variants(shape: ArmShape, mode: str) -> List[dict]:
                         dict(ptr, Attn="*fp32"), dict(HAS_R=False, WRITE_OUT=False, WRITE_LSE=False, **flags),
                         row_grid, 4 * qkd, td * e + ld * e + attn * 4 + b * L, mode, ints, **row_warps))
     arm_flags = dict(PRECISION=conv_precision, **arm)
-    arm_warps = dict(num_warps=ARM_NUM_WARPS)
-    row_warps = dict(num_warps=ROW_NUM_WARPS)
     out.append(_variant("arm_attention.forward", f"coverage_projection {tag}", K.coverage_projection_kernel, ptr,
                         dict(STATS=True, WRITE_RELU=True, **arm_flags), arm_grid, conv + proj,
                         attn * (e + 4 + 4) + b * T * L * 4 + b * L, mode, ints, **arm_warps))
