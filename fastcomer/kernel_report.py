@@ -136,8 +136,8 @@ def occupancy_warps(arch: int, registers: int, shared_bytes: int, warps: int) ->
 
 def _estimate(arch: int, dtype: str, tensor_core: int, flops: float, bytes_: float):
     peaks = PEAKS[arch]
-    if tensor_core:
-        compute = peaks["tf32"] if "tf32" in dtype else peaks["half"] if dtype in ("bf16", "fp16") else peaks["fp32"]
+    if tensor_core:  # float32 operands reach tensor cores only as TF32
+        compute = peaks["half"] if dtype in ("bf16", "fp16") else peaks["tf32"]
     else:
         compute = peaks["fp32"]
     compute_s, memory_s = flops / compute, bytes_ / peaks["bandwidth"]

@@ -14,7 +14,7 @@ from fastcomer import kernel_report  # noqa: E402
 ARM_KERNELS = ("coverage_projection", "arm_backward", "arm_weight_grad")
 # Few variants, to keep CI fast (each compile takes seconds): the ARM kernels, the heaviest,
 # in the modes that must reach tensor cores; sm_80 in one mode.
-MODES = {"sm_90": ("fp32-tf32", "bf16"), "sm_80": ("bf16",)}
+MODES = {"sm_90": ("fp32", "bf16"), "sm_80": ("bf16",)}
 MIN_WARPS_PER_SM = 8
 
 

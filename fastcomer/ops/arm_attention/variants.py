@@ -43,9 +43,12 @@ SHAPES: Dict[str, List[ArmShape]] = {
     "small": [ArmShape(2, 8, 32, 32, 8, 5, 10)],
 }
 
-# dtype mode -> (Triton element type of q, k, v and the returned attention, attention matmul precision)
-DTYPE_MODES = {"fp32-ieee": ("fp32", "ieee"), "fp32-tf32": ("fp32", "tf32"), "bf16": ("bf16", "ieee"),
-               "fp16": ("fp16", "ieee")}
+# dtype mode -> (Triton element type of q, k, v and the returned attention, precision of the
+# attention matmuls, of the ARM conv and projection). "fp32" is eager PyTorch's default policy
+# (cuBLAS without TF32, cuDNN's conv with it), which `arm_attention(precision=None)` follows.
+DTYPE_MODES = {"fp32": ("fp32", "ieee", "tf32"), "fp32-ieee": ("fp32", "ieee", "ieee"),
+               "fp32-tf32": ("fp32", "tf32", "tf32"), "bf16": ("bf16", "ieee", "ieee"),
+               "fp16": ("fp16", "ieee", "ieee")}
 COVERAGE = CoverageMode.BOTH
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,12 +75,12 @@ def _variant(op, name, kernel, pointers, constexprs, grid, flops, bytes_, dtype,
 
 
 def _layer_variants(shape: ArmShape, mode: str) -> List[dict]:
-    dtype, precision = DTYPE_MODES[mode]
+    dtype, precision, conv_policy = DTYPE_MODES[mode]
     e = _BYTES[dtype]
     b, H, D, dc, T, L = shape.images, shape.nhead, shape.head_dim, shape.dc, shape.steps, shape.keys
     BH = b * H
     cin = COVERAGE.channels(H)
-    conv_precision = arm_dot_precision(_TORCH_DTYPES[dtype], precision)
+    conv_precision = arm_dot_precision(_TORCH_DTYPES[dtype], conv_policy)
     blocks = attention_blocks(D, L)
     arm = arm_blocks(H, dc, cin, L)
     tag = f"{mode} T={T} L={L}"
