@@ -7,6 +7,7 @@ builds it when nvcc is found (CUDA_HOME/bin/nvcc, else nvcc on PATH) and otherwi
 installs the pure-Python package. FASTCOMER_CUDA_ARCHS (default "80;90") picks the GPU
 architectures; PTX of the newest is embedded for later GPUs.
 """
+import ast
 import os
 import shlex
 import shutil
@@ -20,6 +21,13 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 CUDA_SOURCES = ["csrc/decode_step.cu", "csrc/bindings.cpp"]
+
+
+def package_version():
+    """fastcomer/_version.py's __version__, read without importing fastcomer (which imports torch)."""
+    tree = ast.parse((ROOT / "fastcomer" / "_version.py").read_text())
+    return next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["__version__"])
 
 
 def find_nvcc():
@@ -110,19 +118,22 @@ def cuda_extensions():
 
 setup(
     name="fastcomer",
-    version="0.1.0",
+    version=package_version(),
     description="Fused GPU kernels and a fast decoding engine for CoMER (handwritten maths recognition)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fastcomer", "fastcomer.*"]),
-    package_data={"fastcomer": ["dictionary.txt"]},
+    package_data={"fastcomer": ["dictionary.txt", "py.typed"]},
     ext_modules=cuda_extensions(),
     cmdclass={"build_ext": BuildExt},
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pybind11>=2.10", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-        "bench": ["pytest-benchmark", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        # matplotlib: the test of `fastcomer plot`; hypothesis: the property-based search tests
+        "test": ["pytest", "hypothesis", "pybind11>=2.10", "matplotlib", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        # the suite under benchmarks/ runs under pytest, timed by torch.utils.benchmark
+        "bench": ["pytest", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["fastcomer = fastcomer.cli:main"]},
 )

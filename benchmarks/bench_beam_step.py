@@ -1,30 +1,37 @@
 """Latency of one whole beam-search step (embedding, every decoder layer with the fused
-cross-attention + ARM step, logits, log-softmax, top-k, finished lists, reorder), as CUDA
-graph replays and as eager launches, on the published CoMER configuration.
+cross-attention + ARM step, logits, log-softmax, top-k, finished lists, reorder), replayed as
+CUDA graphs (the subject, on CUDA) and launched eagerly (the baseline), on the published CoMER
+configuration with seeded random weights.
 
 For each (images, L): a SearchSlots of `images` images x 20 rows (beam 10, both directions)
-is started on random images whose feature map is 16 x L/16, then timed over steps whose
-prefix window is 64 positions (the steps of a mid-length expression). Beside each timing:
-the floor set by the bytes a step must move (decoder weights, every image's K/V per layer,
-every row's coverage sums read and written, the self-attention cache's window) over the
-device's measured copy bandwidth. Writes JSON (device, date, versions, shapes, results).
+is started on random images whose feature map is 16 x L/16, then timed one step per sample
+over steps whose prefix window is 64 positions (the steps of a mid-length expression; the
+timed steps share that window, so their count is bounded). In each row's details: the floor
+set by the bytes a step must move (decoder weights, every image's K/V per layer, every row's
+coverage sums read and written, the self-attention cache's window) over the device's
+measured copy bandwidth.
 
-    python benchmarks/bench_beam_step.py --out step.json                          # GPU
-    python benchmarks/bench_beam_step.py --device cpu --images 1 --lengths 256 \\
-        --modes eager --out /tmp/step.json                                         # CPU smoke run
+    python -m pytest benchmarks/bench_beam_step.py --bench-out beam_step.json    # GPU
+    python -m pytest benchmarks/bench_beam_step.py --device cpu --smoke           # CPU check
 """
-import argparse
-
+import pytest
 import torch
 
-from bench_decode_step import copy_bandwidth, time_ms, write_report
-from fastcomer.benchmarking import bench_model
 from fastcomer import backends
+from fastcomer.benchmarking import bench_model, make_row, measure
 from fastcomer.search.options import SearchOptions
 from fastcomer.search.search_slots import FeatureLayout, SearchSlots
 
-WINDOW = 64
-HEIGHT = 16  # feature rows: a 256-pixel-high image
+WINDOW, HEIGHT, BEAM_SIZE, MAX_LEN = 64, 16, 10, 200
+WARMUP, CALLS = 5, 40  # below WINDOW - 1 together: the timed steps share one window
+CASES = [(images, length) for length in (256, 1024) for images in (1, 8, 32)]
+SMOKE_CASES = [(1, 64)]
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        cases = SMOKE_CASES if metafunc.config.getoption("smoke") else CASES
+        metafunc.parametrize("case", cases, ids=[f"images{i}-L{length}" for i, length in cases])
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -39,49 +46,27 @@ def floor_bytes(batch: SearchSlots) -> int:
     return weights + tensor_bytes(state.memory_kv) + coverage + self_kv
 
 
+@pytest.fixture(scope="module")
+def model(device):
+    return bench_model(0, str(device))
+
+
 @torch.inference_mode()
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--images", default="1,8,32", help="comma-separated image counts")
-    parser.add_argument("--lengths", default="256,1024", help="comma-separated L = h * w (h = 16)")
-    parser.add_argument("--modes", default="graphs,eager", help="graphs and/or eager")
-    parser.add_argument("--backend", default=None, help="cross-attention step backend (default: auto)")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=40)
-    parser.add_argument("--out", required=True, help="JSON output path")
-    args = parser.parse_args()
-    if args.warmup + args.iters + 1 >= WINDOW:
-        raise SystemExit(f"--warmup + --iters must stay below {WINDOW - 1}: the timed steps share one window")
-
-    device = torch.device(args.device)
-    bandwidth = copy_bandwidth(device)
-    model = bench_model(0, str(device))
-    beam_size, max_len = 10, 200
-    results = []
-    for length in map(int, args.lengths.split(",")):
-        width = length // HEIGHT
-        for images in map(int, args.images.split(",")):
-            img = torch.rand(images, 1, HEIGHT * 16, width * 16, device=device)
-            feature, mask = model.encoder(img, torch.zeros(images, HEIGHT * 16, width * 16, dtype=torch.bool, device=device))
-            for mode in args.modes.split(","):
-                layout = FeatureLayout(HEIGHT, width, feature.dtype, device, backends.resolve(feature, args.backend))
-                batch = SearchSlots(model.decoder, 2 * images, SearchOptions(beam_size, max_len), layout,
-                                    graphs=mode == "graphs")
-                batch.start(feature, mask)
-                floor_ms = floor_bytes(batch) / bandwidth * 1e3
-                ms = time_ms(lambda: batch.run(WINDOW), device, args.warmup, args.iters)
-                entry = dict(mode=mode, kernel=batch.state.backend, images=images, rows=batch.state.rows, length=length,
-                             height=HEIGHT, width=width, ms=ms, floor_bytes=floor_bytes(batch), floor_ms=floor_ms,
-                             floor_fraction=floor_ms / ms)
-                results.append(entry)
-                print(f"{mode:>6} ({entry['kernel']})  images {images:>3}  rows {entry['rows']:>4}  L {length:>5}: "
-                      f"{ms * 1e3:8.1f} us per step (floor {floor_ms * 1e3:.1f} us)", flush=True)
-
-    write_report(args.out, device, bandwidth, args.warmup, args.iters, results=results,
-                 model="CoMER() published config (d 256, 8 heads, 3 layers, dc 32), seeded random weights, float32",
-                 shapes=dict(beam_size=beam_size, directions=2, max_len=max_len, window=WINDOW, feature_height=HEIGHT))
-
-
-if __name__ == "__main__":
-    main()
+def test_beam_step(case, device, smoke, model, bandwidth, add_row):
+    images, length = case
+    width = length // HEIGHT
+    img = torch.rand(images, 1, HEIGHT * 16, width * 16, device=device)
+    feature, mask = model.encoder(img, torch.zeros(images, HEIGHT * 16, width * 16, dtype=torch.bool, device=device))
+    modes = ("graphs", "eager") if device.type == "cuda" else ("eager",)  # graphs need CUDA
+    medians, backend = {}, backends.resolve(feature, None)
+    for mode in modes:
+        layout = FeatureLayout(HEIGHT, width, feature.dtype, device, backend)
+        batch = SearchSlots(model.decoder, 2 * images, SearchOptions(BEAM_SIZE, MAX_LEN), layout, graphs=mode == "graphs")
+        batch.start(feature, mask)
+        medians[mode], _ = measure(lambda: batch.run(WINDOW), calls=2 if smoke else CALLS, warmup=1 if smoke else WARMUP)
+    params = dict(images=images, rows=batch.state.rows, length=length, height=HEIGHT, width=width, beam_size=BEAM_SIZE,
+                  directions=2, max_len=MAX_LEN, window=WINDOW, kernel=backend, dtype="float32",
+                  model="CoMER() published config (d 256, 8 heads, 3 layers, dc 32), seeded random weights")
+    add_row(make_row("beam_step", f"images={images} L={length}", params, modes[0], medians,
+                     details=dict(floor_bytes=floor_bytes(batch), copy_bandwidth_gb_s=bandwidth / 1e9,
+                                  bytes_floor_s=floor_bytes(batch) / bandwidth)))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a GPU session owes, in one call of the device tool (see the README's "GPU runs"):
+# Everything a GPU session owes, one part per call of the device tool (see benchmarks/README.md):
 # install with the CUDA extension, run the whole test suite on the GPU, run every benchmark.
 # Results land in $OUT (the device tool brings back at most 8 files): JSON per benchmark, one log.
 #
@@ -38,17 +38,15 @@ run python3 -m fastcomer env  # into the log: one file fewer
 # The suite with CUDA present: the GPU tests run instead of skipping.
 case "$what" in all|tests|quick) run python3 -m pytest tests --ignore=tests/interpreter -q -rs ;; esac
 if [ "$what" = quick ]; then
-  run python3 benchmarks/bench_decode_step.py --images 1,8 --lengths 256 --out "$OUT/decode_step.json"
-  run python3 benchmarks/bench_beam_step.py --images 1,8 --lengths 256 --out "$OUT/beam_step.json"
+  run python3 -m pytest benchmarks/bench_decode_step.py benchmarks/bench_beam_step.py -k "L256 and (images1 or images8)" --bench-out "$OUT/steps.json"
   run python3 -m fastcomer bench --device cuda --quick --out "$OUT/engine_1image.json"
 fi
 if [ "$what" = all ] || [ "$what" = decode ]; then
-  run python3 benchmarks/bench_decode_step.py --out "$OUT/decode_step.json"
-  run python3 benchmarks/bench_beam_step.py --out "$OUT/beam_step.json"
+  run python3 -m pytest benchmarks/bench_decode_step.py benchmarks/bench_beam_step.py --bench-out "$OUT/steps.json"
 fi
 if [ "$what" = all ] || [ "$what" = arm ]; then
-  run python3 benchmarks/bench_arm_attention.py --out "$OUT/arm_attention.json"
-  run python3 benchmarks/bench_arm_attention.py --train --out "$OUT/arm_attention_train.json"
+  run python3 -m pytest benchmarks/bench_arm_attention.py --bench-out "$OUT/arm_attention.json"
+  run python3 -m pytest benchmarks/bench_arm_attention.py --train --bench-out "$OUT/arm_attention_train.json"
 fi
 if [ "$what" = all ] || [ "$what" = engine ]; then
   run python3 -m fastcomer bench --device cuda --shape 128x512 --shape 256x1024 --out "$OUT/engine_1image.json"

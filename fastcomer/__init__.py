@@ -1,4 +1,5 @@
 """fastcomer: fused kernels and a fast decoding engine for CoMER."""
+from ._version import __version__
 from .backends import env_report
 from .checkpoint import CheckpointError, load_comer
 from .model.comer import CoMER, CoMERConfig
@@ -8,5 +9,3 @@ from .search.hypotheses import BeamSearchOutput, Hypothesis
 from .search.images import decode_images
 from .search.reference import reference_beam_search
 from .vocab import Vocab, vocab
-
-__version__ = "0.1.0"

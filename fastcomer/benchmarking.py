@@ -1,25 +1,250 @@
-"""The decoding benchmark's workload and report: the engine against CoMER's reference beam
-search on the published configuration with seeded random weights (`python -m fastcomer bench`)."""
+"""What every benchmark shares: the one result schema, the environment it records, the timer,
+the decoding benchmark's workload (the engine against CoMER's reference beam search, with
+seeded random weights: `python -m fastcomer bench`), and the tables and comparisons drawn
+from result files.
+
+A result file is a `Report`: when and where it was measured (`Environment`) and one `Row` per
+measured case. A row names its benchmark ("engine", "decode_step", "beam_step",
+"arm_attention") and its case (`name`, unique within the benchmark: `compare` matches rows of
+two files by both), the case's shapes and settings (`params`), the median seconds per call
+of every variant measured in the same run (`medians_s`: the `subject` and its baselines), the
+subject's speed-up over each baseline (`speedups`: baseline median / subject median), checks
+of the answers, benchmark-specific measurements (`details`), and `floor`, reserved for a FLOP
+floor (`Floor`), None until computed.
+"""
 import datetime
 import json
 import os
 import platform
+import re
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypedDict
 
 import torch
 
 from . import backends
+from ._version import __version__
 from .model.comer import CoMER
 from .search.engine import beam_search
 from .search.reference import reference_beam_search
 from .vocab import EOS_IDX, SOS_IDX
 
+SCHEMA = "fastcomer.benchmark/1"
 FULL_SHAPES = ((128, 512), (256, 1024))
 QUICK_SHAPES = ((128, 512),)
+ENGINE_MODEL = "CoMER() published config, seeded random weights (fastcomer.benchmarking.bench_model), float32"
 
+
+class Environment(TypedDict):
+    """Where a report was measured. Fields a converted old report did not record are None."""
+
+    device: str  # "cpu" or "cuda[:n]"
+    cpu: Optional[str]  # CPU model name
+    gpu: Optional[str]  # GPU name, None on CPU
+    python: Optional[str]
+    torch: Optional[str]
+    triton: Optional[str]  # None when triton is not installed
+    cuda: Optional[str]  # the CUDA version torch was built with
+    fastcomer: Optional[str]
+    threads: Optional[int]  # torch's CPU threads
+    load_average: Optional[List[float]]  # 1, 5, 15 minutes, when the run started: other work slows CPU timings
+
+
+class Floor(TypedDict):
+    """A row's FLOP floor (filled by a later step, not by these benchmarks): the FLOPs one image
+    costs, the per-op rates measured on the same machine, and the subject's time over the floor."""
+
+    flops_per_image: float
+    rates_flop_s: Dict[str, float]
+    ratio: float
+
+
+class Row(TypedDict):
+    benchmark: str
+    name: str
+    params: Dict[str, Any]
+    subject: str
+    medians_s: Dict[str, float]
+    speedups: Dict[str, float]
+    checks: Dict[str, Any]
+    details: Dict[str, Any]
+    floor: Optional[Floor]
+
+
+class Report(TypedDict):
+    schema: str
+    date: str
+    environment: Environment
+    command: Optional[str]  # what produced it
+    provenance: Optional[Dict[str, Any]]  # for a converted report: the fields of the original
+    rows: List[Row]
+
+
+# --- the schema --------------------------------------------------------------------------------
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> Environment:
+    """The machine and software a benchmark runs on, now."""
+    try:
+        import triton
+
+        triton_version: Optional[str] = triton.__version__
+    except ImportError:
+        triton_version = None
+    return Environment(
+        device=str(device),
+        cpu=cpu_name(),
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        triton=triton_version,
+        cuda=torch.version.cuda,
+        fastcomer=__version__,
+        threads=torch.get_num_threads(),
+        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    )
+
+
+def new_report(device: torch.device, command: Optional[str] = None) -> Report:
+    """An empty report stamped with the date and environment (`command`: default this process's argv)."""
+    return Report(
+        schema=SCHEMA,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        environment=environment(device),
+        command=command if command is not None else " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        provenance=None,
+        rows=[],
+    )
+
+
+def make_row(
+    benchmark: str,
+    name: str,
+    params: Dict[str, Any],
+    subject: str,
+    medians_s: Dict[str, float],
+    checks: Optional[Dict[str, Any]] = None,
+    details: Optional[Dict[str, Any]] = None,
+) -> Row:
+    """A row; the subject's speed-up over every other variant is computed here."""
+    if subject not in medians_s:
+        raise ValueError(f"subject {subject!r} is not among the measured variants {sorted(medians_s)}")
+    speedups = {variant: seconds / medians_s[subject] for variant, seconds in medians_s.items() if variant != subject}
+    return Row(benchmark=benchmark, name=name, params=params, subject=subject, medians_s=dict(medians_s),
+               speedups=speedups, checks=checks or {}, details=details or {}, floor=None)
+
+
+def check_report(report: Any) -> Report:
+    """`report` itself when it follows the schema; else ValueError naming the first fault."""
+
+    def need(mapping: Any, keys: Iterable[str], where: str) -> None:
+        if not isinstance(mapping, dict):
+            raise ValueError(f"{where} must be an object, got {type(mapping).__name__}")
+        missing = [key for key in keys if key not in mapping]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}")
+
+    need(report, Report.__annotations__, "report")
+    if report["schema"] != SCHEMA:
+        raise ValueError(f"report schema is {report['schema']!r}, expected {SCHEMA!r}")
+    need(report["environment"], Environment.__annotations__, "report.environment")
+    if not isinstance(report["rows"], list):
+        raise ValueError("report.rows must be a list")
+    names = set()
+    for i, row in enumerate(report["rows"]):
+        where = f"report.rows[{i}]"
+        need(row, Row.__annotations__, where)
+        if (row["benchmark"], row["name"]) in names:
+            raise ValueError(f"{where}: a second row {row['benchmark']} {row['name']!r}")
+        names.add((row["benchmark"], row["name"]))
+        medians = row["medians_s"]
+        if row["subject"] not in medians or not all(isinstance(s, (int, float)) and s > 0 for s in medians.values()):
+            raise ValueError(f"{where}: medians_s must hold positive seconds for the subject {row['subject']!r} and its baselines")
+        if set(row["speedups"]) != set(medians) - {row["subject"]}:
+            raise ValueError(f"{where}: speedups must name every baseline of medians_s")
+        if row["floor"] is not None:
+            need(row["floor"], Floor.__annotations__, f"{where}.floor")
+    return report
+
+
+def write_report(report: Report, out: Optional[Path]) -> Optional[Path]:
+    """Write the report as JSON: into `out` when it is an existing directory (named by the
+    report's date), else to the file `out`; nothing when `out` is None."""
+    if out is None:
+        return None
+    check_report(report)
+    path = out / f"bench-{report['date'].replace(':', '')}.json" if out.is_dir() else out
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def load_report(path: Path) -> Report:
+    """A result file, checked against the schema (ValueError naming the file otherwise)."""
+    try:
+        return check_report(json.loads(Path(path).read_text()))
+    except (ValueError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+def measure(fn: Callable[[], Any], calls: Optional[int] = None, warmup: int = 0, min_run_time: float = 0.2) -> Tuple[float, List[float]]:
+    """Median seconds per call of `fn` and the samples.
+
+    Default: torch.utils.benchmark.Timer.blocked_autorange, blocks of calls for at least
+    `min_run_time` seconds, one sample per block. torch.utils.benchmark rather than
+    pytest-benchmark's timer, because these are CUDA kernels of microseconds: it synchronises
+    the device around each block of calls (so a block times the kernels, not their launches,
+    without a synchronisation per call), runs with a fixed torch thread count, and times CPU
+    and CUDA alike, so every row of a report is measured the same way.
+
+    With `calls`: after `warmup` calls, exactly `calls` samples of one call each, the device
+    synchronised around each (for work whose state advances with each call, such as a beam
+    step, where the Timer's own warm-up calls would be counted against its bound)."""
+    if calls is None:
+        from torch.utils import benchmark
+
+        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        measurement = timer.blocked_autorange(min_run_time=min_run_time)
+        return measurement.median, list(measurement.times)
+    for _ in range(warmup):
+        fn()
+    samples = [timed(fn)[1] for _ in range(calls)]
+    return statistics.median(samples), samples
+
+
+def copy_bandwidth(device: torch.device, megabytes: int) -> float:
+    """Bytes per second of a device-to-device copy of `megabytes` (read + write counted): the
+    rate that turns the bytes a kernel must move into its floor."""
+    src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    seconds, _ = measure(lambda: dst.copy_(src), min_run_time=0.05)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def timed(fn: Callable[[], Any]) -> Tuple[Any, float]:
+    """fn's result and its wall-clock seconds, CUDA synchronised around it (as
+    torch.utils.benchmark does): one call, such as a whole search whose answer is kept."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    result = fn()
+    synchronize()
+    return result, time.perf_counter() - start
+
+
+# --- the decoding benchmark's workload -----------------------------------------------------------
 
 @torch.no_grad()
 def scale_weights(
@@ -66,105 +291,150 @@ def bench_images(shape: Tuple[int, int], seed: int, count: int, device: str, dty
     return img, torch.zeros(count, *shape, dtype=torch.bool, device=device)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+def engine_row_name(shape: Sequence[int], max_len: int, batch: int) -> str:
+    return f"{shape[0]}x{shape[1]} max_len={max_len} batch={batch}"
 
 
-def timed(fn: Callable, device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
-
-
-def run_benchmark(
-    shapes: Sequence[Tuple[int, int]],
+def engine_row(
+    model: CoMER,
+    shape: Tuple[int, int],
     images: int,
     beam_size: int = 10,
     max_len: int = 200,
-    device: str = "cpu",
     seed: int = 0,
-    log: Callable[[str], None] = print,
     batch: int = 1,
     backend: Optional[str] = None,
     graphs: Optional[bool] = None,
-) -> Dict:
-    """Decode `images` random images per shape with both searches, `batch` images per call;
-    check that they answer identically; return the measurements (seconds per call)."""
+    log: Callable[[str], None] = print,
+) -> Row:
+    """Decode `images` random images of `shape`, `batch` per call, with the engine and with the
+    reference beam search; check that they answer identically. The row's medians are seconds
+    per image (per call / batch); its details keep every call's seconds."""
     if images % batch:
         raise ValueError(f"images ({images}) must be a multiple of batch ({batch})")
-    model = bench_model(seed, device)
+    device = next(model.parameters()).device
     search = dict(beam_size=beam_size, max_len=max_len)
-    rows: List[Dict] = []
-    for shape in shapes:
-        row = {"shape": list(shape), "images": images, "batch": batch, "engine_s": [], "engine_cold_s": [], "reference_s": [],
-               "identical": True, "hyp_lengths": []}
-        for k in range(0, images, batch):
-            img, mask = bench_images(shape, seed + k, batch, device, torch.float32)
-            label = f"{shape[0]}x{shape[1]} images {k + 1}-{k + batch}/{images}"
-            engine = dict(backend=backend, graphs=graphs)
-            # The first search warms up (allocator, kernel compilation, graph capture: kept for later
-            # searches of the same settings); its time is kept apart as the cold start.
-            _, cold_s = timed(lambda: beam_search(model, img, mask, **search, **engine), device)
-            row["engine_cold_s"].append(cold_s)
-            fast, engine_s = timed(lambda: beam_search(model, img, mask, **search, return_details=True, **engine), device)
-            log(f"{label}: engine {engine_s:.2f} s; reference running ...")
-            slow, reference_s = timed(lambda: reference_beam_search(model, img, mask, **search), device)
-            same = [h.seq for h in fast.hyps] == [h.seq for h in slow]
-            row["engine_s"].append(engine_s)
-            row["reference_s"].append(reference_s)
-            row["identical"] &= same
-            row["hyp_lengths"] += [len(h) for h in fast.first_pass_hyps]
-            log(f"{label}: reference {reference_s:.2f} s, {reference_s / engine_s:.1f}x, answers {'identical' if same else 'DIFFER'}")
-        row["engine_s_per_image"] = statistics.mean(row["engine_s"]) / batch
-        row["reference_s_per_image"] = statistics.mean(row["reference_s"]) / batch
-        row["ratio"] = row["reference_s_per_image"] / row["engine_s_per_image"]
-        rows.append(row)
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({cpu_name()})",
-        # Other processes on the machine slow both searches, the engine's many small ops most.
-        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "model": "CoMER() published config, seeded random weights (fastcomer.benchmarking.bench_model), float32",
-        "search": {**search, "alpha": 1.0, "early_stopping": False, "temperature": 1.0, "direction": "both"},
-        "engine_backend": backend or os.environ.get("FASTCOMER_BACKEND", "auto"),
-        "engine_cuda_graphs": backends.use_cuda_graphs(torch.device(device), graphs),
-        "results": rows,
-    }
+    engine = dict(backend=backend, graphs=graphs)
+    engine_s, cold_s, reference_s, lengths, identical = [], [], [], [], True
+    for k in range(0, images, batch):
+        img, mask = bench_images(shape, seed + k, batch, str(device), torch.float32)
+        label = f"{shape[0]}x{shape[1]} images {k + 1}-{k + batch}/{images}"
+        # The first search warms up (allocator, kernel compilation, graph capture: kept for later
+        # searches of the same settings); its time is kept apart as the cold start.
+        cold_s.append(timed(lambda: beam_search(model, img, mask, **search, **engine))[1])
+        fast, seconds = timed(lambda: beam_search(model, img, mask, **search, return_details=True, **engine))
+        engine_s.append(seconds)
+        log(f"{label}: engine {seconds:.2f} s; reference running ...")
+        slow, seconds = timed(lambda: reference_beam_search(model, img, mask, **search))
+        reference_s.append(seconds)
+        same = [h.seq for h in fast.hyps] == [h.seq for h in slow]
+        identical &= same
+        lengths += [len(h) for h in fast.first_pass_hyps]
+        log(f"{label}: reference {seconds:.2f} s, {reference_s[-1] / engine_s[-1]:.1f}x, answers {'identical' if same else 'DIFFER'}")
+    params = dict(shape=list(shape), images=images, batch=batch, **search, alpha=1.0, early_stopping=False, temperature=1.0,
+                  direction="both", backend=backend or os.environ.get(backends.ENV_VAR, "auto"),
+                  cuda_graphs=backends.use_cuda_graphs(device, graphs), model=ENGINE_MODEL, seed=seed)
+    medians = {"engine": statistics.median(engine_s) / batch, "reference": statistics.median(reference_s) / batch}
+    details = dict(engine_s=engine_s, engine_cold_s=cold_s, reference_s=reference_s, hyp_lengths=lengths,
+                   decoded_length=max(lengths))
+    return make_row("engine", engine_row_name(shape, max_len, batch), params, "engine", medians,
+                    checks={"identical": identical}, details=details)
 
 
-def format_table(report: Dict) -> str:
-    lines = [
-        f"{report['device']}, torch {report['torch']}, {report['threads']} threads, {report['date']}, "
-        f"beam {report['search']['beam_size']}, max_len {report['search']['max_len']}",
-        "| image | images | per call | reference s/image | engine s/image | speed-up | answers | first-pass lengths (min/median/max) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["results"]:
-        lengths = row["hyp_lengths"]
-        lines.append(
-            f"| {row['shape'][0]}x{row['shape'][1]} | {row['images']} | {row.get('batch', 1)} | {row['reference_s_per_image']:.3f} | "
-            f"{row['engine_s_per_image']:.3f} | {row['ratio']:.1f}x | {'identical' if row['identical'] else 'DIFFER'} | "
-            f"{min(lengths)}/{statistics.median(lengths):g}/{max(lengths)} |"
-        )
-    return "\n".join(lines)
+# --- tables and comparisons ----------------------------------------------------------------------
+
+def format_seconds(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}" if unit != "s" else f"{seconds:.3f} s"
+    return f"{seconds / 1e-9:.3g} ns"
 
 
-def write_report(report: Dict, out: Optional[Path]) -> Optional[Path]:
-    """Write the report as JSON: into `out` when it is an existing directory (named by the
-    report's date), else to the file `out`."""
-    if out is None:
-        return None
-    path = out / f"bench-{report['date'].replace(':', '')}.json" if out.is_dir() else out
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    return path
+def machine(report: Report) -> str:
+    env = report["environment"]
+    threads = f", {env['threads']} threads" if env["threads"] and not env["gpu"] else ""
+    return f"{env['gpu'] or env['cpu'] or env['device']}{threads}"
+
+
+def load_1min(report: Report) -> str:
+    load = report["environment"]["load_average"]
+    return f"{load[0]:.1f}" if load else "not recorded"
+
+
+def render_table(results: Sequence[Tuple[str, Report]]) -> str:
+    """Markdown tables of (label, report) pairs, one table per benchmark, rows in file order.
+    Engine rows: seconds per image of both searches, the speed-up and whether the answers were
+    identical; other rows: every variant's median and the subject's speed-ups."""
+    by_benchmark: Dict[str, List[Tuple[str, Report, Row]]] = {}
+    for label, report in results:
+        for row in report["rows"]:
+            by_benchmark.setdefault(row["benchmark"], []).append((label, report, row))
+    tables = []
+    for benchmark, entries in by_benchmark.items():
+        if benchmark == "engine":
+            lines = ["| image | max_len | per call | reference s/image | engine s/image | speed-up | answers "
+                     "| first-pass lengths min/median/max | machine | load (1 min) | file |",
+                     "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for label, report, row in entries:
+                p, lengths = row["params"], row["details"]["hyp_lengths"]
+                lines.append(
+                    f"| {p['shape'][0]}x{p['shape'][1]} | {p['max_len']} | {p['batch']} | {row['medians_s']['reference']:.2f} "
+                    f"| {row['medians_s']['engine']:.2f} | {row['speedups']['reference']:.1f}x "
+                    f"| {'identical' if row['checks']['identical'] else 'DIFFER'} "
+                    f"| {min(lengths)}/{statistics.median(lengths):g}/{max(lengths)} | {machine(report)} "
+                    f"| {load_1min(report)} | `{label}` |")
+        else:
+            variants = list(dict.fromkeys(v for _, _, row in entries for v in row["medians_s"]))
+            baselines = list(dict.fromkeys(b for _, _, row in entries for b in row["speedups"]))
+            header = [benchmark, *variants, *(f"speed-up vs {b}" for b in baselines), "machine", "file"]
+            lines = [f"| {' | '.join(header)} |", "|---" * len(header) + "|"]
+            for label, report, row in entries:
+                times = [format_seconds(row["medians_s"][v]) if v in row["medians_s"] else "" for v in variants]
+                ratios = [f"{row['speedups'][b]:.2f}x" if b in row["speedups"] else "" for b in baselines]
+                cells = [f"{row['name']} ({row['subject']})", *times, *ratios, machine(report), f"`{label}`"]
+                lines.append(f"| {' | '.join(cells)} |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
+TABLE_BLOCK = re.compile(r"(<!-- results-table: (?P<files>[^>]*?) -->\n)(?P<table>.*?)(<!-- end results-table -->)", re.S)
+
+
+def update_readme_tables(text: str, root: Path) -> str:
+    """`text` with every results-table block regenerated from the result files its opening
+    marker names (paths relative to `root`):
+
+        <!-- results-table: benchmarks/results/a.json benchmarks/results/b.json -->
+        (the table, generated)
+        <!-- end results-table -->
+    """
+
+    def regenerate(match: "re.Match[str]") -> str:
+        files = match.group("files").split()
+        table = render_table([(Path(f).name, load_report(root / f)) for f in files])
+        return f"{match.group(1)}{table}\n{match.group(4)}"
+
+    return TABLE_BLOCK.sub(regenerate, text)
+
+
+def compare_reports(before: Report, after: Report) -> List[Dict[str, Any]]:
+    """Row by row (rows matched by benchmark and name) and variant by variant: the median in
+    each report and before / after (above 1: faster after). Rows in one report only get no
+    entry; see `unmatched_rows`."""
+    after_rows = {(row["benchmark"], row["name"]): row for row in after["rows"]}
+    entries = []
+    for row in before["rows"]:
+        other = after_rows.get((row["benchmark"], row["name"]))
+        if other is None:
+            continue
+        for variant, seconds in row["medians_s"].items():
+            if variant in other["medians_s"]:
+                entries.append(dict(benchmark=row["benchmark"], name=row["name"], variant=variant, before_s=seconds,
+                                    after_s=other["medians_s"][variant], ratio=seconds / other["medians_s"][variant]))
+    return entries
+
+
+def unmatched_rows(before: Report, after: Report) -> Tuple[List[str], List[str]]:
+    """The rows (benchmark and name) found only in `before`, and only in `after`."""
+    keys = [{f"{row['benchmark']} {row['name']}" for row in report["rows"]} for report in (before, after)]
+    return sorted(keys[0] - keys[1]), sorted(keys[1] - keys[0])

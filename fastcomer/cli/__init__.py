@@ -1,11 +1,13 @@
 """Command line: `python -m fastcomer COMMAND` (also installed as `fastcomer`). Each command
 is a module of this package with `add_parser(commands)` and the function it runs."""
 import argparse
+import shlex
+import sys
 from typing import List, Optional
 
-from . import bench, env, kernels
+from . import bench, compare, env, kernels, plot, table
 
-COMMANDS = (bench, env, kernels)
+COMMANDS = (bench, env, compare, table, plot, kernels)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -13,5 +15,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(commands)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = "fastcomer " + " ".join(shlex.quote(arg) for arg in argv)  # recorded in result files
     return args.run(args)

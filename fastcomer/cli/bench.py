@@ -1,7 +1,7 @@
 """`fastcomer bench`: the decoding engine against the reference beam search."""
 import argparse
-from pathlib import Path
-from typing import Tuple
+
+from .arguments import device, image_shape, output_path, positive_int
 
 
 def add_parser(commands) -> None:
@@ -17,33 +17,26 @@ def add_parser(commands) -> None:
     )
     timing.add_argument("--quick", action="store_true", help="128x512 only, max_len 60")
     timing.add_argument("--shape", type=image_shape, action="append", help="HEIGHTxWIDTH, repeatable (default: 128x512 and 256x1024)")
-    timing.add_argument("--images", type=int, default=1, help="images per shape (default: %(default)s)")
-    timing.add_argument("--batch", type=int, default=1, help="images per call, --images is a multiple of it (default: %(default)s)")
+    timing.add_argument("--images", type=positive_int, default=1, help="images per shape (default: %(default)s)")
+    timing.add_argument("--batch", type=positive_int, default=1, help="images per call, --images is a multiple of it (default: %(default)s)")
     timing.add_argument("--backend", choices=["auto", "cuda", "triton", "torch"], help="the engine's cross-attention step (default: $FASTCOMER_BACKEND, else auto)")
     timing.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
                         help="replay the engine's steps as CUDA graphs (default: $FASTCOMER_CUDA_GRAPHS, else on for CUDA)")
-    timing.add_argument("--max-len", type=int, default=0, help="default: 200, or 60 with --quick")
-    timing.add_argument("--beam-size", type=int, default=10)
-    timing.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default: %(default)s)")
+    timing.add_argument("--max-len", type=positive_int, help="default: 200, or 60 with --quick")
+    timing.add_argument("--beam-size", type=positive_int, default=10)
+    timing.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:n] (default: %(default)s)")
     timing.add_argument("--seed", type=int, default=0)
-    timing.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    timing.add_argument("--out", type=Path, help="write the results as JSON to this file, or into this directory")
+    timing.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    timing.add_argument("--out", type=output_path,
+                        help="write the results as JSON (fastcomer.benchmarking's schema) to this file, or into this directory")
     timing.set_defaults(run=run)
-
-
-def image_shape(text: str) -> Tuple[int, int]:
-    try:
-        height, width = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, e.g. 128x512, got {text!r}") from None
-    return height, width
 
 
 def run(args: argparse.Namespace) -> int:
     """Time the engine against the reference beam search; fail if they answer differently."""
     import torch
 
-    from ..benchmarking import FULL_SHAPES, QUICK_SHAPES, format_table, run_benchmark, write_report
+    from ..benchmarking import FULL_SHAPES, QUICK_SHAPES, bench_model, engine_row, new_report, render_table, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,17 +44,15 @@ def run(args: argparse.Namespace) -> int:
     max_len = args.max_len or (60 if args.quick else 200)
     print(f"decoding {args.images} image(s) of each of {', '.join(f'{h}x{w}' for h, w in shapes)}, beam {args.beam_size}, "
           f"max_len {max_len}, on {args.device} with {torch.get_num_threads()} thread(s)", flush=True)
-    report = None
+    report = new_report(torch.device(args.device), args.command_line)
+    model = bench_model(args.seed, args.device)
+    path = None
     for shape in shapes:  # the report is written after each shape, so a long run keeps what it measured
-        part = run_benchmark([shape], args.images, args.beam_size, max_len, args.device, args.seed,
-                             log=lambda s: print(s, flush=True), batch=args.batch, backend=args.backend,
-                             graphs={"auto": None, "on": True, "off": False}[args.graphs])
-        if report is None:
-            report = part
-        else:
-            report["results"] += part["results"]
+        report["rows"].append(engine_row(model, shape, args.images, args.beam_size, max_len, args.seed, args.batch,
+                                         args.backend, {"auto": None, "on": True, "off": False}[args.graphs],
+                                         log=lambda s: print(s, flush=True)))
         path = write_report(report, args.out)
-    print(format_table(report))
+    print(render_table([(str(path or "not written"), report)]))
     if path is not None:
         print(f"wrote {path}")
-    return 0 if all(row["identical"] for row in report["results"]) else 1
+    return 0 if all(row["checks"]["identical"] for row in report["rows"]) else 1

@@ -8,6 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+# The feature map's stride in pixels: four stride-2 stages (conv, max pool, two transitions).
+FEATURE_STRIDE = 16
+
 
 class Bottleneck(nn.Module):
     """conv1x1 -> BN -> ReLU -> conv3x3 -> BN -> ReLU, concatenated to the input."""
@@ -74,7 +77,7 @@ class DenseNet(nn.Module):
         out = self.trans2(self.dense2(out))
         out = self.post_norm(self.dense3(out))
         # Each stride-2 stage keeps every second row and column of the mask.
-        mask = x_mask[:, 0::16, 0::16]
+        mask = x_mask[:, 0::FEATURE_STRIDE, 0::FEATURE_STRIDE]
         return out, mask
 
 

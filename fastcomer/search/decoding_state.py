@@ -22,26 +22,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model.arm import AttentionRefinementModule, FoldedARM
-from ..ops.decode_step import coverage_dtype, fused_cross_attention_step
-from ..tensor_cache import DerivedCache
+from ..ops.decode_step import coverage_dtype, fused_cross_attention_step, refresh_prepared_weights
 from ..vocab import PAD_IDX
 
 # Prefix windows are multiples of this: at most WINDOW_STEP - 1 wasted positions per step,
 # and max_len / WINDOW_STEP windows (CUDA graphs) per state.
 WINDOW_STEP = 32
 
-_folded_arms = DerivedCache()
-
 
 def folded_arm(arm: Optional[AttentionRefinementModule]) -> Optional[FoldedARM]:
-    """arm.fold(), computed once per model; folded again only when the ARM's weights change."""
+    """arm.fold() in tensors of its own (none of them the module's), from the weights as they
+    are now: folding costs microseconds, so a state folds afresh at the start of every search
+    rather than trusting a cache to notice every change of the weights."""
     if arm is None:
         return None
-
-    def fold() -> FoldedARM:
-        with torch.no_grad():
-            return arm.fold()
-    return _folded_arms.get(arm, (*arm.parameters(), *arm.buffers()), fold)
+    with torch.no_grad():
+        folded = arm.fold()
+    return folded._replace(conv_weight=folded.conv_weight.clone(), conv_bias=folded.conv_bias.clone())
 
 
 def prefix_window(length: int, max_len: int) -> int:
@@ -92,6 +89,7 @@ class DecodingState:
         if feature.shape[:3] != (self.slots, self.height, self.length // self.height):
             raise ValueError(f"feature must be [{self.slots}, {self.height}, {self.length // self.height}, d], "
                              f"got {tuple(feature.shape)}")
+        self.refresh_arm(folded_arm(self.decoder.model.arm))
         memory = feature.reshape(self.slots, self.length, -1)
         for j, layer in enumerate(self.decoder.model.layers):
             for kind, x in enumerate(layer.multihead_attn.project_key_value(memory)):
@@ -107,6 +105,7 @@ class DecodingState:
         """Slot i := other's slot slots[i], image, rows and caches (a smaller state continuing
         some of other's searches). In place."""
         rows = (slots[:, None] * self.group + torch.arange(self.group, device=slots.device)).view(-1)
+        self.refresh_arm(other.arm)
         self.memory_kv.copy_(other.memory_kv[:, :, slots])
         self.memory_mask.copy_(other.memory_mask[slots])
         self.self_kv.copy_(other.self_kv[rows])
@@ -114,6 +113,16 @@ class DecodingState:
             self.coverage.copy_(other.coverage[rows])
         self.tokens.copy_(other.tokens[rows])
         self.position.copy_(other.position)
+
+    def refresh_arm(self, arm: Optional[FoldedARM]) -> None:
+        """This state's folded ARM := arm's values, in place (CUDA graphs read it by address),
+        and the kernels' weights prepared from it again: a kept state never steps with weights
+        from before its search started, however they were changed (`.data`, inference tensors)."""
+        if self.arm is None:
+            return
+        for mine, new in zip(self.arm[:4], arm[:4]):
+            mine.copy_(new)
+        refresh_prepared_weights(self.arm)
 
     def skip_slots(self, skipped: Tensor) -> None:
         """The cross-attention step skips the rows of slots where skipped [slots] is True (a

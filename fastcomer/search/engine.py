@@ -11,7 +11,7 @@ from .. import backends
 from ..vocab import EOS_IDX, PAD_IDX, SOS_IDX
 from .decoding_state import DecodingState, prefix_window
 from .first_pass import first_pass
-from .hypotheses import BeamSearchOutput, Hypothesis
+from .hypotheses import BeamSearchOutput, Hypothesis, no_images_output
 from .options import SearchOptions, check_search_args, search_directions
 from .rescoring import rescore, select_best
 
@@ -43,9 +43,14 @@ def beam_search(
     answers equal the reference's up to float32 near-ties. graphs: replay the steps as CUDA
     graphs (same results, less launch overhead); None reads FASTCOMER_CUDA_GRAPHS, whose
     default `auto` means on for models on CUDA.
+
+    Arguments are checked before any work (README, "Contract"): a batch of 0 images
+    returns [] (with return_details, empty lists).
     """
-    check_search_args(model, img, img_mask, beam_size, max_len, temperature)
+    check_search_args(model, img, img_mask, beam_size, max_len, temperature, alpha, early_stopping)
     options = SearchOptions(beam_size, max_len, alpha, early_stopping, temperature, direction)
+    if img.shape[0] == 0:
+        return no_images_output(img, return_details, rescored=len(options.l2r) == 2)
     feature, mask = model.encoder(img, img_mask)
     hyps, scores = first_pass(model.decoder, feature, mask, options, backend, graphs)
     batch = feature.shape[0]
@@ -75,8 +80,10 @@ def greedy_search(
     len counting the start token but not the end token, as a beam hypothesis's.
     backend: as beam_search's.
     """
-    check_search_args(model, img, img_mask, 1, max_len, temperature)
+    check_search_args(model, img, img_mask, 1, max_len, temperature, alpha)
     (forward,) = search_directions(direction, ("l2r", "r2l"))
+    if img.shape[0] == 0:
+        return []
     start, end = (SOS_IDX, EOS_IDX) if forward else (EOS_IDX, SOS_IDX)
     feature, mask = model.encoder(img, img_mask)
     batch, h, w, _ = feature.shape

@@ -37,7 +37,10 @@ class FinishedLists:
         self.count = torch.zeros(items, dtype=torch.long, device=device)
         self.clock = torch.zeros((), dtype=torch.long, device=device)  # the next insertion stamp
         # length**alpha as CoMER computes it, a Python int ** float, so that scores are bitwise equal.
-        self.penalty = torch.tensor([n**alpha for n in range(max_len + 1)], dtype=torch.float64, device=device)
+        # Index = length; a hypothesis holds its start token, so length 0 never occurs (and 0**alpha
+        # would divide by zero for a negative alpha): its entry is a placeholder.
+        self.penalty = torch.tensor([1.0] + [n**alpha for n in range(1, max_len + 1)], dtype=torch.float64,
+                                    device=device)
         self.clear()
 
     def clear(self) -> None:

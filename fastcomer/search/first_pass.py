@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import backends
 from .decoding_state import prefix_window
 from .finished_lists import FinishedLists
-from .kept_slots import slots_factory
+from .kept_slots import slots_lease
 from .options import SearchOptions
 from .search_slots import FeatureLayout
 
@@ -33,30 +33,30 @@ def first_pass(
     batch, h, w, _ = feature.shape
     graphs = backends.use_cuda_graphs(feature.device, graphs)
     features = FeatureLayout(h, w, feature.dtype, feature.device, backends.resolve(feature, backend))
-    make_batch = slots_factory(decoder, options, features, graphs)
     max_len, directions = options.max_len, len(options.l2r)
     slots = (lambda n: 1 << (n - 1).bit_length()) if graphs else (lambda n: n)
     sync_every = GRAPH_SYNC_EVERY if graphs else 1
 
-    results = FinishedLists(batch * directions, options.beam_size, max_len, options.alpha, options.early_stopping,
-                            feature.device)
-    current = make_batch(slots(batch * directions))
-    current.start(feature, mask)
-    length = 1  # tokens per row
-    while length < max_len:
-        current.run(prefix_window(length, max_len))
-        length += 1
-        if length == max_len or length % sync_every:
-            continue
-        live = current.live_items()
-        if not live:
-            break
-        if slots(len(live)) < current.items:
-            current.store(results)
-            smaller = make_batch(slots(len(live)))
-            smaller.take(current, live)
-            current = smaller
-    if length == max_len:
-        current.finish()
-    current.store(results)
-    return results.results()
+    with slots_lease(decoder, options, features, graphs) as make_batch:
+        results = FinishedLists(batch * directions, options.beam_size, max_len, options.alpha, options.early_stopping,
+                                feature.device)
+        current = make_batch(slots(batch * directions))
+        current.start(feature, mask)
+        length = 1  # tokens per row
+        while length < max_len:
+            current.run(prefix_window(length, max_len))
+            length += 1
+            if length == max_len or length % sync_every:
+                continue
+            live = current.live_items()
+            if not live:
+                break
+            if slots(len(live)) < current.items:
+                current.store(results)
+                smaller = make_batch(slots(len(live)))
+                smaller.take(current, live)
+                current = smaller
+        if length == max_len:
+            current.finish()
+        current.store(results)
+        return results.results()

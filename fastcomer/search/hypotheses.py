@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 from typing import List, Optional
 
+import torch
 from torch import Tensor
 
 
@@ -26,3 +27,11 @@ class BeamSearchOutput:
     first_pass_hyps: List[List[int]]
     first_pass_scores: Tensor  # float32, as CoMER's finalisation stores them
     rescore: Optional[Tensor]  # None for a single-direction search, which is not rescored
+
+
+def no_images_output(img: Tensor, return_details: bool, rescored: bool = True):
+    """What a beam search of a batch of 0 images returns: no answers (and empty details)."""
+    if not return_details:
+        return []
+    scores = torch.zeros(0, dtype=torch.float32, device=img.device)
+    return BeamSearchOutput([], [], scores, torch.zeros(0, dtype=img.dtype, device=img.device) if rescored else None)

@@ -33,7 +33,12 @@ def decode_images(model, images: Sequence[Tensor], batch_size: int = 16, **searc
     Each answer is CoMER's for the padded batch its image lands in; images of one size are
     batched together, so when every batch holds a single size (or batch_size is 1) the
     answers equal those of decoding each image alone.
+
+    Floating-point images are converted to the model's dtype; other types raise TypeError
+    (integer pixels are not rescaled for you). Every image is checked before any search.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__} {batch_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if search_kwargs.get("return_details"):
@@ -41,9 +46,13 @@ def decode_images(model, images: Sequence[Tensor], batch_size: int = 16, **searc
     param = next(model.parameters())
     prepared = []
     for i, im in enumerate(images):
-        if not isinstance(im, Tensor) or im.dim() not in (2, 3) or (im.dim() == 3 and im.shape[0] != 1) or im.numel() == 0:
-            shape = tuple(im.shape) if isinstance(im, Tensor) else type(im).__name__
-            raise ValueError(f"image {i}: expected a non-empty [1, H, W] or [H, W] tensor, got {shape}")
+        if not isinstance(im, Tensor) or not im.dtype.is_floating_point:
+            kind = f"a {im.dtype} tensor" if isinstance(im, Tensor) else type(im).__name__
+            raise TypeError(f"image {i}: expected a floating-point torch.Tensor, got {kind}")
+        if im.dim() not in (2, 3) or (im.dim() == 3 and im.shape[0] != 1) or im.numel() == 0:
+            raise ValueError(f"image {i}: expected a non-empty [1, H, W] or [H, W] tensor, got {tuple(im.shape)}")
+        if not bool(torch.isfinite(im).all()):
+            raise ValueError(f"image {i} holds NaN or infinite pixels")
         prepared.append((im if im.dim() == 3 else im[None]).to(device=param.device, dtype=param.dtype))
     answers: List[Hypothesis] = [None] * len(prepared)  # type: ignore[list-item]
     for bucket in size_buckets([tuple(im.shape[1:]) for im in prepared], batch_size):

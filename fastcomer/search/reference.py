@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..vocab import EOS_IDX, PAD_IDX, SOS_IDX
-from .hypotheses import BeamSearchOutput, Hypothesis
+from .hypotheses import BeamSearchOutput, Hypothesis, no_images_output
 from .options import check_search_args
 from .rescoring import rescore, select_best
 
@@ -121,8 +121,11 @@ def reference_beam_search(
     img [b, 1, H, W], img_mask [b, H, W] (True = padding); the model must be in eval mode.
     Returns per image a Hypothesis (.seq left to right without SOS/EOS, .score), or with
     return_details a BeamSearchOutput that also holds the first pass and its rescoring.
+    Arguments are checked as the engine's (a batch of 0 images returns []).
     """
-    check_search_args(model, img, img_mask, beam_size, max_len, temperature)
+    check_search_args(model, img, img_mask, beam_size, max_len, temperature, alpha, early_stopping)
+    if img.shape[0] == 0:
+        return no_images_output(img, return_details)
     feature, mask = model.encoder(img, img_mask)
     hyps, scores = _first_pass(model.decoder, feature, mask, beam_size, max_len, alpha, early_stopping, temperature)
     reverse = rescore(model.decoder, feature, mask, hyps, beam_size, alpha, temperature)

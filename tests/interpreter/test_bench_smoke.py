@@ -1,23 +1,24 @@
-"""The benchmark script runs and its variants agree, on its tiny CPU smoke shape (layer level:
-the interpreter makes the whole decoder slow, and test_patch.py checks the fused decoder)."""
-import json
+"""The ARM attention benchmark runs at its tiny CPU smoke shape through Triton's interpreter
+and its variants agree (layer level: the interpreter makes the whole decoder slow, and
+test_patch.py checks the fused decoder)."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from fastcomer.benchmarking import load_report
+from support.paths import REPO
 
 
-def test_benchmark_smoke(tmp_path):
+def test_arm_attention_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_arm_attention.py"), "--smoke", "--levels", "layer", "--out", str(out)],
-                   check=True, env=env, cwd=REPO, capture_output=True)
-    report = json.loads(out.read_text())
-    assert {"device", "date", "versions", "config", "rows"} <= set(report)
-    assert [row["level"] for row in report["rows"]] == ["layer"]  # the decoder level: see test_patch.py
-    for row in report["rows"]:
-        for name, result in row["results"].items():
-            assert result["max_rel_err_vs_eager"] < 1e-5, (row["level"], name)
-            assert result["forward"]["ms"] > 0 and result["forward_backward"]["ms"] > 0
+    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_arm_attention.py", "--device", "cpu", "--smoke",
+                           "-k", "layer", "--bench-out", str(out), "-q", "-p", "no:cacheprovider"],
+                          cwd=REPO, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = load_report(out)["rows"]
+    assert [row["params"]["mode"] for row in rows] == ["forward", "forward_backward"]
+    for row in rows:
+        assert row["params"]["level"] == "layer" and row["subject"] == "fused"
+        assert set(row["medians_s"]) == {"fused", "eager", "composite"}
+    errors = rows[0]["checks"]["max_rel_err_vs_eager"]
+    assert set(errors) == {"fused", "eager", "composite"} and max(errors.values()) < 1e-5

@@ -10,7 +10,7 @@ import torch
 
 from support.markers import requires_gpu
 from support.paths import REPO
-from support.decode_step_cases import COVERAGE_MODES, check_chain, clone, make_chain, make_step
+from support.decode_step_cases import COVERAGE_MODES, check_against_torch, check_chain, clone, make_chain, make_step
 from fastcomer import env_report
 from fastcomer.backends import cuda_extension_status
 from fastcomer.ops.decode_step.cuda_kernel import _float32_weights, unsupported_reason
@@ -158,7 +158,7 @@ def require(backend):
 @pytest.mark.parametrize("mode", list(COVERAGE_MODES))
 @pytest.mark.parametrize("nhead", [2, 8])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_matches_reference(backend, nhead, mode, refine):
+def test_matches_reference_on_gpu(backend, nhead, mode, refine):
     require(backend)
     check_against_torch(make_step(nhead, mode, refine, device="cuda"), backend)
 
@@ -166,7 +166,7 @@ def test_matches_reference(backend, nhead, mode, refine):
 @requires_gpu
 @pytest.mark.parametrize("mode", list(COVERAGE_MODES))
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_chained_layers_and_steps(backend, mode):
+def test_chained_layers_and_steps_on_gpu(backend, mode):
     """Three layers over four steps, coverage slices of one all-layers tensor (row-strided)."""
     require(backend)
     check_chain(make_chain(8, mode, height=9, width=11, head_dim=32, device="cuda"),
@@ -176,7 +176,7 @@ def test_chained_layers_and_steps(backend, mode):
 @requires_gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("height,width,head_dim", [(9, 11, 12), (12, 37, 32), (16, 64, 32), (3, 171, 64)])
-def test_several_tiles(backend, height, width, head_dim):
+def test_several_tiles_on_gpu(backend, height, width, head_dim):
     """L spanning several tiles of either kernel (ragged last tile, halos across tiles)."""
     require(backend)
     image_index = (3, 0, 2, 2, 1, 0, 3, 1)
@@ -186,7 +186,7 @@ def test_several_tiles(backend, height, width, head_dim):
 
 @requires_gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_inactive_rows_are_untouched(backend):
+def test_inactive_rows_are_untouched_on_gpu(backend):
     require(backend)
     step = make_step(8, "both", image_index=(1, -1, 0, -1, 2), device="cuda")
     before = clone(step)
@@ -200,7 +200,7 @@ def test_inactive_rows_are_untouched(backend):
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_half_precision_inputs(backend, dtype):
+def test_half_precision_inputs_on_gpu(backend, dtype):
     """q, k, v in half precision, coverage sums in float32: close to the float32 reference."""
     require(backend)
     step = make_step(8, "both", height=9, width=11, head_dim=32, device="cuda")

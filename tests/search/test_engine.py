@@ -5,19 +5,17 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastcomer import beam_search, decode_images, greedy_search, reference_beam_search
 from fastcomer.search.reference import FinishedHypotheses
 from fastcomer.search.finished_lists import FinishedLists
 from fastcomer.checkpoint import load_comer
 from fastcomer.search.kept_slots import kept_slots
-from fastcomer.vocab import EOS_IDX, SOS_IDX
 
 from support.asserts import assert_close_rel
 from support.markers import requires_gpu
 from support.random_models import random_images, random_model
-from support.search_cases import RTOL, assert_same_search, random_search_case
+from support.search_cases import RTOL, assert_same_search, random_search_case, slow_greedy
 
 def test_golden(golden, golden_model):
     out = beam_search(golden_model, golden["imgs"], golden["img_mask"], **golden["beam_config"], return_details=True)
@@ -71,26 +69,6 @@ def test_single_direction(direction, block):
         best = image * beam + int(scores.argmax())
         expected = out.first_pass_hyps[best] if direction == "l2r" else out.first_pass_hyps[best][::-1]
         assert hyp.seq == expected and hyp.score == float(scores.max())
-
-
-def slow_greedy(model, img, mask, max_len, alpha, temperature, forward):
-    """Greedy decoding that re-runs the whole decoder on the prefix at every step."""
-    start, end = (SOS_IDX, EOS_IDX) if forward else (EOS_IDX, SOS_IDX)
-    feature, fmask = model.encoder(img, mask)
-    answers = []
-    for image in range(img.shape[0]):
-        tokens, total = [start], 0.0
-        while len(tokens) < max_len:
-            logits = model.decoder(feature[image : image + 1], fmask[image : image + 1], torch.tensor([tokens]))
-            logprobs = F.log_softmax(logits[0, -1] / temperature, dim=-1)
-            token = int(logprobs.argmax())
-            total += float(logprobs[token])
-            if token == end:
-                break
-            tokens.append(token)
-        seq = tokens[1:] if forward else tokens[1:][::-1]
-        answers.append((seq, total / len(tokens) ** alpha))
-    return answers
 
 
 @pytest.mark.parametrize("seed, direction", [(2, "l2r"), (3, "r2l"), (7, "l2r")])

@@ -58,8 +58,9 @@ def test_graph_policy_matches_reference(graph_policy):
 
 
 def test_kept_batches_follow_weight_changes(graph_policy):
-    """A batch kept from an earlier search holds the folded ARM of the weights it was built
-    with: changing the weights in place must not reuse it."""
+    """A batch kept from an earlier search folds the ARM again when the next search starts:
+    after an in-place change of the weights that search answers as the reference (see
+    tests/test_reliability.py for changes the version counters miss)."""
     model = random_model(7)
     img, mask = random_images(3, [(32, 64)])
     settings = dict(beam_size=4, max_len=12)

@@ -2,6 +2,9 @@
 import random
 
 import torch
+import torch.nn.functional as F
+
+from fastcomer.vocab import EOS_IDX, SOS_IDX
 
 from support.asserts import assert_close_rel
 from support.random_models import random_images, random_model
@@ -31,3 +34,23 @@ def random_search_case(seed: int):
         temperature=rng.choice([1.0, 0.7, 1.6]),
     )
     return random_model(seed), img, mask, settings
+
+
+def slow_greedy(model, img, mask, max_len, alpha, temperature, forward):
+    """Greedy decoding that re-runs the whole decoder on the prefix at every step: (seq, score) per image."""
+    start, end = (SOS_IDX, EOS_IDX) if forward else (EOS_IDX, SOS_IDX)
+    feature, fmask = model.encoder(img, mask)
+    answers = []
+    for image in range(img.shape[0]):
+        tokens, total = [start], 0.0
+        while len(tokens) < max_len:
+            logits = model.decoder(feature[image : image + 1], fmask[image : image + 1], torch.tensor([tokens]))
+            logprobs = F.log_softmax(logits[0, -1] / temperature, dim=-1)
+            token = int(logprobs.argmax())
+            total += float(logprobs[token])
+            if token == end:
+                break
+            tokens.append(token)
+        seq = tokens[1:] if forward else tokens[1:][::-1]
+        answers.append((seq, total / len(tokens) ** alpha))
+    return answers

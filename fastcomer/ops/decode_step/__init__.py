@@ -13,16 +13,31 @@ from torch import Tensor
 
 from ... import backends
 from ...model.arm import FoldedARM
-from .interface import check_inputs
+from .interface import check_inputs, refresh_prepared_weights
 from .reference import rows_step
 
-__all__ = ["fused_cross_attention_step", "coverage_dtype"]
+__all__ = ["fused_cross_attention_step", "coverage_dtype", "refresh_prepared_weights"]
 
 
 def coverage_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype of the coverage sums a backend (resolved) keeps for a model of `dtype`: the
     kernels keep them in float32 whatever the model's dtype."""
     return dtype if backend == "torch" else torch.float32
+
+
+def check_image_index(image_index: Tensor, images: int) -> None:
+    """Every row's image exists (negative = skipped row): the kernels read image_index[r]'s K/V
+    unchecked. On the CPU it raises ValueError at once; elsewhere (CUDA) the check runs on the
+    device, without a host sync: a failure is a device-side assert, reported by the next
+    sync, after which the CUDA context is lost."""
+    if image_index.numel() == 0:
+        return
+    largest = image_index.max()
+    if image_index.device.type != "cpu":
+        torch._assert_async(largest < images, "fused_cross_attention_step: image_index past the number of images")
+    elif int(largest) >= images:
+        raise ValueError(f"fused_cross_attention_step: image_index must be < {images} (the number of images) "
+                         f"or negative (a skipped row), got {int(largest)}")
 
 
 def fused_cross_attention_step(
@@ -61,6 +76,7 @@ def fused_cross_attention_step(
     the next layer's prev_attn).
     """
     shape = check_inputs(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn)
+    check_image_index(image_index, shape.images)
     args = (q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn)
     name = backends.resolve(q, backend)
     if name == "cuda":

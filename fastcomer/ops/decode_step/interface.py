@@ -1,6 +1,7 @@
 """What every backend of the decode step shares: its sizes, its plan (what it does with the
 coverage), the input checks, and the ARM's weights prepared once for a kernel. Backends
 import this module, never the entry (`fastcomer.ops.decode_step`)."""
+import weakref
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
@@ -31,28 +32,52 @@ class DecodeStepPlan(NamedTuple):
 
 class PreparedARMWeights:
     """`prepare(arm)`: the ARM's weights as a kernel reads them, computed once per folded ARM
-    and reused while its four weight tensors are the same objects, unchanged.
+    and reused while its four weight tensors are the same objects, unchanged as far as their
+    version counters tell; `refresh_prepared_weights(arm)` prepares them again in place.
 
     The step runs once per layer per decoding step and is meant to be captured in a CUDA
     graph: after the first call a hit allocates nothing and launches nothing, and the
-    prepared tensors keep their addresses. Entries are keyed weakly on arm.conv_weight (a
-    FoldedARM, a NamedTuple, cannot be weakly referenced), so they go with the model.
-    `prepare` must return new tensors, never the weights or views of them: an entry must not
-    keep its key alive, nor show an in-place change of a weight before it is prepared again.
+    prepared tensors keep their addresses (a refresh too). Entries are keyed weakly on
+    arm.conv_weight (a FoldedARM, a NamedTuple, cannot be weakly referenced), so they go with
+    the model. `prepare` must return new tensors, never the weights or views of them: an entry
+    must not keep its key alive, nor show an in-place change of a weight before it is
+    prepared again.
     """
 
     def __init__(self, prepare: Callable[[FoldedARM], Tuple[Tensor, ...]]):
         self._prepare = prepare
         self._cache = DerivedCache()
+        _every_preparer.add(self)
 
-    def __call__(self, arm: FoldedARM) -> Tuple[Tensor, ...]:
+    @staticmethod
+    def _weights(arm: FoldedARM) -> Tuple[Tensor, ...]:
         # a refold (new BatchNorm statistics) shares conv_weight but brings new projection tensors
-        weights = (arm.conv_weight, arm.conv_bias, arm.proj_weight, arm.shift)
+        return (arm.conv_weight, arm.conv_bias, arm.proj_weight, arm.shift)
 
+    def _prepared(self, arm: FoldedARM) -> Callable[[], Tuple[Tensor, ...]]:
         def prepare() -> Tuple[Tensor, ...]:
             with torch.no_grad():
                 return self._prepare(arm)
-        return self._cache.get(arm.conv_weight, weights, prepare)
+        return prepare
+
+    def __call__(self, arm: FoldedARM) -> Tuple[Tensor, ...]:
+        return self._cache.get(arm.conv_weight, self._weights(arm), self._prepared(arm))
+
+    def refresh(self, arm: FoldedARM) -> None:
+        """Prepare arm's weights again, into the tensors already prepared for it (if any)."""
+        self._cache.refresh(arm.conv_weight, self._weights(arm), self._prepared(arm))
+
+
+_every_preparer: "weakref.WeakSet[PreparedARMWeights]" = weakref.WeakSet()
+
+
+def refresh_prepared_weights(arm: FoldedARM) -> None:
+    """Every backend's prepared weights of `arm` computed again from its current values, in
+    place (their addresses stay, for CUDA graphs). For a caller that changes arm's tensors in
+    a way their version counters miss (the engine, whose folded ARM buffers are inference
+    tensors refreshed at the start of each search)."""
+    for preparer in list(_every_preparer):
+        preparer.refresh(arm)
 
 
 def _check(cond: bool, message: str) -> None:

@@ -1,0 +1,31 @@
+"""`fastcomer table RESULTS...`: result files as markdown tables; `--readme` regenerates a
+README's tables (the blocks between `<!-- results-table: FILES -->` and
+`<!-- end results-table -->`) from the files their markers name."""
+import argparse
+from pathlib import Path
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "table", help="print benchmark result files as markdown tables, or regenerate a README's tables",
+        description="Print the rows of result files as markdown tables (one per benchmark). With --readme FILE, "
+        "rewrite instead every block of FILE between '<!-- results-table: PATHS -->' and '<!-- end results-table -->' "
+        "from the result files PATHS (relative to FILE's directory).")
+    parser.add_argument("results", type=Path, nargs="*", help="result files (fastcomer.benchmarking's schema)")
+    parser.add_argument("--readme", type=Path, help="regenerate the results tables of this markdown file in place")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..benchmarking import load_report, render_table, update_readme_tables
+
+    if args.readme is not None:
+        text = args.readme.read_text()
+        updated = update_readme_tables(text, args.readme.resolve().parent)
+        args.readme.write_text(updated)
+        print(f"{args.readme}: tables {'regenerated' if updated != text else 'already up to date'}")
+        return 0
+    if not args.results:
+        raise SystemExit("fastcomer table: give result files, or --readme FILE")
+    print(render_table([(path.name, load_report(path)) for path in args.results]))
+    return 0

@@ -1,0 +1,143 @@
+"""The result schema, the committed result files, the tables generated from them (the README's
+included) and the comparison of two reports."""
+import copy
+import json
+import re
+
+import pytest
+import torch
+
+from fastcomer.benchmarking import (
+    SCHEMA,
+    check_report,
+    compare_reports,
+    load_report,
+    make_row,
+    measure,
+    new_report,
+    render_table,
+    unmatched_rows,
+    update_readme_tables,
+    write_report,
+)
+from support.paths import REPO
+
+RESULTS = sorted((REPO / "benchmarks" / "results").glob("*.json"))
+
+
+def small_report():
+    report = new_report(torch.device("cpu"), "test")
+    report["rows"] += [
+        make_row("decode_step", "images=1 L=64", {"images": 1}, "triton", {"triton": 2e-5, "torch": 1e-4}),
+        make_row("beam_step", "images=1 L=256", {"images": 1}, "eager", {"eager": 3e-3}),
+    ]
+    return report
+
+
+def test_make_row_speedups_are_baseline_over_subject():
+    row = make_row("decode_step", "x", {}, "cuda", {"cuda": 1e-5, "triton": 2e-5, "torch": 8e-5})
+    assert row["speedups"] == pytest.approx({"triton": 2.0, "torch": 8.0})
+    assert row["floor"] is None
+    with pytest.raises(ValueError, match="subject"):
+        make_row("decode_step", "x", {}, "cuda", {"torch": 1.0})
+
+
+def test_new_report_records_the_environment():
+    report = check_report(small_report())
+    env = report["environment"]
+    assert report["schema"] == SCHEMA and env["device"] == "cpu" and env["gpu"] is None
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert env["fastcomer"] and env["python"] and len(env["load_average"]) == 3
+
+
+@pytest.mark.parametrize("fault, message", [
+    (lambda r: r.pop("environment"), "lacks environment"),
+    (lambda r: r.update(schema="other/1"), "schema"),
+    (lambda r: r["environment"].pop("threads"), "environment lacks threads"),
+    (lambda r: r["rows"].append(copy.deepcopy(r["rows"][0])), "second row"),
+    (lambda r: r["rows"][0]["medians_s"].update(torch=0.0), "positive"),
+    (lambda r: r["rows"][0]["speedups"].pop("torch"), "speedups"),
+    (lambda r: r["rows"][0].update(floor={"ratio": 2.0}), "floor lacks"),
+])
+def test_check_report_names_the_fault(fault, message):
+    report = small_report()
+    fault(report)
+    with pytest.raises(ValueError, match=message):
+        check_report(report)
+
+
+def test_a_filled_floor_is_accepted():
+    report = small_report()
+    report["rows"][0]["floor"] = {"flops_per_image": 1e9, "rates_flop_s": {"matmul": 1e12}, "ratio": 3.0}
+    check_report(report)
+
+
+def test_write_report_into_a_directory_and_back(tmp_path):
+    report = small_report()
+    path = write_report(report, tmp_path)
+    assert path.parent == tmp_path and path.name.startswith("bench-")
+    assert load_report(path) == report
+    path.write_text(json.dumps({**report, "rows": "none"}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: report.rows must be a list")):
+        load_report(path)
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=[p.name for p in RESULTS])
+def test_committed_results_follow_the_schema(path):
+    report = load_report(path)
+    for row in report["rows"]:
+        assert row["benchmark"] == "engine" and row["checks"]["identical"]
+        assert row["speedups"]["reference"] == pytest.approx(row["medians_s"]["reference"] / row["medians_s"]["engine"])
+    if report["provenance"] is not None:  # a converted file: the same numbers as the original fields say
+        original = report["provenance"]["original"]
+        assert report["date"] == original["date"] and report["environment"]["torch"] == original["torch"]
+
+
+def test_converted_result_keeps_its_numbers():
+    report = load_report(REPO / "benchmarks" / "results" / "cpu-2threads-128x512-final.json")
+    (row,) = report["rows"]
+    assert row["name"] == "128x512 max_len=200 batch=1"
+    assert row["medians_s"] == {"engine": 2.573502252000253, "reference": 263.4925340710006}
+    assert row["speedups"]["reference"] == pytest.approx(102.3867509213179)
+    assert report["environment"]["load_average"][0] == pytest.approx(3.13623046875)
+
+
+def test_readme_tables_are_generated_from_the_committed_results():
+    readme = (REPO / "README.md").read_text()
+    assert "<!-- results-table: " in readme
+    assert update_readme_tables(readme, REPO) == readme, "regenerate with: python -m fastcomer table --readme README.md"
+
+
+def test_readme_table_regeneration_replaces_a_stale_table():
+    name = RESULTS[0].relative_to(REPO)
+    stale = f"intro\n<!-- results-table: {name} -->\n| typed by hand |\n<!-- end results-table -->\nrest\n"
+    fresh = update_readme_tables(stale, REPO)
+    assert "typed by hand" not in fresh and fresh.startswith("intro\n") and fresh.endswith("<!-- end results-table -->\nrest\n")
+    assert render_table([(RESULTS[0].name, load_report(RESULTS[0]))]) in fresh
+    assert update_readme_tables(fresh, REPO) == fresh
+
+
+def test_render_table_one_table_per_benchmark():
+    table = render_table([("a.json", small_report())])
+    decode, beam = table.split("\n\n")
+    assert decode.splitlines()[0].startswith("| decode_step | triton | torch | speed-up vs torch |")
+    assert "| images=1 L=64 (triton) | 20 us | 100 us | 5.00x |" in decode
+    assert beam.splitlines()[2].startswith("| images=1 L=256 (eager) | 3 ms |")
+
+
+def test_compare_reports_row_by_row():
+    before, after = small_report(), small_report()
+    after["rows"][0]["medians_s"]["triton"] = 1e-5
+    after["rows"].append(make_row("engine", "only after", {}, "engine", {"engine": 1.0}))
+    entries = {(e["benchmark"], e["variant"]): e["ratio"] for e in compare_reports(before, after)}
+    assert entries == pytest.approx({("decode_step", "triton"): 2.0, ("decode_step", "torch"): 1.0,
+                                     ("beam_step", "eager"): 1.0})
+    assert unmatched_rows(before, after) == ([], ["engine only after"])
+
+
+def test_measure_samples_calls():
+    calls = []
+    median, samples = measure(lambda: calls.append(1), calls=3, warmup=2)
+    assert len(calls) == 5 and len(samples) == 3 and median > 0
+    median, samples = measure(lambda: sum(range(100)), min_run_time=0.01)
+    assert samples and median > 0
