@@ -12,7 +12,6 @@ reads the module and its arguments from it.
 import functools
 from typing import Optional, Tuple
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -67,10 +66,9 @@ class _FusedAttentionMixin:
             if L % height:
                 raise ValueError(f"L = {L} keys do not form an image of height {height}")
             width = L // height
-        precision = "tf32" if q.is_cuda and q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
         out, attn = arm_attention_op(
             q, k, v, key_padding_mask, height, width, prev_attn, weights, bn_training=bn_training,
-            dropout_p=self.dropout if self.training else 0.0, precision=precision,
+            dropout_p=self.dropout if self.training else 0.0,  # precision: eager's float32 policy
         )
         out = out.view(b, n, t, d // n).transpose(1, 2).reshape(b, t, d)
         return self.out_proj(out), attn

@@ -5,9 +5,9 @@ import shlex
 import sys
 from typing import List, Optional
 
-from . import bench, compare, env, export_onnx, plot, recognize, table
+from . import bench, compare, env, export_onnx, kernels, plot, recognize, table
 
-COMMANDS = (bench, recognize, env, compare, table, plot, export_onnx)
+COMMANDS = (bench, recognize, env, compare, table, plot, kernels, export_onnx)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

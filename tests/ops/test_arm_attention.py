@@ -13,6 +13,16 @@ from support.markers import requires_gpu
 
 pytestmark = requires_gpu
 
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """Eager float32 without TF32 (cuBLAS and cuDNN: CoMER's conv runs on cuDNN, TF32 by default),
+    so the plain paths compared at float32 tolerances compute what they claim; restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
 NHEAD, HEAD_DIM, DC, BATCH = 8, 32, 32, 16
 
 
@@ -20,7 +30,7 @@ NHEAD, HEAD_DIM, DC, BATCH = 8, 32, 32, 16
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("t, h, w", [(32, 8, 32), (64, 16, 78), (1, 7, 13)])
 def test_float32_matches_plain_path(coverage, training, t, h, w):
-    from interpreter.arm_cases import check_layer
+    from support.arm_cases import check_layer
 
     check_layer(BATCH, t, h, w, coverage, training, NHEAD, HEAD_DIM, DC, 1e-5, device="cuda")
 
@@ -29,7 +39,7 @@ def test_float32_matches_plain_path(coverage, training, t, h, w):
     (torch.float32, "tf32", 5e-3), (torch.float16, "ieee", 5e-3), (torch.bfloat16, "ieee", 4e-2),
 ])
 def test_reduced_precision(dtype, precision, rtol):
-    from interpreter.arm_cases import check_layer
+    from support.arm_cases import check_layer
 
     check_layer(BATCH, 32, 16, 64, "both", True, NHEAD, HEAD_DIM, DC, rtol, device="cuda", dtype=dtype,
                 precision=precision)
@@ -37,7 +47,7 @@ def test_reduced_precision(dtype, precision, rtol):
 
 def test_dropout_statistics_and_replay():
     from fastcomer.ops import ARMWeights, arm_attention
-    from interpreter.arm_cases import make_arm, make_inputs, make_mask
+    from support.arm_cases import make_arm, make_inputs, make_mask
 
     b, t, h, w, p = BATCH, 32, 16, 64, 0.3
     mask = make_mask(b, h, w, "cuda")
@@ -65,7 +75,6 @@ def test_patched_golden_training_step(golden, golden_model):
         loss.backward()
         return logits.detach().cpu(), {k: p.grad.cpu() for k, p in model.decoder.named_parameters()}
 
-    torch.backends.cuda.matmul.allow_tf32 = False
     plain = golden_model.float().cuda().train()
     patched = fastcomer.patch(copy.deepcopy(plain), backend="auto")
     logits, grads = step(patched)

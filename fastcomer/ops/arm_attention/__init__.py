@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .interface import PRECISIONS, ARMWeights, check_inputs
+from .interface import PRECISIONS, ARMWeights, check_inputs, float32_precisions
 
 __all__ = ["ARMWeights", "PRECISIONS", "arm_attention"]
 
@@ -32,7 +32,7 @@ def arm_attention(
     bn_training: bool = False,
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
-    precision: str = "ieee",
+    precision: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Cross-attention of CoMER's decoder layer, with the ARM refinement when `arm` is given.
 
@@ -42,10 +42,15 @@ def arm_attention(
     bn_training: BatchNorm on batch statistics (and running statistics updated in place).
     dropout_p > 0 applies attention dropout (pass it only in training); seed picks the
     random stream (drawn from torch's generator when None); forward and backward agree.
-    precision: 'ieee' (exact float32 products) or 'tf32' (float32 inputs only).
+    precision: 'ieee' (exact float32 products) or 'tf32' (float32 inputs only) for every
+    matmul; None follows eager PyTorch's float32 policy on CUDA: the attention matmuls in TF32
+    when torch.backends.cuda.matmul.allow_tf32 (as torch.bmm), the ARM conv and projection in
+    TF32 when torch.backends.cudnn.allow_tf32 (as cuDNN's conv; on by default); 'ieee' on the CPU.
+    Half inputs run the ARM conv and projection on half operands with float32 accumulation.
     Returns out [B*H, T, D] (before out_proj) and the returned attention [B*H, T, L].
     """
-    check_inputs(q, k, v, key_padding_mask, height, width, prev_attn, arm, precision)
+    attention_precision, conv_precision = float32_precisions(q, precision)
+    check_inputs(q, k, v, key_padding_mask, height, width, prev_attn, arm, attention_precision)
     if q.dtype == torch.float64:
         raise ValueError("arm_attention runs float32, float16 and bfloat16; float64 takes the plain path")
     if not 0.0 <= dropout_p < 1.0:
@@ -55,5 +60,5 @@ def arm_attention(
     from .triton_function import triton_arm_attention  # imports triton
 
     return triton_arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, bn_training, dropout_p,
-                                seed, precision)
+                                seed, attention_precision, conv_precision)
 

@@ -1,6 +1,6 @@
 """What the fused ARM attention's entry and its Triton implementation share: the ARM's
 weights as tensors (`ARMWeights`), the precisions, and the input checks."""
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,6 +32,21 @@ class ARMWeights(NamedTuple):
         coverage = CoverageMode.of(bool(arm.cross_coverage), bool(arm.self_coverage))
         return cls(arm.conv.weight, arm.conv.bias, arm.proj.weight, bn.weight, bn.bias, bn.running_mean,
                    bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps, coverage)
+
+
+def float32_precisions(q: Tensor, precision: Optional[str]) -> Tuple[str, str]:
+    """(attention matmuls, ARM conv and projection) precision of float32 products: `precision`
+    for both when given, else eager PyTorch's policy on CUDA (torch.bmm: TF32 when
+    torch.backends.cuda.matmul.allow_tf32; cuDNN's conv: when torch.backends.cudnn.allow_tf32),
+    'ieee' on the CPU."""
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
+        return precision, precision
+    if not q.is_cuda or q.dtype != torch.float32:
+        return "ieee", "ieee"
+    tf32 = lambda allowed: "tf32" if allowed else "ieee"
+    return tf32(torch.backends.cuda.matmul.allow_tf32), tf32(torch.backends.cudnn.allow_tf32)
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, height: int, width: int,

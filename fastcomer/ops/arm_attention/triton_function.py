@@ -14,7 +14,7 @@ over query tiles recompute softmax(S - R) from the logsumexp and dA' = dO.V^T pe
 ARM backward reads at neighbouring positions, so it is kept) and dq; BatchNorm's backward
 is per-head arithmetic in PyTorch (vectors of length nhead) that turns dS into dZ as an
 affine map applied inside `arm_backward_kernel` (d prev_attn, d unrefined attention,
-conv, bias and projection gradients, without the coverage image, the conv output or dZ
+bias and projection gradients; `arm_weight_grad_kernel` the conv weight's, without the coverage image, the conv output or dZ
 in memory; it reads Z's ReLU pattern, one int32 of bits per position, that the forward
 wrote); with self coverage a second row pass adds the unrefined softmax's term to dS and
 dq; a pass over key tiles gives dk = dS^T.q and dv = A'^T.dO. Dropout masks are replayed
@@ -29,10 +29,18 @@ from torch import Tensor
 from ...backends import triton_interpreter
 from ...model.arm import CONV_TAPS, KERNEL_SIZE
 from .interface import ARMWeights
-from .triton_kernels import (arm_backward_kernel, attention_backward_keys_kernel, attention_backward_rows_kernel,
-                                    attention_rows_kernel, coverage_projection_kernel, unrefined_backward_rows_kernel)
+from .triton_kernels import (arm_backward_kernel, arm_weight_grad_kernel, attention_backward_keys_kernel,
+                             attention_backward_rows_kernel, attention_rows_kernel, coverage_projection_kernel,
+                             unrefined_backward_rows_kernel)
 
-def _blocks(D: int, L: int) -> dict:
+# Warps per program of the row passes (a tile of 16 queries against tiles of 64 keys): with 4,
+# the float32 backward row pass and the TF32 refined forward spill (see `python -m fastcomer
+# kernels`); the key pass keeps Triton's default of 4.
+ROW_NUM_WARPS = 8
+
+
+def attention_blocks(D: int, L: int) -> dict:
+    """Tile sizes of the attention row and key passes (also what the static report compiles)."""
     return dict(BLOCK_T=16, BLOCK_L=max(16, min(64, triton.next_power_of_2(L))), BLOCK_D=max(16, triton.next_power_of_2(D)))
 
 
@@ -40,7 +48,7 @@ def _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, r
                     lse=None):
     BH, T, D = q.shape
     L = k.shape[1]
-    blocks = _blocks(D, L)
+    blocks = attention_blocks(D, L)
     grid = (BH, triton.cdiv(T, blocks["BLOCK_T"]))
     has_r = z is not None
     dummy = attn  # never read when the matching constexpr flag is off
@@ -49,15 +57,28 @@ def _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, r
         out if out is not None else dummy, attn, lse if lse is not None else dummy,
         T, L, D, nhead, seed, rng_offset, p_drop,
         HAS_R=has_r, WRITE_OUT=out is not None, WRITE_LSE=lse is not None,
-        DROPOUT=p_drop > 0, PRECISION=precision, **blocks,
+        DROPOUT=p_drop > 0, PRECISION=precision, num_warps=ROW_NUM_WARPS, **blocks,
     )
 
 
-def _arm_blocks(nhead: int, dc: int, cin: int, L: int) -> dict:
+# Warps per program of the ARM kernels: their [dc, tile] float32 accumulators and the
+# tap loop's operands fit in 255 registers per thread over 8 warps, not over 4 (spills;
+# see `python -m fastcomer kernels`).
+ARM_NUM_WARPS = 8
+
+
+def arm_blocks(nhead: int, dc: int, cin: int, L: int) -> dict:
+    """Tile sizes of the ARM conv/projection kernels (also what the static report compiles)."""
     # Triton's interpreter pays per operation, not per element: wider tiles, fewer programs.
     widest = 128 if triton_interpreter() else 64
     return dict(BLOCK_L=max(16, min(widest, triton.next_power_of_2(L))), BLOCK_C=max(16, triton.next_power_of_2(cin)),
                 BLOCK_DC=max(16, triton.next_power_of_2(dc)), BLOCK_H=max(16, triton.next_power_of_2(nhead)))
+
+
+def arm_dot_precision(dtype: torch.dtype, precision: str) -> str:
+    """The ARM kernels' PRECISION: half inputs run their convs and projection on operands of
+    their own type ('bf16', 'fp16'; float32 accumulation), float32 ones in `precision`."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, precision)
 
 
 def _coverage_projection(prev, curr, mask_u8, nhead, height, width, arm: ARMWeights, stats: bool, relu_bits: bool,
@@ -68,7 +89,7 @@ def _coverage_projection(prev, curr, mask_u8, nhead, height, width, arm: ARMWeig
     b, L = mask_u8.shape
     T = (prev if prev is not None else curr).shape[1]
     dc, cin = arm.conv_weight.shape[:2]
-    blocks = _arm_blocks(nhead, dc, cin, L)
+    blocks = arm_blocks(nhead, dc, cin, L)
     tiles = triton.cdiv(L, blocks["BLOCK_L"])
     z = torch.empty(b * nhead, T, L, device=mask_u8.device, dtype=torch.float32)
     partial = torch.empty(b, tiles, 2, blocks["BLOCK_H"], device=z.device, dtype=torch.float32) if stats else z
@@ -78,27 +99,33 @@ def _coverage_projection(prev, curr, mask_u8, nhead, height, width, arm: ARMWeig
         arm.conv_weight.float().contiguous(), arm.conv_bias.float().contiguous(),
         arm.proj_weight.float().reshape(nhead, dc).contiguous(), z, partial, relu,
         T, L, width, height, nhead, dc, cin, nhead if prev is not None else 0,
-        STATS=stats, WRITE_RELU=relu_bits, PRECISION=precision, **blocks,
+        STATS=stats, WRITE_RELU=relu_bits, PRECISION=precision, num_warps=ARM_NUM_WARPS, **blocks,
     )
     sums = partial.double().sum((0, 1))[:, :nhead] if stats else None
     return z, sums, (relu if relu_bits else None)
 
 
-def _batchnorm_statistics(arm: ARMWeights, sums: Optional[Tensor], count: int) -> Tuple[Tensor, Tensor]:
+def _unmasked_count(key_padding_mask: Tensor, steps: int) -> Tensor:
+    """Positions BatchNorm normalises over, as a device tensor (no host sync)."""
+    return (~key_padding_mask).sum() * steps
+
+
+def _batchnorm_statistics(arm: ARMWeights, sums: Optional[Tensor], count: Tensor) -> Tuple[Tensor, Tensor]:
     """(mean, var) per head, float64: of the batch with sums (training; the running statistics
-    are then updated exactly as nn.BatchNorm1d updates them), else the running ones."""
+    are then updated exactly as nn.BatchNorm1d updates them), else the running ones. Everything
+    stays on the device: no host sync (CUDA graphs, torch.compile)."""
     if sums is None:
         return arm.running_mean.double(), arm.running_var.double()
-    if count < 2:
-        raise ValueError("BatchNorm in training needs more than one unmasked position")
+    torch._assert_async(count >= 2, "BatchNorm in training needs more than one unmasked position")
+    count = count.double()
     mean = sums[0] / count
     var = (sums[1] / count - mean * mean).clamp_min(0.0)
     with torch.no_grad():
         if arm.num_batches_tracked is not None:
             arm.num_batches_tracked.add_(1)
         momentum = arm.momentum
-        if momentum is None:
-            momentum = 1.0 / float(arm.num_batches_tracked.item())
+        if momentum is None:  # cumulative average: 1 / batches seen, on the device
+            momentum = 1.0 / arm.num_batches_tracked.double()
         arm.running_mean.mul_(1 - momentum).add_((momentum * mean).to(arm.running_mean.dtype))
         unbiased = var * count / (count - 1)
         arm.running_var.mul_(1 - momentum).add_((momentum * unbiased).to(arm.running_var.dtype))
@@ -108,7 +135,7 @@ def _batchnorm_statistics(arm: ARMWeights, sums: Optional[Tensor], count: int) -
 class ARMAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, height, width, prev_attn, conv_weight, conv_bias, proj_weight,
-                bn_weight, bn_bias, arm, bn_training, p_drop, seed, precision):
+                bn_weight, bn_bias, arm, bn_training, p_drop, seed, precision, conv_precision):
         ctx.set_materialize_grads(False)  # an unused returned attention: no dAttn pass in the backward
         nhead = q.shape[0] // key_padding_mask.shape[0]
         BH, T, D = q.shape
@@ -128,8 +155,8 @@ class ARMAttentionFunction(torch.autograd.Function):
                 _attention_rows(q, k, v, mask_u8, nhead, None, None, None, None, curr, seed, 0, p_drop, precision)
             prev = prev_attn.contiguous() if arm.coverage.uses_cross else None
             z, sums, relu = _coverage_projection(prev, curr, mask_u8, nhead, height, width, arm, bn_training,
-                                                 any(ctx.needs_input_grad), precision)
-            mean, var = _batchnorm_statistics(arm, sums, int((~key_padding_mask).sum().item()) * T)
+                                                 any(ctx.needs_input_grad), arm_dot_precision(q.dtype, conv_precision))
+            mean, var = _batchnorm_statistics(arm, sums, _unmasked_count(key_padding_mask, T))
             scale = arm.bn_weight.double() * torch.rsqrt(var + arm.eps)
             shift = (arm.bn_bias.double() - mean * scale).float().contiguous()
             scale = scale.float().contiguous()
@@ -138,7 +165,7 @@ class ARMAttentionFunction(torch.autograd.Function):
             prev_attn = prev
         ctx.save_for_backward(q, k, v, key_padding_mask, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight,
                               z, relu, mean, var, scale, shift, attn, lse)
-        ctx.config = (height, width, arm, bn_training, p_drop, seed, precision)
+        ctx.config = (height, width, arm, bn_training, p_drop, seed, precision, conv_precision)
         return out, attn
 
     @staticmethod
@@ -147,20 +174,20 @@ class ARMAttentionFunction(torch.autograd.Function):
         `_attention_backward`); only per-head vectors and [B*H, T, D] casts in PyTorch."""
         (q, k, v, key_padding_mask, prev, conv_weight, conv_bias, proj_weight, bn_weight, z, relu, mean, var, scale,
          shift, attn, lse) = ctx.saved_tensors
-        height, width, arm, bn_training, p_drop, seed, precision = ctx.config
+        height, width, arm, bn_training, p_drop, seed, precision, conv_precision = ctx.config
         grads = _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu, mean, var, scale, shift,
                                     attn, lse, grad_out, grad_attn, arm, conv_weight, conv_bias, proj_weight,
-                                    bn_weight, bn_training, p_drop, seed, precision)
+                                    bn_weight, bn_training, p_drop, seed, precision, conv_precision)
         grad_q, grad_k, grad_v, grad_prev, grad_conv_w, grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias = grads
         cast = lambda g, like: None if g is None or like is None else g.to(like.dtype)
         return (grad_q.to(q.dtype), grad_k, grad_v, None, None, None, cast(grad_prev, prev),
                 cast(grad_conv_w, conv_weight), cast(grad_conv_b, conv_bias), cast(grad_proj, proj_weight),
-                cast(grad_bn_weight, bn_weight), cast(grad_bn_bias, bn_weight), None, None, None, None, None)
+                cast(grad_bn_weight, bn_weight), cast(grad_bn_bias, bn_weight), None, None, None, None, None, None)
 
 
 def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu, mean, var, scale, shift, attn,
                         lse, grad_out, grad_attn, arm, conv_weight, conv_bias, proj_weight, bn_weight, bn_training,
-                        p_drop, seed, precision):
+                        p_drop, seed, precision, conv_precision):
     """The backward, in passes (S = q.k^T, P' = softmax(S - R), A' = dropout(P') returned,
     P = softmax(S), A = dropout(P) the unrefined attention the self coverage reads):
 
@@ -175,8 +202,8 @@ def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu,
        the per-head affine map dZ = a dS' + b (Z - mean) + c (b, c: through the batch statistics,
        training only).
     3. With self coverage, A and its logsumexp recomputed by the forward's first kernel.
-    4. `arm_backward_kernel`: d prev_attn, dA, conv, bias and projection gradients (dZ applied
-       on the fly from dS' and Z).
+    4. `arm_backward_kernel`: d prev_attn, dA, bias and projection gradients (dZ applied
+       on the fly from dS' and Z); `arm_weight_grad_kernel`: the conv weight's, one reduction per tap.
     5. With self coverage, `unrefined_backward_rows_kernel`: dS_A = P * (dropout(dA) - delta_A)
        added to dS' in place and dS_A.K to dq.
     6. `attention_backward_keys_kernel` over key tiles: dk = dS^T.q, dv = A'^T.dO.
@@ -187,7 +214,7 @@ def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu,
     nhead = BH // b
     device = q.device
     mask_u8 = key_padding_mask.to(torch.uint8).contiguous()
-    blocks = _blocks(D, L)
+    blocks = attention_blocks(D, L)
     t_tiles = triton.cdiv(T, blocks["BLOCK_T"])
     grad_out = torch.zeros_like(q) if grad_out is None else grad_out.to(q.dtype).contiguous()
     has_dattn = grad_attn is not None
@@ -202,14 +229,15 @@ def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu,
         q, k, v, z if has_r else dummy, scale if has_r else dummy, shift if has_r else dummy, mean_f, mask_u8, grad_out,
         grad_attn, lse, ds, dq, stats,
         T, L, D, nhead, seed, BH * T * L if has_r else 0, p_drop,
-        HAS_R=has_r, HAS_DATTN=has_dattn, DROPOUT=p_drop > 0, PRECISION=precision, **blocks,
+        HAS_R=has_r, HAS_DATTN=has_dattn, DROPOUT=p_drop > 0, PRECISION=precision, num_warps=ROW_NUM_WARPS,
+        **blocks,
     )
     grad_prev = None
     grads_arm = (None,) * 5
     if has_r:
         # BatchNorm: R = gamma * xhat + beta at unmasked keys, xhat = (Z - mean) * rstd, dR = -dS'.
         sums = stats.double().view(b, nhead, t_tiles, 2).sum((0, 2))
-        count = int((~key_padding_mask).sum().item()) * T
+        count = _unmasked_count(key_padding_mask, T).double()
         rstd = torch.rsqrt(var + arm.eps)
         grad_bn_bias = -sums[:, 0]
         grad_bn_weight = -rstd * sums[:, 1]
@@ -228,13 +256,13 @@ def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu,
             _attention_rows(q, k, v, mask_u8, nhead, None, None, None, None, curr, seed, 0, p_drop, precision, lse_a)
         grad_prev, grad_curr, grad_conv_w, grad_conv_b, grad_proj = _arm_backward(
             prev, curr, mask_u8, height, width, ds, z, coef_dz, relu, arm, conv_weight, conv_bias, proj_weight,
-            precision)
+            arm_dot_precision(q.dtype, conv_precision))
         del curr
         grads_arm = (grad_conv_w, grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias)
         if grad_curr is not None:
             unrefined_backward_rows_kernel[(BH, t_tiles)](
                 q, k, mask_u8, grad_curr, lse_a, ds, dq, T, L, D, nhead, seed, p_drop,
-                DROPOUT=p_drop > 0, PRECISION=precision, **blocks,
+                DROPOUT=p_drop > 0, PRECISION=precision, num_warps=ROW_NUM_WARPS, **blocks,
             )
             del grad_curr
     dk = torch.empty_like(k)
@@ -247,31 +275,36 @@ def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu,
 
 def _arm_backward(prev, curr, mask_u8, height, width, ds, z, coef_dz, relu, arm, conv_weight, conv_bias,
                   proj_weight, precision):
-    """Gradients of Z = proj(mask(relu(conv(coverage) + bias))) through `arm_backward_kernel`,
+    """Gradients of Z = proj(mask(relu(conv(coverage) + bias))) through `arm_backward_kernel`
+    and `arm_weight_grad_kernel`,
     with dZ = a dS + b (Z - mean) + c per head (coef_dz [4, H]: a, b, mean, c): (d prev_attn, d unrefined attention,
     d conv.weight, d conv.bias, d proj.weight)."""
     b, L = mask_u8.shape
     BH, T, _ = ds.shape
     nhead = BH // b
     dc, cin = conv_weight.shape[:2]
-    blocks = _arm_blocks(nhead, dc, cin, L)
+    blocks = arm_blocks(nhead, dc, cin, L)
     tiles = triton.cdiv(L, blocks["BLOCK_L"])
     programs = b * tiles
     device = ds.device
     grad_prev = torch.zeros(BH, T, L, device=device) if prev is not None else None
     grad_curr = torch.zeros(BH, T, L, device=device) if curr is not None else None
-    part_w = torch.zeros(programs, CONV_TAPS, blocks["BLOCK_DC"], blocks["BLOCK_C"], device=device)
+    part_w = torch.empty(programs, CONV_TAPS, blocks["BLOCK_DC"], blocks["BLOCK_C"], device=device)
     part_b = torch.empty(programs, blocks["BLOCK_DC"], device=device)
     part_proj = torch.empty(programs, blocks["BLOCK_H"], blocks["BLOCK_DC"], device=device)
     first = prev if prev is not None else curr
+    second = curr if curr is not None else first
+    proj_w = proj_weight.float().reshape(nhead, dc).contiguous()
+    sizes = (T, L, width, height, nhead, dc, cin, nhead if prev is not None else 0)
     arm_backward_kernel[(b, tiles)](
-        first, curr if curr is not None else first, mask_u8,
-        conv_weight.float().contiguous(), conv_bias.float().contiguous(), proj_weight.float().reshape(nhead, dc).contiguous(),
+        first, second, mask_u8, conv_weight.float().contiguous(), conv_bias.float().contiguous(), proj_w,
         ds, z, coef_dz, relu, grad_prev if grad_prev is not None else grad_curr,
-        grad_curr if grad_curr is not None else grad_prev,
-        part_w, part_b, part_proj,
-        T, L, width, height, nhead, dc, cin, nhead if prev is not None else 0,
-        PRECISION=precision, **blocks,
+        grad_curr if grad_curr is not None else grad_prev, part_b, part_proj, *sizes,
+        PRECISION=precision, num_warps=ARM_NUM_WARPS, **blocks,
+    )
+    arm_weight_grad_kernel[(CONV_TAPS, b, tiles)](
+        first, second, mask_u8, proj_w, ds, z, coef_dz, relu, part_w, *sizes, PRECISION=precision,
+        num_warps=ARM_NUM_WARPS, **blocks,
     )
     grad_conv_w = part_w.sum(0)[:, :dc, :cin].permute(1, 2, 0).reshape(dc, cin, KERNEL_SIZE, KERNEL_SIZE)
     grad_conv_b = part_b.sum(0)[:dc]
@@ -282,10 +315,10 @@ def _arm_backward(prev, curr, mask_u8, height, width, ds, z, coef_dz, relu, arm,
 
 
 def triton_arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, bn_training, dropout_p, seed,
-                         precision) -> Tuple[Tensor, Tensor]:
+                         precision, conv_precision) -> Tuple[Tensor, Tensor]:
     """`fastcomer.ops.arm_attention` on checked inputs."""
     weights = (None,) * 5 if arm is None else (arm.conv_weight, arm.conv_bias, arm.proj_weight, arm.bn_weight,
                                               arm.bn_bias)
     prev = prev_attn if arm is not None and arm.coverage.uses_cross else None
     return ARMAttentionFunction.apply(q, k, v, key_padding_mask, height, width, prev, *weights, arm, bn_training,
-                                      float(dropout_p), seed, precision)
+                                      float(dropout_p), seed, precision, conv_precision)

@@ -25,6 +25,7 @@ Backward (the order of the passes: fastcomer.ops.arm_attention._attention_backwa
 - `attention_backward_rows_kernel`: per query tile, the refined softmax's dS (written),
   dq and BatchNorm partial sums; dA' and the softmax recomputed per tile.
 - `arm_backward_kernel`: the ARM's gradients from dS (dZ applied on the fly).
+- `arm_weight_grad_kernel`: the conv weight's gradient, one reduction per tap.
 - `unrefined_backward_rows_kernel`: the unrefined softmax's term of dS and dq (self coverage).
 - `attention_backward_keys_kernel`: per key tile, dk and dv.
 Dropout masks are replayed by `_dropout` from (seed, element index), never stored.
@@ -127,6 +128,19 @@ def _tap_inside(l_ok, row, col, HEIGHT, WIDTH, dy, dx):
 
 
 @triton.jit
+def _mm(a, b, PRECISION: tl.constexpr):
+    """a.b with float32 accumulation on tensor cores where PRECISION allows: 'ieee' (exact
+    float32 products, FMA units), 'tf32', or 'bf16'/'fp16' (operands rounded to that type:
+    the ARM's convs and projection for half inputs)."""
+    if PRECISION == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PRECISION == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _conv_of_step(Prev, Curr, ConvW, pos, from_prev, from_curr, l_ok, row, col, w_idx, w_ok, HEIGHT, WIDTH,
                   PRECISION: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_L: tl.constexpr):
     """conv5x5 (no bias) of one step's attention X_t over a tile: 25 implicit-GEMM taps
@@ -140,7 +154,7 @@ def _conv_of_step(Prev, Curr, ConvW, pos, from_prev, from_curr, l_ok, row, col, 
         x = tl.load(Prev + src, mask=from_prev[:, None] & inside[None, :], other=0.0).to(tl.float32)
         x += tl.load(Curr + src, mask=from_curr[:, None] & inside[None, :], other=0.0).to(tl.float32)
         w = tl.load(ConvW + w_idx + tap, mask=w_ok, other=0.0)
-        conv += tl.dot(w, x, input_precision=PRECISION)
+        conv += _mm(w, x, PRECISION)
     return conv
 
 
@@ -192,7 +206,7 @@ def coverage_projection_kernel(
     for t in range(T):
         y = tl.maximum(conv + conv_b[:, None], 0.0)
         y = tl.where(keep[None, :], y, 0.0)
-        z = tl.dot(proj_w, y, input_precision=PRECISION)  # [BLOCK_H, BLOCK_L]
+        z = _mm(proj_w, y, PRECISION)  # [BLOCK_H, BLOCK_L]
         tl.store(Z + z_pos + t * L, z, mask=z_ok)
         if STATS:
             zk = tl.where(keep[None, :], z, 0.0)
@@ -220,8 +234,17 @@ def _grad_z(DS, Z, idx, ok, coef_a, coef_b, coef_m, coef_c):
 
 
 @triton.jit
+def _grad_y(DS, Z, Relu, z_rows, b, t, T, L, src, src_ok, h_ok, relu_shift, proj_w_t, coef_a, coef_b, coef_m, coef_c,
+            PRECISION: tl.constexpr):
+    """dY_t = (proj^T dZ_t) * relu'(t) [BLOCK_DC, BLOCK_L] at positions `src` (0 outside src_ok)."""
+    dz = _grad_z(DS, Z, z_rows + t * L + src[None, :], h_ok[:, None] & src_ok[None, :], coef_a, coef_b, coef_m, coef_c)
+    bits = tl.load(Relu + b * T * L + t * L + src, mask=src_ok, other=0)
+    return tl.where(((bits[None, :] >> relu_shift) & 1) != 0, _mm(proj_w_t, dz, PRECISION), 0.0), dz
+
+
+@triton.jit
 def arm_backward_kernel(
-    Prev, Curr, Mask, ConvW, ConvB, ProjW, DS, Z, CoefDZ, Relu, DPrev, DCurr, DConvW, DConvB, DProjW,
+    Prev, Curr, Mask, ConvW, ConvB, ProjW, DS, Z, CoefDZ, Relu, DPrev, DCurr, DConvB, DProjW,
     T, L, WIDTH, HEIGHT, H, DC, CIN, N_CROSS,
     PRECISION: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -232,11 +255,12 @@ def arm_backward_kernel(
     the forward, so any position's dY_t can be rebuilt from dZ_t), and G_t = sum_{t' > t} dY_t'
     (the coverage at t' contains X_t for every t < t'):
       d X_t        = conv^T(G_t)             running sum, walking t downwards, of conv^T(dY_t)
-      d conv.weight = sum_t G_t (x) X_t       per tap, X_t read at the tap's neighbours
       d conv.bias   = sum_t sum_l dY_t,   d proj = sum_t dZ_t Y_t^T
-    Y_t needs the conv of the coverage at t: a first walk sums conv(X_t) over all t, the
-    downward walk subtracts conv(X_t) step by step. The coverage image and the conv output
-    are never written; per-program partial parameter gradients are, and summed by the caller.
+    (d conv.weight = sum_t G_t (x) X_t is `arm_weight_grad_kernel`'s: one reduction per tap,
+    whose accumulator fits in registers.) Y_t needs the conv of the coverage at t: a first
+    walk sums conv(X_t) over all t, the downward walk subtracts conv(X_t) step by step. The
+    coverage image and the conv output are never written; per-program partial parameter
+    gradients are, and summed by the caller.
     dZ itself is not in memory either: the BatchNorm backward makes it a per-head affine map
     of the refined softmax's score gradient dS (dR = -dS) and of Z, dZ = a dS + b (Z - mean) + c
     (CoefDZ [4, H]: a, b, mean, c; b = c = 0 in eval), applied at each load (masked positions do not matter:
@@ -262,8 +286,8 @@ def arm_backward_kernel(
         conv += _conv_of_step(Prev, Curr, ConvW, channel_pos + t * L, from_prev, from_curr, l_ok, row, col,
                               w_idx, w_ok, HEIGHT, WIDTH, PRECISION, BLOCK_DC, BLOCK_L)
 
-    g = tl.zeros([BLOCK_DC, BLOCK_L], tl.float32)  # G_t = sum_{t' > t} dY_t'
-    d_x = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)  # conv^T(G_t)
+    d_x = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)  # conv^T(G_t), G_t = sum_{t' > t} dY_t'
+
     d_bias = tl.zeros([BLOCK_DC], tl.float32)
     d_proj = tl.zeros([BLOCK_H, BLOCK_DC], tl.float32)
     for step in range(T):
@@ -271,38 +295,73 @@ def arm_backward_kernel(
         pos_t = channel_pos + t * L
         tl.store(DPrev + pos_t, d_x, mask=from_prev[:, None] & l_ok[None, :])
         tl.store(DCurr + pos_t, d_x, mask=from_curr[:, None] & l_ok[None, :])
-        # this step: dY_t at the tile, the projection's gradient; then conv^T(dY_t) and d conv.weight
-        dz = _grad_z(DS, Z, z_rows + t * L + offs_l[None, :], h_ok[:, None] & l_ok[None, :], coef_a, coef_b, coef_m, coef_c)
+        # this step: dY_t at the tile and the projection's gradient; then conv^T(dY_t)
+        d_y, dz = _grad_y(DS, Z, Relu, z_rows, b, t, T, L, offs_l, l_ok, h_ok, relu_shift, proj_w_t, coef_a, coef_b,
+                          coef_m, coef_c, PRECISION)
         y = tl.where(keep[None, :], tl.maximum(conv + conv_b[:, None], 0.0), 0.0)
-        d_proj += tl.dot(dz, tl.trans(y), input_precision=PRECISION)
-        bits = tl.load(Relu + b * T * L + t * L + offs_l, mask=l_ok, other=0)
-        d_y = tl.where(((bits[None, :] >> relu_shift) & 1) != 0, tl.dot(proj_w_t, dz, input_precision=PRECISION), 0.0)
+        d_proj += _mm(dz, tl.trans(y), PRECISION)
         d_bias += tl.sum(d_y, 1)
-        e = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
         for tap in range(TAPS):  # a loop, not unrolled: TAPS copies of these dots' buffers overflow shared memory
             dy = tap // KSIZE - PAD
             dx = tap - tap // KSIZE * KSIZE - PAD  # tap % KSIZE: the interpreter's constexpr has no __rmod__
-            inside = _tap_inside(l_ok, row, col, HEIGHT, WIDTH, dy, dx)
-            # d conv.weight[:, :, tap] += G_t X_t(l + tap)^T
-            x = tl.load(Prev + pos_t + (dy * WIDTH + dx), mask=from_prev[:, None] & inside[None, :], other=0.0).to(tl.float32)
-            x += tl.load(Curr + pos_t + (dy * WIDTH + dx), mask=from_curr[:, None] & inside[None, :], other=0.0).to(tl.float32)
-            part = DConvW + ((program * TAPS + tap) * BLOCK_DC + offs_dc[:, None]) * BLOCK_C + offs_c[None, :]
-            tl.store(part, tl.load(part) + tl.dot(g, tl.trans(x), input_precision=PRECISION))
             # conv^T: position l receives dY_t(l - tap) through weight[:, :, tap]
             src_ok = _tap_inside(l_ok, row, col, HEIGHT, WIDTH, -dy, -dx)
-            src = offs_l - (dy * WIDTH + dx)
-            dz_n = _grad_z(DS, Z, z_rows + t * L + src[None, :], h_ok[:, None] & src_ok[None, :], coef_a, coef_b, coef_m, coef_c)
-            bits_n = tl.load(Relu + b * T * L + t * L + src, mask=src_ok, other=0)
-            d_y_n = tl.where(((bits_n[None, :] >> relu_shift) & 1) != 0, tl.dot(proj_w_t, dz_n, input_precision=PRECISION), 0.0)
+            d_y_n, _ = _grad_y(DS, Z, Relu, z_rows, b, t, T, L, offs_l - (dy * WIDTH + dx), src_ok, h_ok, relu_shift,
+                               proj_w_t, coef_a, coef_b, coef_m, coef_c, PRECISION)
             w_t = tl.load(ConvW + w_idx + tap, mask=w_ok, other=0.0)  # [dc, C]
-            e += tl.dot(tl.trans(w_t), d_y_n, input_precision=PRECISION)
-        d_x += e
-        g += d_y
+            d_x += _mm(tl.trans(w_t), d_y_n, PRECISION)
         if t > 0:  # the conv of the coverage at t-1: remove step t-1's contribution
             conv -= _conv_of_step(Prev, Curr, ConvW, channel_pos + (t - 1) * L, from_prev, from_curr, l_ok, row, col,
                                   w_idx, w_ok, HEIGHT, WIDTH, PRECISION, BLOCK_DC, BLOCK_L)
     tl.store(DConvB + program * BLOCK_DC + offs_dc, d_bias)
     tl.store(DProjW + (program * BLOCK_H + offs_h[:, None]) * BLOCK_DC + offs_dc[None, :], d_proj)
+
+
+@triton.jit
+def arm_weight_grad_kernel(
+    Prev, Curr, Mask, ProjW, DS, Z, CoefDZ, Relu, DConvW,
+    T, L, WIDTH, HEIGHT, H, DC, CIN, N_CROSS,
+    PRECISION: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """d conv.weight[:, :, tap] = sum_t G_t X_t(l + tap)^T over one (tap, image, tile of L), with
+    G_t = sum_{t' > t} dY_t' rebuilt walking t downwards (dY_t from dS, Z and the ReLU bits, as
+    in `arm_backward_kernel`). Its accumulator is one [dc, C] tile: no spills, no partial sums
+    through global memory per step. The tap is the fastest grid axis, so the 25 programs of a
+    tile run side by side and share their reads in L2. Writes the per-program partial
+    DConvW[(image, tile), tap] [BLOCK_DC, BLOCK_C], summed by the caller."""
+    tap = tl.program_id(0)
+    b = tl.program_id(1)
+    tile = tl.program_id(2)
+    (offs_l, l_ok, row, col, keep, offs_c, from_prev, from_curr, channel_pos,
+     offs_dc, dc_ok, offs_h, h_ok, w_idx, w_ok) = _arm_tile(
+        Mask, b, tile, T, L, WIDTH, H, DC, CIN, N_CROSS, BLOCK_L, BLOCK_C, BLOCK_DC, BLOCK_H)
+    z_rows = (b * H + offs_h)[:, None] * T * L
+    proj_w_t = tl.load(ProjW + offs_h[None, :] * DC + offs_dc[:, None], mask=dc_ok[:, None] & h_ok[None, :], other=0.0)
+    relu_shift = offs_dc[:, None].to(tl.int32)
+    coef_a = tl.load(CoefDZ + offs_h, mask=h_ok, other=0.0)[:, None]
+    coef_b = tl.load(CoefDZ + H + offs_h, mask=h_ok, other=0.0)[:, None]
+    coef_m = tl.load(CoefDZ + 2 * H + offs_h, mask=h_ok, other=0.0)[:, None]
+    coef_c = tl.load(CoefDZ + 3 * H + offs_h, mask=h_ok, other=0.0)[:, None]
+    dy = tap // KSIZE - PAD
+    dx = tap % KSIZE - PAD
+    shift = dy * WIDTH + dx
+    prev_ok = from_prev[:, None] & _tap_inside(l_ok, row, col, HEIGHT, WIDTH, dy, dx)[None, :]
+    curr_ok = from_curr[:, None] & _tap_inside(l_ok, row, col, HEIGHT, WIDTH, dy, dx)[None, :]
+
+    g = tl.zeros([BLOCK_DC, BLOCK_L], tl.float32)  # G_t = sum_{t' > t} dY_t'
+    d_w = tl.zeros([BLOCK_DC, BLOCK_C], tl.float32)
+    for step in range(T - 1):  # G_{T-1} = 0: the last step adds nothing
+        t = T - 1 - step
+        d_y, _ = _grad_y(DS, Z, Relu, z_rows, b, t, T, L, offs_l, l_ok, h_ok, relu_shift, proj_w_t, coef_a, coef_b,
+                         coef_m, coef_c, PRECISION)
+        g += d_y
+        pos = channel_pos + (t - 1) * L + shift  # X_{t-1} at the tap's neighbours
+        x = tl.load(Prev + pos, mask=prev_ok, other=0.0).to(tl.float32)
+        x += tl.load(Curr + pos, mask=curr_ok, other=0.0).to(tl.float32)
+        d_w += _mm(g, tl.trans(x), PRECISION)
+    program = b * tl.num_programs(2) + tile
+    tl.store(DConvW + ((program * TAPS + tap) * BLOCK_DC + offs_dc[:, None]) * BLOCK_C + offs_c[None, :], d_w)
 
 
 @triton.jit
