@@ -17,7 +17,7 @@ from torch import Tensor
 from ...model.arm import CoverageMode
 from . import arm_attention
 from ..tracing import is_tracing
-from .interface import ARMWeights, check_inputs
+from .interface import ARMWeights, check_inputs, float32_precisions
 
 # The differentiable inputs, in the order of the backward op's gradients.
 _GRAD_INPUTS = ("q", "k", "v", "prev_attn", "conv_weight", "conv_bias", "proj_weight", "bn_weight", "bn_bias")
@@ -46,7 +46,7 @@ def _arm_attention_op(
     arm = _weights(conv_weight, conv_bias, proj_weight, bn_weight, bn_bias, *updated, momentum, eps, coverage)
     with torch.no_grad():
         out, attn = arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, bn_training=bn_training,
-                                  dropout_p=dropout_p, seed=int(seed), precision=precision)
+                                  dropout_p=dropout_p, seed=int(seed), precision=precision or None)
     return (out, attn, *(q.new_empty(0) if t is None or not bn_training else t for t in updated))
 
 
@@ -79,7 +79,7 @@ def _arm_attention_backward_op(
     arm = _weights(*params, running_mean, running_var, None, momentum, eps, coverage)
     with torch.enable_grad():
         out, attn = arm_attention(q_, k_, v_, key_padding_mask, height, width, prev_, arm, bn_training=bn_training,
-                                  dropout_p=dropout_p, seed=int(seed), precision=precision)
+                                  dropout_p=dropout_p, seed=int(seed), precision=precision or None)
         wanted = [t for t in inputs if t is not None]
         grads = iter(torch.autograd.grad((out, attn), wanted, (grad_out, grad_attn), allow_unused=True))
     result = []
@@ -128,7 +128,7 @@ _arm_attention_op.register_autograd(_backward, setup_context=_setup_context)
 def arm_attention_op(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, height: int, width: int,
     prev_attn: Optional[Tensor] = None, arm: Optional[ARMWeights] = None, *, bn_training: bool = False,
-    dropout_p: float = 0.0, seed: Optional[int] = None, precision: str = "ieee",
+    dropout_p: float = 0.0, seed: Optional[int] = None, precision: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """`fastcomer.ops.arm_attention.arm_attention` (same arguments, same results); traced (by
     torch.compile, torch.export or on fake tensors) through the custom op
@@ -145,11 +145,11 @@ def arm_attention_op(
 def arm_attention_through_op(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, height: int, width: int,
     prev_attn: Optional[Tensor] = None, arm: Optional[ARMWeights] = None, *, bn_training: bool = False,
-    dropout_p: float = 0.0, seed: Optional[int] = None, precision: str = "ieee",
+    dropout_p: float = 0.0, seed: Optional[int] = None, precision: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """`arm_attention` through the custom op, eager or traced (what `arm_attention_op` runs
     when tracing); running statistics written back to the ARM's buffers after the op."""
-    check_inputs(q, k, v, key_padding_mask, height, width, prev_attn, arm, precision)
+    check_inputs(q, k, v, key_padding_mask, height, width, prev_attn, arm, float32_precisions(q, precision)[0])
     seed_tensor = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if seed is None and dropout_p > 0
                    else torch.tensor(seed or 0, dtype=torch.int64))
     if arm is None:
@@ -157,7 +157,8 @@ def arm_attention_through_op(
     else:
         weights = (*arm[:8], arm.momentum, float(arm.eps), arm.coverage.value)
     out, attn, *statistics = torch.ops.fastcomer.arm_attention(q, k, v, key_padding_mask, height, width, prev_attn,
-                                                               *weights, bn_training, dropout_p, seed_tensor, precision)
+                                                               *weights, bn_training, dropout_p, seed_tensor,
+                                                               precision or "")  # "": eager's float32 policy, read when run
     if arm is not None and bn_training:
         with torch.no_grad():
             for buffer, updated in zip((arm.running_mean, arm.running_var, arm.num_batches_tracked), statistics):
