@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..model.arm import AttentionRefinementModule, FoldedARM
 from ..ops.decode_step import coverage_dtype, fused_cross_attention_step
+from ..ops.self_attention_step import self_attention_step
 from ..tensor_cache import DerivedCache
 from ..vocab import PAD_IDX
 
@@ -137,11 +138,15 @@ class DecodingState:
         decoder, position = self.decoder, self.position.view(1)
         newest = self.tokens.index_select(1, position).view(-1)
         x = decoder.norm(decoder.word_embed(newest) + decoder.pos_enc.pe.index_select(0, position))
-        pad = self.tokens[:, :window] == PAD_IDX
+        pad = self.tokens[:, :window] == PAD_IDX if self.backend == "torch" else None
         returned = None  # the attention the previous layer returned at this step
         for j, layer in enumerate(decoder.model.layers):
-            x = layer.norm1(x + self.self_attention(layer.self_attn, j, x, pad, window))
-            q = layer.multihead_attn.project_query(x)
+            if self.backend == "torch":
+                x = layer.norm1(x + self.self_attention(layer.self_attn, j, x, pad, window))
+                q = layer.multihead_attn.project_query(x)
+            else:  # one fused launch for the block and the query projection
+                x, q = self_attention_step(x, layer, self.self_kv[:, j], self.tokens, self.position, window,
+                                           backend=self.backend)
             coverage = None if self.coverage is None or j == 0 else self.coverage[:, j - 1]
             k, v = self.memory_kv[j]
             out, returned = fused_cross_attention_step(

@@ -1,0 +1,109 @@
+"""The self-attention block of one decode step as one Triton kernel: one program per row.
+
+Head by head, the program projects its row's q, k and v (GEMVs over d), writes k and v to
+the cache at the newest position, attends over the window (the newest k and v are taken
+from registers, not read back), and accumulates the out projection; then residual,
+LayerNorm (norm1), and the cross-attention's query projection of the result.
+"""
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...vocab import PAD_IDX
+
+
+@triton.jit
+def _gemv(w_ptr, b_ptr, first, x, cols, col_ok, d, outs, out_ok):
+    """W[first + outs] . x + b[first + outs], float32."""
+    w = tl.load(w_ptr + (first + outs)[:, None] * d + cols[None, :], mask=out_ok[:, None] & col_ok[None, :], other=0.0)
+    b = tl.load(b_ptr + first + outs, mask=out_ok, other=0.0)
+    return tl.sum(w.to(tl.float32) * x[None, :], axis=1) + b.to(tl.float32)
+
+
+@triton.jit
+def _self_attention_step_kernel(
+    x_ptr, in_weight_ptr, in_bias_ptr, out_weight_ptr, out_bias_ptr, norm_weight_ptr, norm_bias_ptr,
+    query_weight_ptr, query_bias_ptr, cache_ptr, tokens_ptr, position_ptr, x_out_ptr, query_out_ptr,
+    d, nhead, head_dim, window, eps, scale, pad_idx,
+    stride_cache_row, stride_cache_kind, stride_cache_head, stride_cache_pos, stride_tokens_row,
+    BLOCK_D: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    dims = tl.arange(0, BLOCK_HD)
+    dim_ok = dims < head_dim
+    pos = tl.arange(0, BLOCK_W)
+    position = tl.load(position_ptr)
+    dtype = x_out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * d + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tokens = tl.load(tokens_ptr + row * stride_tokens_row + pos, mask=pos < window, other=pad_idx)
+    attend = (tokens != pad_idx) & (pos < window)
+    cached = attend & (pos != position)  # the newest k, v come from registers
+    newest = (pos == position)[:, None]
+    attn_out = tl.zeros((BLOCK_D,), tl.float32)
+    for h in range(0, nhead):
+        first = h * head_dim
+        q = _gemv(in_weight_ptr, in_bias_ptr, first, x, cols, col_ok, d, dims, dim_ok).to(dtype).to(tl.float32)
+        k = _gemv(in_weight_ptr, in_bias_ptr, d + first, x, cols, col_ok, d, dims, dim_ok).to(dtype)
+        v = _gemv(in_weight_ptr, in_bias_ptr, 2 * d + first, x, cols, col_ok, d, dims, dim_ok).to(dtype)
+        head = cache_ptr + row * stride_cache_row + h * stride_cache_head
+        tl.store(head + position * stride_cache_pos + dims, k, mask=dim_ok)
+        tl.store(head + stride_cache_kind + position * stride_cache_pos + dims, v, mask=dim_ok)
+        at = pos[:, None] * stride_cache_pos + dims[None, :]
+        ok = cached[:, None] & dim_ok[None, :]
+        keys = tl.where(newest, k[None, :], tl.load(head + at, mask=ok, other=0.0)).to(tl.float32)
+        values = tl.where(newest, v[None, :], tl.load(head + stride_cache_kind + at, mask=ok, other=0.0))
+        scores = tl.sum(keys * (q * scale).to(dtype).to(tl.float32)[None, :], axis=1)
+        scores = tl.where(attend, scores, float("-inf"))
+        weights = tl.exp(scores - tl.max(scores))
+        weights = weights / tl.sum(weights)
+        out = tl.sum(weights[:, None] * values.to(tl.float32), axis=0).to(dtype).to(tl.float32)
+        w_out = tl.load(out_weight_ptr + cols[:, None] * d + first + dims[None, :],
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        attn_out += tl.sum(w_out.to(tl.float32) * out[None, :], axis=1)
+    attn_out = (attn_out + tl.load(out_bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)).to(dtype)
+    y = x + attn_out.to(tl.float32)
+    mean = tl.sum(y, axis=0) / d
+    centred = tl.where(col_ok, y - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / d + eps)
+    norm_weight = tl.load(norm_weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    norm_bias = tl.load(norm_bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    x_out = (centred * rstd * norm_weight + norm_bias).to(dtype)
+    tl.store(x_out_ptr + row * d + cols, x_out, mask=col_ok)
+    # The cross-attention's query: the first d rows of its in_proj, then the scaling.
+    for h in range(0, nhead):
+        outs = h * head_dim + dims
+        query = _gemv(query_weight_ptr, query_bias_ptr, h * head_dim, x_out.to(tl.float32), cols, col_ok, d, dims, dim_ok)
+        tl.store(query_out_ptr + row * d + outs, (query.to(dtype).to(tl.float32) * scale).to(dtype), mask=dim_ok)
+
+
+def triton_self_attention_step(x: Tensor, layer, cache: Tensor, tokens: Tensor, position: Tensor,
+                               window: int, num_warps: int = 4) -> Tuple[Tensor, Tensor]:
+    """Launches the kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); see
+    `fastcomer.ops.self_attention_step.self_attention_step`."""
+    attn, cross = layer.self_attn, layer.multihead_attn
+    rows, d = x.shape
+    nhead, head_dim = attn.num_heads, attn.head_dim
+    if cache.shape != (rows, 2, nhead, tokens.shape[1], head_dim) or cache.stride(4) != 1:
+        raise ValueError(f"self-attention step: cache must be [{rows}, 2, {nhead}, {tokens.shape[1]}, {head_dim}] "
+                         f"with a unit last stride, got {tuple(cache.shape)} strides {cache.stride()}")
+    if not 0 < window <= tokens.shape[1] or tokens.stride(1) != 1:
+        raise ValueError(f"self-attention step: window must be in 1..{tokens.shape[1]} and tokens need a unit "
+                         f"last stride, got window {window}")
+    if cross.num_heads != nhead or layer.norm1.normalized_shape != (d,):
+        raise ValueError("self-attention step: the layer's attentions and norm1 must match x's width")
+    x = x.contiguous()
+    x_out, query = torch.empty_like(x), torch.empty_like(x)
+    _self_attention_step_kernel[(rows,)](
+        x, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+        layer.norm1.weight, layer.norm1.bias, cross.in_proj_weight, cross.in_proj_bias, cache, tokens, position,
+        x_out, query, d, nhead, head_dim, window, layer.norm1.eps, head_dim**-0.5, PAD_IDX,
+        cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), tokens.stride(0),
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_HD=triton.next_power_of_2(head_dim),
+        BLOCK_W=triton.next_power_of_2(window), num_warps=num_warps,
+    )
+    return x_out, query
