@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..model.arm import AttentionRefinementModule, FoldedARM
 from ..ops.decode_step import coverage_dtype, fused_cross_attention_step
+from ..ops.feed_forward_step import feed_forward_step
 from ..ops.self_attention_step import self_attention_step
 from ..tensor_cache import DerivedCache
 from ..vocab import PAD_IDX
@@ -153,8 +154,11 @@ class DecodingState:
                 q.view(self.rows, self.nhead, -1), k, v, self.memory_mask, self.image_index,
                 self.height, self.arm, coverage, returned, backend=self.backend, rows_per_image=self.group,
             )
-            x = layer.norm2(x + layer.multihead_attn.out_proj(out.reshape(self.rows, -1)))
-            x = layer.feed_forward(x)
+            if self.backend == "torch":
+                x = layer.norm2(x + layer.multihead_attn.out_proj(out.reshape(self.rows, -1)))
+                x = layer.feed_forward(x)
+            else:  # one fused launch for the out projection, norm2 and the feed-forward block
+                x = feed_forward_step(x, out.view(self.rows, -1), layer, backend=self.backend)
         return decoder.proj(x)
 
     def self_attention(self, attn, layer: int, x: Tensor, pad: Tensor, window: int) -> Tensor:
