@@ -45,7 +45,7 @@ def _beam_scorer_kernel(
     x = (x.to(tl.float32) / temperature).to(x.dtype).to(tl.float32)  # rounded as torch divides
     row_max = tl.max(x, axis=1)
     shifted = x - tl.where(beam_ok, row_max, 0.0)[:, None]
-    log_sum = tl.log(tl.sum(tl.where(valid, tl.exp(shifted), 0.0), axis=1))
+    log_sum = tl.log(tl.where(beam_ok, tl.sum(tl.where(valid, tl.exp(shifted), 0.0), axis=1), 1.0))
     log_probs = (shifted - log_sum[:, None]).to(logits_ptr.dtype.element_ty)
     beam_score = tl.load(beam_scores_ptr + first_row + beams, mask=beam_ok, other=0.0)
     scores = log_probs.to(beam_score.dtype) + beam_score[:, None]
