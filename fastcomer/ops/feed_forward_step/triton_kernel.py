@@ -1,6 +1,7 @@
-"""The layer's tail of one decode step as one Triton kernel: one program per row. GEMVs over
-d (out projection), LayerNorm, then the feed-forward block chunk by chunk of its hidden width
-(linear1 + ReLU of a chunk feeds its share of linear2 at once), residual, LayerNorm."""
+"""The layer's tail of one decode step as one Triton kernel: one program per row. GEMVs, chunk
+by chunk so that a weight tile is [d, BLOCK_F] (no spills at d = 256): the out projection,
+residual and LayerNorm, then the feed-forward block (linear1 + ReLU of a chunk of its hidden
+units feeds that chunk's share of linear2 at once), residual and LayerNorm."""
 import torch
 import triton
 import triton.language as tl
@@ -29,16 +30,20 @@ def _feed_forward_step_kernel(
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < d
     outs = tl.arange(0, BLOCK_D)  # the same lanes as output features
-    square_ok = col_ok[:, None] & col_ok[None, :]
+    units = tl.arange(0, BLOCK_F)
     x = tl.load(x_ptr + row * d + cols, mask=col_ok, other=0.0).to(tl.float32)
-    attended = tl.load(attended_ptr + row * d + cols, mask=col_ok, other=0.0).to(tl.float32)
-    w_out = tl.load(out_weight_ptr + outs[:, None] * d + cols[None, :], mask=square_ok, other=0.0).to(tl.float32)
-    projected = tl.sum(w_out * attended[None, :], axis=1)
+    # out projection, BLOCK_F input features at a time: a [d, BLOCK_F] weight tile in registers
+    projected = tl.zeros((BLOCK_D,), tl.float32)
+    for start in range(0, d, BLOCK_F):
+        col = start + units
+        attended = tl.load(attended_ptr + row * d + col, mask=col < d, other=0.0).to(tl.float32)
+        w_out = tl.load(out_weight_ptr + outs[:, None] * d + col[None, :], mask=col_ok[:, None] & (col < d)[None, :],
+                        other=0.0).to(tl.float32)
+        projected += tl.sum(w_out * attended[None, :], axis=1)
     projected = (projected + tl.load(out_bias_ptr + outs, mask=col_ok, other=0.0).to(tl.float32)).to(dtype)
     y = _layer_norm(x + projected.to(tl.float32), col_ok, d, norm2_weight_ptr, norm2_bias_ptr, cols, eps2)
     y = y.to(dtype).to(tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    units = tl.arange(0, BLOCK_F)
     for start in range(0, hidden, BLOCK_F):
         unit = start + units
         unit_ok = unit < hidden
@@ -54,7 +59,7 @@ def _feed_forward_step_kernel(
     tl.store(x_out_ptr + row * d + cols, z.to(dtype), mask=col_ok)
 
 
-def triton_feed_forward_step(x: Tensor, attended: Tensor, layer, block_f: int = 32, num_warps: int = 4) -> Tensor:
+def triton_feed_forward_step(x: Tensor, attended: Tensor, layer, block_f: int = 32, num_warps: int = 8) -> Tensor:
     """Launches the kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); see
     `fastcomer.ops.feed_forward_step.feed_forward_step`."""
     rows, d = x.shape

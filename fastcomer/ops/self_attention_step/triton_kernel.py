@@ -1,6 +1,6 @@
 """The self-attention block of one decode step as one Triton kernel: one program per row.
 
-Head by head, the program projects its row's q, k and v (GEMVs over d), writes k and v to
+Head by head, the program projects its row's q, k and v (GEMVs over d, in chunks), writes k and v to
 the cache at the newest position, attends over the window (the newest k and v are taken
 from registers, not read back), and accumulates the out projection; then residual,
 LayerNorm (norm1), and the cross-attention's query projection of the result.
@@ -16,11 +16,18 @@ from ...vocab import PAD_IDX
 
 
 @triton.jit
-def _gemv(w_ptr, b_ptr, first, x, cols, col_ok, d, outs, out_ok):
-    """W[first + outs] . x + b[first + outs], float32."""
-    w = tl.load(w_ptr + (first + outs)[:, None] * d + cols[None, :], mask=out_ok[:, None] & col_ok[None, :], other=0.0)
-    b = tl.load(b_ptr + first + outs, mask=out_ok, other=0.0)
-    return tl.sum(w.to(tl.float32) * x[None, :], axis=1) + b.to(tl.float32)
+def _gemv(w_ptr, b_ptr, first, vector_ptr, d, outs, out_ok, BLOCK_C: tl.constexpr):
+    """W[first + outs] . vector + b[first + outs] in float32, over d in chunks of BLOCK_C (the
+    vector read from memory chunk by chunk): a [outs, BLOCK_C] weight tile in registers."""
+    chunk = tl.arange(0, BLOCK_C)
+    acc = tl.zeros(outs.shape, tl.float32)
+    for start in range(0, d, BLOCK_C):
+        col = start + chunk
+        vector = tl.load(vector_ptr + col, mask=col < d, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + (first + outs)[:, None] * d + col[None, :], mask=out_ok[:, None] & (col < d)[None, :],
+                    other=0.0)
+        acc += tl.sum(w.to(tl.float32) * vector[None, :], axis=1)
+    return acc + tl.load(b_ptr + first + outs, mask=out_ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -29,7 +36,7 @@ def _self_attention_step_kernel(
     query_weight_ptr, query_bias_ptr, cache_ptr, tokens_ptr, position_ptr, x_out_ptr, query_out_ptr,
     d, nhead, head_dim, window, eps, scale, pad_idx,
     stride_cache_row, stride_cache_kind, stride_cache_head, stride_cache_pos, stride_tokens_row,
-    BLOCK_D: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -39,7 +46,7 @@ def _self_attention_step_kernel(
     pos = tl.arange(0, BLOCK_W)
     position = tl.load(position_ptr)
     dtype = x_out_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row * d + cols, mask=col_ok, other=0.0).to(tl.float32)
+    x_row, x_out_row = x_ptr + row * d, x_out_ptr + row * d
     tokens = tl.load(tokens_ptr + row * stride_tokens_row + pos, mask=pos < window, other=pad_idx)
     attend = (tokens != pad_idx) & (pos < window)
     cached = attend & (pos != position)  # the newest k, v come from registers
@@ -47,9 +54,9 @@ def _self_attention_step_kernel(
     attn_out = tl.zeros((BLOCK_D,), tl.float32)
     for h in range(0, nhead):
         first = h * head_dim
-        q = _gemv(in_weight_ptr, in_bias_ptr, first, x, cols, col_ok, d, dims, dim_ok).to(dtype).to(tl.float32)
-        k = _gemv(in_weight_ptr, in_bias_ptr, d + first, x, cols, col_ok, d, dims, dim_ok).to(dtype)
-        v = _gemv(in_weight_ptr, in_bias_ptr, 2 * d + first, x, cols, col_ok, d, dims, dim_ok).to(dtype)
+        q = _gemv(in_weight_ptr, in_bias_ptr, first, x_row, d, dims, dim_ok, BLOCK_C).to(dtype).to(tl.float32)
+        k = _gemv(in_weight_ptr, in_bias_ptr, d + first, x_row, d, dims, dim_ok, BLOCK_C).to(dtype)
+        v = _gemv(in_weight_ptr, in_bias_ptr, 2 * d + first, x_row, d, dims, dim_ok, BLOCK_C).to(dtype)
         head = cache_ptr + row * stride_cache_row + h * stride_cache_head
         tl.store(head + position * stride_cache_pos + dims, k, mask=dim_ok)
         tl.store(head + stride_cache_kind + position * stride_cache_pos + dims, v, mask=dim_ok)
@@ -66,23 +73,24 @@ def _self_attention_step_kernel(
                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
         attn_out += tl.sum(w_out.to(tl.float32) * out[None, :], axis=1)
     attn_out = (attn_out + tl.load(out_bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)).to(dtype)
-    y = x + attn_out.to(tl.float32)
+    y = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32) + attn_out.to(tl.float32)
     mean = tl.sum(y, axis=0) / d
     centred = tl.where(col_ok, y - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / d + eps)
     norm_weight = tl.load(norm_weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     norm_bias = tl.load(norm_bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     x_out = (centred * rstd * norm_weight + norm_bias).to(dtype)
-    tl.store(x_out_ptr + row * d + cols, x_out, mask=col_ok)
+    tl.store(x_out_row + cols, x_out, mask=col_ok)
+    tl.debug_barrier()  # the query projection reads x_out back, written by other threads
     # The cross-attention's query: the first d rows of its in_proj, then the scaling.
     for h in range(0, nhead):
         outs = h * head_dim + dims
-        query = _gemv(query_weight_ptr, query_bias_ptr, h * head_dim, x_out.to(tl.float32), cols, col_ok, d, dims, dim_ok)
+        query = _gemv(query_weight_ptr, query_bias_ptr, h * head_dim, x_out_row, d, dims, dim_ok, BLOCK_C)
         tl.store(query_out_ptr + row * d + outs, (query.to(dtype).to(tl.float32) * scale).to(dtype), mask=dim_ok)
 
 
 def triton_self_attention_step(x: Tensor, layer, cache: Tensor, tokens: Tensor, position: Tensor,
-                               window: int, num_warps: int = 4) -> Tuple[Tensor, Tensor]:
+                               window: int, num_warps: int = 8) -> Tuple[Tensor, Tensor]:
     """Launches the kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); see
     `fastcomer.ops.self_attention_step.self_attention_step`."""
     attn, cross = layer.self_attn, layer.multihead_attn
@@ -104,6 +112,6 @@ def triton_self_attention_step(x: Tensor, layer, cache: Tensor, tokens: Tensor, 
         x_out, query, d, nhead, head_dim, window, layer.norm1.eps, head_dim**-0.5, PAD_IDX,
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), tokens.stride(0),
         BLOCK_D=triton.next_power_of_2(d), BLOCK_HD=triton.next_power_of_2(head_dim),
-        BLOCK_W=triton.next_power_of_2(window), num_warps=num_warps,
+        BLOCK_W=triton.next_power_of_2(window), BLOCK_C=min(32, triton.next_power_of_2(d)), num_warps=num_warps,
     )
     return x_out, query
