@@ -1,8 +1,8 @@
 """The first pass's static buffers for a set of searches, and one beam step over them.
 
 A step is device work only, on static buffers: one decoder step for every row, then the
-beam scorer vectorised over items and candidates (top-k, end tokens of both directions,
-the finished lists, done flags), then one gather that reorders the state and the append
+beam scorer vectorised over items and candidates (`ops.beam_scorer`: top-k, end tokens of
+both directions, the finished lists, done flags; one kernel on the kernel backends), then one gather that reorders the state and the append
 of the next tokens; so it can be replayed as a CUDA graph (`cuda_graphs.py`).
 """
 from dataclasses import dataclass
