@@ -139,7 +139,7 @@ def _pow2(n: int) -> int:
 
 def triton_score_step(logits: Tensor, temperature: float, beam_scores: Tensor, done: Tensor, end_token: Tensor,
                       finished: FinishedLists, tokens: Tensor, position: Tensor,
-                      num_warps: int = 4) -> Tuple[Tensor, Tensor]:
+                      num_warps: int = 8) -> Tuple[Tensor, Tensor]:
     """Launches the kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); see
     `fastcomer.ops.beam_scorer.beam_scorer_step`."""
     items, beam = beam_scores.shape
