@@ -18,12 +18,13 @@ all lengths.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..model.arm import AttentionRefinementModule, FoldedARM
 from ..ops.decode_step import coverage_dtype, refresh_prepared_weights
 from ..ops.decode_step.custom_op import decode_step  # the kernels as one custom op under torch.compile
+from ..ops.feed_forward_step import feed_forward_step
+from ..ops.self_attention_step import self_attention_step
 from ..vocab import PAD_IDX
 
 # Prefix windows are multiples of this: at most WINDOW_STEP - 1 wasted positions per step,
@@ -160,33 +161,21 @@ class DecodingState:
             state.copy_(gathered)
 
     def step(self, window: int) -> Tensor:
-        """The decoder's logits for the newest token of every row: [rows, vocab]."""
+        """The decoder's logits for the newest token of every row: [rows, vocab]. Each layer is
+        three ops, which run fused on the kernel backends: the self-attention block (and the
+        cross-attention's query), the cross-attention step with the ARM, the layer's tail."""
         decoder, position = self.decoder, self.position.view(1)
         newest = self.tokens.index_select(1, position).view(-1)
         x = decoder.norm(decoder.word_embed(newest) + decoder.pos_enc.pe.index_select(0, position))
-        pad = self.tokens[:, :window] == PAD_IDX
         returned = None  # the attention the previous layer returned at this step
         for j, layer in enumerate(decoder.model.layers):
-            x = layer.norm1(x + self.self_attention(layer.self_attn, j, x, pad, window))
-            q = layer.multihead_attn.project_query(x)
+            x, q = self_attention_step(x, layer, self.self_keys[j], self.self_values[j], self.tokens, self.position,
+                                       window, backend=self.backend)
             coverage = None if self.coverage is None or j == 0 else self.coverage[:, j - 1]
             k, v = self.memory_kv[j]
             out, returned = decode_step(
                 q.view(self.rows, self.nhead, -1), k, v, self.memory_mask, self.image_index,
                 self.height, self.arm, coverage, returned, backend=self.backend, rows_per_image=self.group,
             )
-            x = layer.norm2(x + layer.multihead_attn.out_proj(out.reshape(self.rows, -1)))
-            x = layer.feed_forward(x)
+            x = feed_forward_step(x, out.reshape(self.rows, -1), layer, backend=self.backend)
         return decoder.proj(x)
-
-    def self_attention(self, attn, layer: int, x: Tensor, pad: Tensor, window: int) -> Tensor:
-        """Causal self-attention of the newest position over the cached ones: x [rows, d]."""
-        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(self.rows, 3, self.nhead, -1)
-        keys, values = self.self_keys[layer], self.self_values[layer]
-        keys.index_copy_(3, self.position.view(1), qkv[:, 1, :, :, None].to(keys.dtype))  # autocast: qkv may be half
-        values.index_copy_(2, self.position.view(1), qkv[:, 2, :, None].to(values.dtype))
-        v = values[:, :, :window]
-        scores = torch.matmul((qkv[:, 0] * attn.head_dim**-0.5)[:, :, None], keys[..., :window])
-        weights = torch.softmax(scores.masked_fill(pad[:, None, None], float("-inf")), dim=-1)
-        out = torch.matmul(weights, v)  # [rows, nhead, 1, head_dim]
-        return attn.out_proj(out.view(self.rows, -1))

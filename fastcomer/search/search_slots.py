@@ -1,17 +1,17 @@
 """The first pass's static buffers for a set of searches, and one beam step over them.
 
 A step is device work only, on static buffers: one decoder step for every row, then the
-beam scorer vectorised over items and candidates (top-k, end tokens of both directions,
-the finished lists, done flags), then one gather that reorders the state and the append
+beam scorer vectorised over items and candidates (`ops.beam_scorer`: top-k, end tokens of
+both directions, the finished lists, done flags; one kernel on the kernel backends), then one gather that reorders the state and the append
 of the next tokens; so it can be replayed as a CUDA graph (`cuda_graphs.py`).
 """
 from dataclasses import dataclass
 from typing import List
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.beam_scorer import beam_scorer_step
 from ..vocab import EOS_IDX, SOS_IDX
 from .cuda_graphs import StepGraphs
 from .decoding_state import DecodingState
@@ -85,25 +85,13 @@ class SearchSlots:
 
     def step(self, window: int) -> None:
         """One step of every search: device work only, the same for every call of a window."""
-        state, beam = self.state, self.beam_size
-        length = state.position + 1  # tokens per row so far
+        state = self.state
         state.skip_slots(self.done)
         logits = state.step(window)
-        scores = F.log_softmax(logits / self.temperature, dim=-1) + self.beam_scores.view(-1, 1)
-        vocab_size = logits.shape[1]
-        top_scores, top_ids = scores.view(self.items, -1).topk(2 * beam, dim=1)
-        rows = torch.arange(self.items, device=logits.device)[:, None] * beam + top_ids // vocab_size
-        tokens = top_ids % vocab_size
-        ends = tokens == self.end_token[:, None]
-        # Ended candidates ranked below beam_size are dropped, as CoMER does; done items add none.
-        offered = ends[:, :beam] & ~self.done[:, None]
-        self.finished.add(top_scores[:, :beam], offered, rows[:, :beam], state.tokens, length)
-        # The next beams: the first beam_size candidates that do not end, in rank order.
-        keep = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :beam]
-        self.beam_scores.copy_(top_scores.gather(1, keep))
-        self.done |= self.finished.is_done(self.beam_scores.max(dim=1).values, length)
-        state.reorder(rows.gather(1, keep).view(-1), window)
-        state.append(tokens.gather(1, keep).view(-1))
+        parents, next_tokens = beam_scorer_step(logits, self.temperature, self.beam_scores, self.done, self.end_token,
+                                                self.finished, state.tokens, state.position, backend=state.backend)
+        state.reorder(parents, window)
+        state.append(next_tokens)
 
     def finish(self) -> None:
         """max_len reached: the searches not done add all their beams."""

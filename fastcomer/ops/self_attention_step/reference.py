@@ -1,0 +1,26 @@
+"""The self-attention block of one decode step in plain PyTorch: the engine's torch path and
+the reference of the kernel."""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...vocab import PAD_IDX
+
+
+def reference_step(x: Tensor, layer, keys: Tensor, values: Tensor, tokens: Tensor, position: Tensor,
+                   window: int) -> Tuple[Tensor, Tensor]:
+    """See `fastcomer.ops.self_attention_step.self_attention_step`."""
+    attn = layer.self_attn
+    rows, nhead = x.shape[0], attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(rows, 3, nhead, -1)
+    keys.index_copy_(3, position.view(1), qkv[:, 1, :, :, None].to(keys.dtype))  # autocast: qkv may be half
+    values.index_copy_(2, position.view(1), qkv[:, 2, :, None].to(values.dtype))
+    # K is kept transposed, so that both matmuls read the caches in place
+    scores = torch.matmul((qkv[:, 0] * attn.head_dim**-0.5)[:, :, None], keys[..., :window])
+    pad = tokens[:, :window] == PAD_IDX
+    weights = torch.softmax(scores.masked_fill(pad[:, None, None], float("-inf")), dim=-1)
+    out = torch.matmul(weights, values[:, :, :window])  # [rows, nhead, 1, head_dim]
+    x = layer.norm1(x + attn.out_proj(out.view(rows, -1)))
+    return x, layer.multihead_attn.project_query(x)
