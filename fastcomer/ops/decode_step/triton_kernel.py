@@ -26,11 +26,8 @@ import torch
 from torch import Tensor
 
 from ...model.arm import CONV_PADDING, CONV_TAPS, KERNEL_SIZE, FoldedARM
-from .interface import DecodeStepShape, PreparedARMWeights, plan
+from .interface import MIN_DOT, DecodeStepPlan, DecodeStepShape, LaunchPlan, PreparedARMWeights, launch_plan, plan
 
-# tl.dot needs every dimension >= 16 on GPUs (rows of a slot, head_dim, the conv's channels
-# and dc are padded to it).
-MIN_DOT = 16
 # The conv's geometry as compile-time constants of the kernel.
 TAPS = tl.constexpr(CONV_TAPS)
 KSIZE = tl.constexpr(KERNEL_SIZE)
@@ -42,47 +39,6 @@ NEG_START = tl.constexpr(-1.0e30)
 FLOAT32_DOT = "tf32x3"
 # Fields of one split's statistics in `stats`.
 STATS = 4  # max of S, sum of exp(S - max), max of S - R, sum of exp(S - R - max)
-# The grids aim at this many programs per kernel for one image (2 directions x the beams):
-# one per SM of an H100 (132), so that batch 1 fills the GPU.
-TARGET_PROGRAMS = 132
-
-
-class LaunchPlan(NamedTuple):
-    """How a call splits its work: tiles of L, splits, programs per kernel."""
-    slots: int  # groups of rows that read one image
-    rows_per_slot: int
-    split_l: int  # positions per program of the partial attention
-    splits: int
-    tile_l: int  # positions per program of the refinement and the merge
-    tiles: int
-    block_g: int  # rows of a slot as a tl.dot operand
-    block_splits: int
-
-    def grids(self, rows: int, nhead: int, refine: bool):
-        """(refinement or None, partial attention, merge) grids."""
-        return ((rows, self.tiles, 1) if refine else None, (self.slots, nhead, self.splits), (rows, self.tiles, 1))
-
-
-def _tile(length: int, programs: int) -> int:
-    """The largest power-of-two tile in [MIN_DOT, 128] that cuts L into >= `programs` tiles
-    (MIN_DOT when none does): small enough to fill the GPU, a tl.dot operand, and at most
-    128 positions per program (registers)."""
-    fits = max(1, length // max(1, programs))
-    return max(MIN_DOT, min(128, 1 << (fits.bit_length() - 1)))
-
-
-def launch_plan(rows: int, nhead: int, length: int, rows_per_slot: int) -> LaunchPlan:
-    """Tiles so that both grid shapes reach TARGET_PROGRAMS when the rows allow it: at the
-    published batch-1 call (2 slots x 10 rows, 8 heads, L = 256 or 1024) 256 programs of
-    partial attention and 160 of refinement and merge."""
-    slots = -(-rows // rows_per_slot) if rows else 0
-    split_l = _tile(length, -(-TARGET_PROGRAMS // max(1, slots * nhead)))
-    tile_l = _tile(length, -(-TARGET_PROGRAMS // max(1, rows)))
-    splits = -(-length // split_l)
-    return LaunchPlan(slots, rows_per_slot, split_l, splits, tile_l, -(-length // tile_l),
-                      max(MIN_DOT, triton.next_power_of_2(rows_per_slot)), triton.next_power_of_2(splits))
-
-
 @triton.jit
 def _refinement_kernel(
     mask_ptr, image_index_ptr, coverage_ptr, conv_weight_ptr, conv_bias_ptr, proj_weight_ptr, shift_ptr,
@@ -264,10 +220,25 @@ def _dot_ready(arm: FoldedARM) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
 _dot_ready_weights = PreparedARMWeights(_dot_ready)
 
 
-def block_sizes(shape: DecodeStepShape) -> dict:
-    """The constexpr sizes every launch of a shape shares."""
-    return dict(BLOCK_H=_pow2_at_least(shape.nhead, 1), BLOCK_D=_pow2_at_least(shape.head_dim, MIN_DOT),
-                BLOCK_C=_pow2_at_least(max(shape.channels, 1), MIN_DOT))
+class KernelConstants(NamedTuple):
+    """The constexprs of each kernel for a call (the launcher's and the kernel report's)."""
+    refinement: dict
+    partial_attention: dict
+    merge: dict
+
+
+def kernel_constants(shape: DecodeStepShape, flags: DecodeStepPlan, launch: LaunchPlan) -> KernelConstants:
+    block_h = _pow2_at_least(shape.nhead, 1)
+    block_d = _pow2_at_least(shape.head_dim, MIN_DOT)
+    return KernelConstants(
+        refinement=dict(DC=_pow2_at_least(max(shape.dc, 1), MIN_DOT), BLOCK_L=launch.tile_l, BLOCK_H=block_h,
+                        BLOCK_C=_pow2_at_least(max(shape.channels, 1), MIN_DOT), DOT_PRECISION=FLOAT32_DOT),
+        partial_attention=dict(REFINE=flags.refine, UPDATE_SELF=flags.update_self,
+                               BLOCK_G=_pow2_at_least(launch.rows_per_slot, MIN_DOT), BLOCK_L=launch.split_l,
+                               BLOCK_D=block_d, DOT_PRECISION=FLOAT32_DOT),
+        merge=dict(UPDATE_CROSS=flags.update_cross, UPDATE_SELF=flags.update_self, BLOCK_L=launch.tile_l,
+                   BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(launch.splits)),
+    )
 
 
 def triton_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn,
@@ -286,13 +257,13 @@ def triton_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, p
     returned = torch.empty((shape.rows, shape.nhead, shape.length), device=q.device, dtype=torch.float32)
     if shape.rows == 0:
         return out, returned
-    launch = launch_plan(shape.rows, shape.nhead, shape.length, rows_per_image or 1)
+    launch = launch_plan(shape.rows, shape.nhead, shape.length, rows_per_image)
     scratch = torch.empty((shape.rows, shape.nhead, shape.length) if flags.update_self else (1,),
                           device=q.device, dtype=torch.float32)
     stats = torch.empty((shape.rows, shape.nhead, launch.splits, STATS), device=q.device, dtype=torch.float32)
     partial = torch.empty((shape.rows, shape.nhead, launch.splits, shape.head_dim), device=q.device, dtype=torch.float32)
     dummy = returned  # stands for the tensors a mode does not read; the constexpr flags keep it untouched
-    sizes = block_sizes(shape)
+    constants = kernel_constants(shape, flags, launch)
     refine_grid, attention_grid, merge_grid = launch.grids(shape.rows, shape.nhead, flags.refine)
     if flags.refine:
         conv_weight, conv_bias, proj_weight, shift = _dot_ready_weights(arm)
@@ -301,8 +272,7 @@ def triton_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, p
             returned,
             shape.length, shape.height, shape.width, shape.nhead, shape.channels,
             key_padding_mask.stride(0), coverage.stride(0),
-            DC=conv_weight.shape[0], BLOCK_L=launch.tile_l, BLOCK_H=sizes["BLOCK_H"], BLOCK_C=sizes["BLOCK_C"],
-            DOT_PRECISION=FLOAT32_DOT, num_warps=num_warps,
+            **constants.refinement, num_warps=num_warps,
         )
     _partial_attention_kernel[attention_grid](
         q, k, v, key_padding_mask.view(torch.uint8), image_index, scratch, returned, stats, partial,
@@ -311,17 +281,13 @@ def triton_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, p
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         key_padding_mask.stride(0),
-        REFINE=flags.refine, UPDATE_SELF=flags.update_self,
-        BLOCK_G=launch.block_g, BLOCK_L=launch.split_l, BLOCK_D=sizes["BLOCK_D"], DOT_PRECISION=FLOAT32_DOT,
-        num_warps=num_warps,
+        **constants.partial_attention, num_warps=num_warps,
     )
     _merge_kernel[merge_grid](
         image_index, coverage if flags.refine else dummy, prev_attn.contiguous() if flags.update_cross else dummy,
         scratch, returned, stats, partial, out,
         shape.length, shape.nhead, shape.head_dim, shape.channels, launch.splits,
         coverage.stride(0) if flags.refine else 0,
-        UPDATE_CROSS=flags.update_cross, UPDATE_SELF=flags.update_self,
-        BLOCK_L=launch.tile_l, BLOCK_H=sizes["BLOCK_H"], BLOCK_D=sizes["BLOCK_D"], BLOCK_S=launch.block_splits,
-        num_warps=num_warps,
+        **constants.merge, num_warps=num_warps,
     )
     return out, returned

@@ -10,15 +10,15 @@ layer step. Shapes "small": one image, L = 64, float32 and bfloat16, for CI.
 from typing import Dict, List
 
 from ...model.arm import CONV_TAPS
-from .triton_kernel import (FLOAT32_DOT, STATS, _merge_kernel, _partial_attention_kernel,
-                            _refinement_kernel, launch_plan)
+from .interface import DecodeStepPlan, DecodeStepShape, launch_plan
+from .triton_kernel import STATS, _merge_kernel, _partial_attention_kernel, _refinement_kernel, kernel_constants
 
 __all__ = ["kernel_variants", "PUBLISHED", "ROWS_PER_IMAGE"]
 
 NHEAD, HEAD_DIM, DC = 8, 32, 32
 CHANNELS = 2 * NHEAD  # coverage cross + self
 ROWS_PER_IMAGE = 20  # 2 directions x 10 beams
-ROWS_PER_SLOT = 10  # a slot: one direction's beams, which read one copy of the image's K/V
+BEAMS = 10  # the engine's G: a direction's beams read one copy of the image's K/V
 SHAPES = {
     "published": dict(images=(1, 16), lengths=(256, 1024), dtypes=("fp32", "bf16", "fp16")),
     "small": dict(images=(1,), lengths=(64,), dtypes=("fp32", "bf16")),
@@ -45,9 +45,11 @@ def _variant(kernel, role: str, label: str, pointers, constexprs, grid, flops: f
 def _call_variants(images: int, length: int, dtype: str) -> List[dict]:
     """The three kernels of one refining layer's call (coverage cross + self)."""
     rows = images * ROWS_PER_IMAGE
-    kv_images = rows // ROWS_PER_SLOT  # the engine keeps one K/V copy per slot (direction)
-    plan = launch_plan(rows, NHEAD, length, ROWS_PER_SLOT)
+    kv_images = rows // BEAMS  # the engine keeps one K/V copy per direction
+    plan = launch_plan(rows, NHEAD, length, BEAMS)
     refine_grid, attention_grid, merge_grid = plan.grids(rows, NHEAD, refine=True)
+    shape = DecodeStepShape(rows, kv_images, NHEAD, HEAD_DIM, length, 1, length, CHANNELS, DC)
+    constants = kernel_constants(shape, DecodeStepPlan(refine=True, update_cross=True, update_self=True), plan)
     label = f"images={images},L={length},{dtype}"
     element = ELEMENT_BYTES[dtype]
     attention_map = rows * NHEAD * length * F32  # one float32 [rows, nhead, L] tensor
@@ -60,7 +62,7 @@ def _call_variants(images: int, length: int, dtype: str) -> List[dict]:
         _refinement_kernel, "refinement", label,
         {**pointer_types, **f32_pointers(("coverage_ptr", "conv_weight_ptr", "conv_bias_ptr", "proj_weight_ptr",
                                           "shift_ptr", "refinement_ptr"))},
-        dict(DC=DC, BLOCK_L=plan.tile_l, BLOCK_H=NHEAD, BLOCK_C=CHANNELS, DOT_PRECISION=FLOAT32_DOT),
+        constants.refinement,
         refine_grid,
         flops=rows * length * 2 * (CONV_TAPS * CHANNELS * DC + DC * NHEAD),
         nbytes=rows * CHANNELS * length * F32 + DC * CHANNELS * CONV_TAPS * F32 + mask_bytes + attention_map,
@@ -69,8 +71,7 @@ def _call_variants(images: int, length: int, dtype: str) -> List[dict]:
         _partial_attention_kernel, "partial_attention", label,
         {**pointer_types, **{name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr")},
          **f32_pointers(("scratch_ptr", "returned_ptr", "stats_ptr", "partial_ptr"))},
-        dict(REFINE=True, UPDATE_SELF=True, BLOCK_G=plan.block_g, BLOCK_L=plan.split_l, BLOCK_D=HEAD_DIM,
-             DOT_PRECISION=FLOAT32_DOT),
+        constants.partial_attention,
         attention_grid,
         flops=rows * NHEAD * length * 2 * 2 * HEAD_DIM,  # S = q.K and P.V
         nbytes=(2 * kv_images * NHEAD * length * HEAD_DIM + rows * NHEAD * HEAD_DIM) * element + mask_bytes
@@ -80,8 +81,7 @@ def _call_variants(images: int, length: int, dtype: str) -> List[dict]:
         _merge_kernel, "merge", label,
         {"image_index_ptr": "*i32", "out_ptr": f"*{dtype}",
          **f32_pointers(("coverage_ptr", "prev_attn_ptr", "scratch_ptr", "returned_ptr", "stats_ptr", "partial_ptr"))},
-        dict(UPDATE_CROSS=True, UPDATE_SELF=True, BLOCK_L=plan.tile_l, BLOCK_H=NHEAD, BLOCK_D=HEAD_DIM,
-             BLOCK_S=plan.block_splits),
+        constants.merge,
         merge_grid,
         flops=rows * NHEAD * (length * 6 + plan.splits * HEAD_DIM * 2),
         # returned and the coverage read and written, prev_attn and S read, every tile reading the statistics
