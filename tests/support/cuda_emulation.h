@@ -27,17 +27,19 @@ struct EmulatedIndex {
 inline thread_local EmulatedIndex threadIdx;
 inline EmulatedIndex blockIdx;
 inline std::barrier<>* emulated_block_barrier = nullptr;
+inline std::barrier<>* emulated_warp_barriers = nullptr;  // one per warp of the block, 32 threads each
 inline float emulated_shuffle_slots[1024];
 
 inline void __syncthreads() { emulated_block_barrier->arrive_and_wait(); }
 
-// Every thread of the block calls it (as in the kernel), so a block-wide barrier stands in
-// for the warp's lock-step exchange.
+// Every lane of the warp calls it (as in the kernel), so the warp's barrier stands in for its
+// lock-step exchange.
 inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
+  std::barrier<>& warp = emulated_warp_barriers[threadIdx.x / 32];
   emulated_shuffle_slots[threadIdx.x] = value;
-  __syncthreads();
+  warp.arrive_and_wait();
   const float other = emulated_shuffle_slots[threadIdx.x ^ lane_mask];
-  __syncthreads();
+  warp.arrive_and_wait();
   return other;
 }
 

@@ -40,6 +40,9 @@ using Kernel = void (*)(fastcomer::DecodeStepParams);
 void run_grid(Kernel kernel, const fastcomer::KernelLaunch& launch, const fastcomer::DecodeStepParams& p) {
   std::barrier<> barrier(fastcomer::kThreads);
   emulated_block_barrier = &barrier;
+  static_assert(fastcomer::kWarps == 4, "one warp barrier per warp");
+  std::barrier<> warps[fastcomer::kWarps] = {std::barrier<>(32), std::barrier<>(32), std::barrier<>(32), std::barrier<>(32)};
+  emulated_warp_barriers = warps;
   for (unsigned z = 0; z < launch.grid[2]; ++z)
     for (unsigned y = 0; y < launch.grid[1]; ++y)
       for (unsigned x = 0; x < launch.grid[0]; ++x) {

@@ -4,7 +4,8 @@ so that one image's call fills the GPU:
 1. `_refinement_kernel`, one program per (row, tile of L), refining layers only: the ARM's
    refinement R of the row's coverage image, the 5x5 conv as an implicit GEMM on tensor cores
    (K = taps x channels: one [tile, C] x [C, dc] dot per tap into one accumulator), ReLU,
-   zero at padding, folded projection. R is parked in `returned`.
+   zero at padding, folded projection (a [tile, dc] x [dc, heads] dot). R is parked in
+   `returned`.
 2. `_partial_attention_kernel`, one program per (slot, head, split of L): the rows of a slot
    (the beams that read one image) share each K/V tile, read once per image: S = Q K^T and
    the split's P V are tensor-core dots over the slot's rows. The split's softmax statistics
@@ -71,10 +72,11 @@ def _refinement_kernel(
             conv = tl.dot(patch.to(tl.float32), weight.to(tl.float32), conv, input_precision=DOT_PRECISION)
         padded = tl.load(mask_ptr + image * stride_mask_image + pos, mask=in_range, other=1) != 0
         hidden = tl.where(padded[:, None], 0.0, tl.maximum(conv + tl.load(conv_bias_ptr + dcs)[None, :], 0.0))
-        # the projection is ~1/50 of the conv's work: a broadcast sum spares padding heads to 16
+        # the folded projection as a dot too (heads padded to 16): a broadcast product would hold
+        # BLOCK_L x DC x heads values in registers
         proj_t = tl.load(proj_weight_ptr + heads[None, :] * DC + dcs[:, None], mask=head_ok[None, :], other=0.0)
         shift = tl.load(shift_ptr + heads, mask=head_ok, other=0.0)
-        r = tl.sum(hidden[:, :, None] * proj_t[None, :, :], axis=1) + shift[None, :]
+        r = tl.dot(hidden, proj_t, input_precision=DOT_PRECISION) + shift[None, :]
         tl.store(refinement_ptr + row * nhead * L + heads[None, :] * L + pos[:, None], r,
                  mask=in_range[:, None] & head_ok[None, :])
 
@@ -231,7 +233,8 @@ def kernel_constants(shape: DecodeStepShape, flags: DecodeStepPlan, launch: Laun
     block_h = _pow2_at_least(shape.nhead, 1)
     block_d = _pow2_at_least(shape.head_dim, MIN_DOT)
     return KernelConstants(
-        refinement=dict(DC=_pow2_at_least(max(shape.dc, 1), MIN_DOT), BLOCK_L=launch.tile_l, BLOCK_H=block_h,
+        refinement=dict(DC=_pow2_at_least(max(shape.dc, 1), MIN_DOT), BLOCK_L=launch.tile_l,
+                        BLOCK_H=_pow2_at_least(shape.nhead, MIN_DOT),
                         BLOCK_C=_pow2_at_least(max(shape.channels, 1), MIN_DOT), DOT_PRECISION=FLOAT32_DOT),
         partial_attention=dict(REFINE=flags.refine, UPDATE_SELF=flags.update_self,
                                BLOCK_G=_pow2_at_least(launch.rows_per_slot, MIN_DOT), BLOCK_L=launch.split_l,
