@@ -1,5 +1,5 @@
-// Host side of the fused decode step: checks, shape dispatch and launch of the kernel in
-// decode_step_kernel.cuh.
+// Host side of the fused decode step: checks, and the launches of the three kernels of
+// decode_step_kernel.cuh as plan_launches plans them.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

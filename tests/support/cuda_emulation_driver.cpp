@@ -35,23 +35,32 @@ void save(const std::string& name, const std::vector<T>& values) {
 
 using Kernel = void (*)(fastcomer::DecodeStepParams);
 
-// Every block of the grid, one after another, each as kThreads threads; shared memory starts
-// as NaN, so that a read of what no thread wrote shows in the results.
+// Every block of the grid, one after another, run by one team of kThreads threads (which
+// meet between blocks); shared memory starts every block as NaN, so that a read of what no
+// thread wrote shows in the results.
 void run_grid(Kernel kernel, const fastcomer::KernelLaunch& launch, const fastcomer::DecodeStepParams& p) {
   std::barrier<> barrier(fastcomer::kThreads);
   emulated_block_barrier = &barrier;
   static_assert(fastcomer::kWarps == 4, "one warp barrier per warp");
   std::barrier<> warps[fastcomer::kWarps] = {std::barrier<>(32), std::barrier<>(32), std::barrier<>(32), std::barrier<>(32)};
   emulated_warp_barriers = warps;
-  for (unsigned z = 0; z < launch.grid[2]; ++z)
-    for (unsigned y = 0; y < launch.grid[1]; ++y)
-      for (unsigned x = 0; x < launch.grid[0]; ++x) {
-        std::fill_n(decode_step_shared, launch.shared_bytes / sizeof(float), std::numeric_limits<float>::quiet_NaN());
-        blockIdx.x = x, blockIdx.y = y, blockIdx.z = z;
-        std::vector<std::thread> threads;
-        for (int t = 0; t < fastcomer::kThreads; ++t) threads.emplace_back([&p, kernel, t] { threadIdx.x = t, kernel(p); });
-        for (auto& thread : threads) thread.join();
-      }
+  const auto team = [&](int t) {
+    threadIdx.x = t;
+    for (unsigned z = 0; z < launch.grid[2]; ++z)
+      for (unsigned y = 0; y < launch.grid[1]; ++y)
+        for (unsigned x = 0; x < launch.grid[0]; ++x) {
+          if (t == 0) {
+            std::fill_n(decode_step_shared, launch.shared_bytes / sizeof(float), std::numeric_limits<float>::quiet_NaN());
+            blockIdx.x = x, blockIdx.y = y, blockIdx.z = z;
+          }
+          barrier.arrive_and_wait();  // the block is set up
+          kernel(p);
+          barrier.arrive_and_wait();  // the block is done
+        }
+  };
+  std::vector<std::thread> threads;
+  for (int t = 0; t < fastcomer::kThreads; ++t) threads.emplace_back(team, t);
+  for (auto& thread : threads) thread.join();
 }
 
 }  // namespace
