@@ -29,6 +29,7 @@ MIN_DOT = 16
 # one per SM of an H100, so that batch 1 (one image, 2 directions x 10 beams) fills the GPU.
 TARGET_PROGRAMS = 132
 MAX_TILE = 128  # positions per program at most (registers, shared memory)
+MAX_SPLIT = 64  # positions per partial-attention program at most: at 128 Triton's spills on sm_90
 
 
 class LaunchPlan(NamedTuple):
@@ -47,11 +48,11 @@ class LaunchPlan(NamedTuple):
         return ((rows, self.tiles, 1) if refine else None, (self.slots, nhead, self.splits), (rows, self.tiles, 1))
 
 
-def _tile(length: int, programs: int) -> int:
-    """The largest power-of-two tile in [MIN_DOT, MAX_TILE] that cuts L into >= `programs`
+def _tile(length: int, programs: int, largest: int) -> int:
+    """The largest power-of-two tile in [MIN_DOT, largest] that cuts L into >= `programs`
     tiles (MIN_DOT when none does)."""
     fits = max(1, length // max(1, programs))
-    return max(MIN_DOT, min(MAX_TILE, 1 << (fits.bit_length() - 1)))
+    return max(MIN_DOT, min(largest, 1 << (fits.bit_length() - 1)))
 
 
 def launch_plan(rows: int, nhead: int, length: int, rows_per_image: Optional[int]) -> LaunchPlan:
@@ -63,8 +64,8 @@ def launch_plan(rows: int, nhead: int, length: int, rows_per_image: Optional[int
     group = rows_per_image or 1
     rows_per_slot = max(d for d in range(1, min(group, MIN_DOT) + 1) if group % d == 0)
     slots = -(-rows // rows_per_slot)
-    split_l = _tile(length, -(-TARGET_PROGRAMS // max(1, slots * nhead)))
-    tile_l = _tile(length, -(-TARGET_PROGRAMS // max(1, rows)))
+    split_l = _tile(length, -(-TARGET_PROGRAMS // max(1, slots * nhead)), MAX_SPLIT)
+    tile_l = _tile(length, -(-TARGET_PROGRAMS // max(1, rows)), MAX_TILE)
     return LaunchPlan(slots, rows_per_slot, split_l, -(-length // split_l), tile_l, -(-length // tile_l))
 
 
