@@ -36,6 +36,13 @@ struct DecodeStepParams {
   float* scratch = nullptr;               // [rows, nhead, L]; needed with update_self only
   float* returned = nullptr;              // [rows, nhead, L]: A' (A without coverage), 0 for inactive rows
   void* out = nullptr;                    // [rows, nhead, head_dim], dtype, contiguous
+  float* stats = nullptr;                 // [rows, nhead, splits, 4]: each split's softmax statistics
+  float* partial = nullptr;               // [rows, nhead, splits, head_dim]: each split's A'V, unnormalised
+  // The split of L (fastcomer.ops.decode_step.interface.launch_plan): slots of rows_per_slot
+  // consecutive rows that read one image (or are inactive), splits of split_length positions
+  // for the attention, tiles of tile_length positions for the refinement and the merge.
+  int64_t rows_per_slot = 1, split_length = 16, splits = 0, tile_length = 16;
+  bool vectorized_q = false, vectorized_kv = false;  // four-element loads are aligned
   DType dtype = DType::kFloat32;          // of q, k, v, out
   int64_t rows = 0, nhead = 0, head_dim = 0, length = 0, height = 0, width = 0, channels = 0, dc = 0;
   int64_t q_stride_row = 0, q_stride_head = 0;

@@ -1,19 +1,27 @@
-// The fused decode step: one CTA per row (beam), all heads of that row.
+// The fused decode step as three kernels that split L across CTAs (flash-decoding), so that
+// one image's call fills the GPU (the same split as fastcomer/ops/decode_step/triton_kernel.py,
+// planned by interface.launch_plan):
 //
-// Pass 1, per tile of kThreads positions (one position per thread): S = q.K for every
-// head; the ARM refinement R: the 5x5 conv over the coverage image, one input channel
-// at a time (its halo patch and weights staged in shared memory, 32 conv outputs per
-// thread in registers), ReLU, zero at padding, folded projection; running softmax
-// statistics of S and S - R per thread; S - R parked in `returned`, S in `scratch` (only
-// when the self coverage is updated).
-// Pass 2, after a block-wide merge of the statistics (whose barriers also order every
-// conv read of the coverage before its update): A' normalised into `returned` (what the
-// layer returns), and this step added to the layer's own coverage sums: A to the self
-// block, prev_attn (the previous layer's A') to the cross block.
-// Pass 3: A'V, one warp per (head, slice of L), lanes along head_dim (coalesced V rows).
+// 1. refinement_kernel, one CTA per (row, tile of L), refining layers only: the ARM's R of
+//    the row's coverage image. The 5x5 conv is an implicit GEMM on tensor cores: M = the
+//    tile's positions, N = dc, K = channels x taps (im2col chunks of 16 staged in shared
+//    memory, conv_weight [dc][C][5][5] read as B[k][d] = conv_weight[d * K + k]), 3xTF32
+//    wmma products for float32 accuracy; then ReLU, zero at padding, folded projection. R is
+//    parked in `returned`.
+// 2. partial_attention_kernel, one CTA per (slot, head, split of L): the slot's rows (the
+//    beams that read one image) share the K/V tile, read once with vector loads:
+//    S = Q K^T and P V as 3xTF32 wmma products over the slot's rows (padded to 16). The
+//    split's softmax statistics go to `stats`, its unnormalised A'V to `partial`, S - R to
+//    `returned`, S to `scratch` (when the self coverage is updated).
+// 3. merge_kernel, one CTA per (row, tile of L): merges the splits' statistics, normalises
+//    S - R into A', adds this step to the coverage sums (A to the self block, prev_attn to
+//    the cross block) and, in tile 0, merges the partial A'V into `out`.
+// The conv of kernel 1 reads the coverage across tile borders and kernel 3 updates it: two
+// launches apart, no tile's conv sees another tile's update.
 //
-// Device code only. The includer provides the CUDA built-ins (nvcc, after cuda_fp16.h and
-// cuda_bf16.h; or tests/cuda_emulation.h, which runs a block as host threads).
+// Device code only (plus the launch plan). The includer provides the CUDA built-ins and
+// nvcuda::wmma (nvcc, after cuda_fp16.h, cuda_bf16.h and mma.h; or
+// tests/support/cuda_emulation.h, which runs a block as host threads).
 #pragma once
 
 #include <cmath>
@@ -21,23 +29,29 @@
 
 #include "decode_step.h"
 
-// Dynamic shared memory, sized by the launch (see shared_layout, whose offsets keep 16-byte
-// alignment for float4 reads).
-extern __shared__ __align__(16) float decode_step_shared[];
+// Dynamic shared memory, sized by the launch (offsets in floats keep 32-byte alignment, as
+// wmma's loads and stores need).
+extern __shared__ __align__(128) float decode_step_shared[];
 
 namespace fastcomer {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kDC = 32;       // ARM conv channels (CoMER's dc)
-constexpr int kPad = kKernelSize / 2;             // "same" padding of the conv
+constexpr int kMinBlocks = 4;  // CTAs per SM the registers must allow: <= 128 registers a thread
+constexpr int kDC = 32;        // ARM conv channels (CoMER's dc): two wmma column tiles
+constexpr int kPad = kKernelSize / 2;  // "same" padding of the conv
 constexpr int kTaps = kKernelSize * kKernelSize;
-static_assert(kDC % 4 == 0, "conv weights are read as float4");
 constexpr int kMaxHeadDim = 128;
-constexpr int kDimsPerLane = kMaxHeadDim / 32;
+constexpr int kMaxHeads = 16;  // coverage channels <= 32
+constexpr int kTile = 16;      // wmma's M and N; slots, tiles and splits are multiples of it (rows: at most)
+constexpr int kStep = 8;       // wmma's K for tf32
+constexpr int kChunk = 16;     // K of the conv's im2col per shared-memory stage
+constexpr int kMaxTile = 128;  // positions per CTA at most (interface.MAX_TILE)
+constexpr int kSkew = 8;       // extra floats per shared row: fewer bank conflicts, 32-byte aligned rows
 // Finite start of the running maxima: exp(-inf - start) = 0, never inf - inf.
 constexpr float kStartMax = -1.0e30f;
+constexpr int kStats = 4;      // per split: max S, sum exp(S - max), max (S - R), sum exp(S - R - max)
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -47,6 +61,9 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 
+// Four consecutive elements as one load (16 bytes for float, 8 for the half types).
+template <typename T> struct alignas(4 * sizeof(T)) Vec4 { T v[4]; };
+
 // (max, sum of exp(x - max)) pairs: the online-softmax merge.
 __device__ __forceinline__ void merge_stats(float& max_a, float& sum_a, float max_b, float sum_b) {
   const float m = fmaxf(max_a, max_b);
@@ -54,226 +71,348 @@ __device__ __forceinline__ void merge_stats(float& max_a, float& sum_a, float ma
   max_a = m;
 }
 
-__device__ __forceinline__ void add_sample(float& running_max, float& running_sum, float x) {
-  merge_stats(running_max, running_sum, x, 1.0f);
+__device__ __forceinline__ float warp_max(float x) {
+  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
 }
 
-struct SharedLayout {
-  int q, conv_weight, proj, conv_bias, shift, patch, stats, partial, total;
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+__host__ __device__ inline int round_up(int n, int multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kTile, kTile, kStep, float>;
+
+// acc += A[16 x 8] B[8 x 16] from shared float memory, as three TF32 products (hi*lo, lo*hi,
+// hi*hi: the error of float32, not TF32's 10-bit mantissa). A is row-major; B row- or
+// column-major (LayoutB). Warp-collective.
+template <typename LayoutB>
+__device__ __forceinline__ void mma_3xtf32(Accumulator& acc, const float* a, int lda, const float* b, int ldb) {
+  namespace wmma = nvcuda::wmma;
+  wmma::fragment<wmma::matrix_a, kTile, kTile, kStep, wmma::precision::tf32, wmma::row_major> a_hi, a_lo;
+  wmma::fragment<wmma::matrix_b, kTile, kTile, kStep, wmma::precision::tf32, LayoutB> b_hi, b_lo;
+  wmma::load_matrix_sync(a_hi, a, lda);
+  wmma::load_matrix_sync(b_hi, b, ldb);
+#pragma unroll
+  for (int i = 0; i < a_hi.num_elements; ++i) {
+    const float x = a_hi.x[i];
+    a_hi.x[i] = wmma::__float_to_tf32(x);
+    a_lo.x[i] = wmma::__float_to_tf32(x - a_hi.x[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < b_hi.num_elements; ++i) {
+    const float x = b_hi.x[i];
+    b_hi.x[i] = wmma::__float_to_tf32(x);
+    b_lo.x[i] = wmma::__float_to_tf32(x - b_hi.x[i]);
+  }
+  wmma::mma_sync(acc, a_lo, b_hi, acc);
+  wmma::mma_sync(acc, a_hi, b_lo, acc);
+  wmma::mma_sync(acc, a_hi, b_hi, acc);
+}
+
+__device__ __forceinline__ int64_t load_index(const DecodeStepParams& p, int64_t row) {
+  return p.image_index_int64 ? static_cast<const int64_t*>(p.image_index)[row] : static_cast<const int32_t*>(p.image_index)[row];
+}
+
+// Shared-memory layouts (in floats) of the three kernels.
+struct RefinementLayout {
+  int lda, ldb, ldc, a, b, conv, proj, bias, shift, total;
 };
-
-__host__ __device__ inline int round4(int n) { return (n + 3) & ~3; }
-
-__host__ __device__ inline SharedLayout shared_layout(int nhead, int head_dim, int width) {
-  SharedLayout s;
-  s.q = 0;
-  s.conv_weight = s.q + round4(nhead * head_dim);
-  s.proj = s.conv_weight + kTaps * kDC;
-  s.conv_bias = s.proj + nhead * kDC;
-  s.shift = s.conv_bias + kDC;
-  s.patch = s.shift + round4(nhead);
-  s.stats = s.patch + round4(kThreads + 4 * width + 4);
-  s.partial = s.stats + kWarps * nhead * 4;
-  s.total = s.partial + kWarps * kMaxHeadDim;
+__host__ __device__ inline RefinementLayout refinement_layout(int tile) {
+  RefinementLayout s;
+  s.lda = kChunk + kSkew, s.ldb = kDC + kSkew, s.ldc = kDC + kSkew;
+  s.a = 0;                              // im2col chunk [tile][kChunk]
+  s.b = s.a + tile * s.lda;             // weights chunk [kChunk][kDC]
+  s.conv = s.b + kChunk * s.ldb;        // conv outputs [tile][kDC]
+  s.proj = s.conv + tile * s.ldc;       // [nhead][kDC]
+  s.bias = s.proj + kMaxHeads * kDC;
+  s.shift = s.bias + kDC;
+  s.total = s.shift + kMaxHeads;
   return s;
 }
 
-template <typename T, int NHEAD>
-__global__ void __launch_bounds__(kThreads) decode_step_kernel(const DecodeStepParams p) {
-  float* smem = decode_step_shared;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t row = blockIdx.x;
-  const int64_t L = p.length, width = p.width, head_dim = p.head_dim;
-  const int64_t image = p.image_index_int64 ? static_cast<const int64_t*>(p.image_index)[row]
-                                            : static_cast<const int32_t*>(p.image_index)[row];
-  T* out = static_cast<T*>(p.out) + row * NHEAD * head_dim;
-  float* refined = p.returned + row * NHEAD * L;  // S - R [NHEAD][L], then A'
-  if (image < 0) {  // inactive row: output and returned attention 0, coverage untouched
-    for (int i = tid; i < NHEAD * head_dim; i += kThreads) out[i] = from_float<T>(0.0f);
-    for (int64_t i = tid; i < NHEAD * L; i += kThreads) refined[i] = 0.0f;
-    return;
-  }
-  const SharedLayout layout = shared_layout(NHEAD, head_dim, width);
-  float* q_s = smem + layout.q;
-  float* weight_s = smem + layout.conv_weight;  // [kTaps][kDC] of the current input channel
-  float* proj_s = smem + layout.proj;           // [NHEAD][kDC]
-  float* bias_s = smem + layout.conv_bias;
-  float* shift_s = smem + layout.shift;
-  float* patch_s = smem + layout.patch;         // one coverage channel over the tile and its halo
-  float* stats_s = smem + layout.stats;         // [kWarps][NHEAD][4]
-  float* partial_s = smem + layout.partial;     // [kWarps][kMaxHeadDim]
+struct AttentionLayout {
+  int ld, lds, q, kv, s, o, total;  // ld: rows of q, kv, o (head_dim padded); lds: rows of s
+};
+__host__ __device__ inline AttentionLayout attention_layout(int head_dim, int split) {
+  AttentionLayout s;
+  s.ld = round_up(head_dim, kTile) + kSkew, s.lds = split + kSkew;
+  s.q = 0;                         // Q [16][head_dim] of the slot's rows
+  s.kv = s.q + kTile * s.ld;       // K, then V [split][head_dim]
+  s.s = s.kv + split * s.ld;       // S, then P [16][split]
+  s.o = s.s + kTile * s.lds;       // P V [16][head_dim]
+  s.total = s.o + kTile * s.ld;
+  return s;
+}
 
-  const T* q = static_cast<const T*>(p.q) + row * p.q_stride_row;
-  for (int i = tid; i < NHEAD * head_dim; i += kThreads) q_s[i] = to_float(q[(i / head_dim) * p.q_stride_head + i % head_dim]);
-  const bool refine = p.coverage != nullptr;
-  if (refine) {
-    for (int i = tid; i < NHEAD * kDC; i += kThreads) proj_s[i] = p.proj_weight[i];
-    for (int i = tid; i < kDC; i += kThreads) bias_s[i] = p.conv_bias[i];
-    for (int i = tid; i < NHEAD; i += kThreads) shift_s[i] = p.shift[i];
+constexpr int kMergeShared = kMaxHeads * kStats;
+
+__global__ void __launch_bounds__(kThreads, kMinBlocks) refinement_kernel(const DecodeStepParams p) {
+  namespace wmma = nvcuda::wmma;
+  float* smem = decode_step_shared;
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int64_t row = blockIdx.x, L = p.length, width = p.width;
+  const int tile = static_cast<int>(p.tile_length);
+  const int64_t start = static_cast<int64_t>(blockIdx.y) * tile;
+  const int64_t image = load_index(p, row);
+  if (image < 0) return;  // inactive row: the merge writes its zeros
+  const RefinementLayout layout = refinement_layout(tile);
+  float* a_s = smem + layout.a;
+  float* b_s = smem + layout.b;
+  float* conv_s = smem + layout.conv;
+  const float* coverage = p.coverage + row * p.coverage_stride_row;
+  const int k_total = static_cast<int>(p.channels) * kTaps;
+  for (int i = tid; i < p.nhead * kDC; i += kThreads) smem[layout.proj + i] = p.proj_weight[i];
+  for (int i = tid; i < kDC; i += kThreads) smem[layout.bias + i] = p.conv_bias[i];
+  for (int i = tid; i < p.nhead; i += kThreads) smem[layout.shift + i] = p.shift[i];
+
+  // Warp w accumulates the output tiles w, w + kWarps, ... of [tile / 16] x [kDC / 16].
+  const int out_tiles = tile / kTile * (kDC / kTile);
+  constexpr int kAccumulators = kMaxTile / kTile * (kDC / kTile) / kWarps;
+  Accumulator acc[kAccumulators];
+#pragma unroll
+  for (int j = 0; j < kAccumulators; ++j) wmma::fill_fragment(acc[j], 0.0f);
+  for (int chunk = 0; chunk < k_total; chunk += kChunk) {
+    __syncthreads();  // the previous chunk is consumed
+    // im2col: consecutive threads take consecutive positions of one (channel, tap): coalesced
+    for (int i = tid; i < tile * kChunk; i += kThreads) {
+      const int m = i % tile, kk = i / tile, k = chunk + kk;
+      const int64_t pos = start + m;
+      float value = 0.0f;
+      if (k < k_total && pos < L) {
+        const int c = k / kTaps, tap = k % kTaps;
+        const int64_t y = pos / width + tap / kKernelSize - kPad, x = pos % width + tap % kKernelSize - kPad;
+        if (y >= 0 && y < p.height && x >= 0 && x < width) value = coverage[c * L + y * width + x];
+      }
+      a_s[m * layout.lda + kk] = value;
+    }
+    for (int i = tid; i < kChunk * kDC; i += kThreads) {  // runs of kChunk consecutive weights
+      const int kk = i % kChunk, d = i / kChunk, k = chunk + kk;
+      b_s[kk * layout.ldb + d] = k < k_total ? p.conv_weight[d * k_total + k] : 0.0f;
+    }
+    __syncthreads();
+  #pragma unroll
+    for (int j = 0; j < kAccumulators; ++j) {  // unrolled: the fragments stay in registers
+      const int t = warp + j * kWarps, m = t / (kDC / kTile), n = t % (kDC / kTile);
+      if (t >= out_tiles) break;
+#pragma unroll
+      for (int kk = 0; kk < kChunk; kk += kStep)
+        mma_3xtf32<wmma::row_major>(acc[j], a_s + m * kTile * layout.lda + kk, layout.lda, b_s + kk * layout.ldb + n * kTile,
+                                    layout.ldb);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kAccumulators; ++j) {
+    const int t = warp + j * kWarps, m = t / (kDC / kTile), n = t % (kDC / kTile);
+    if (t >= out_tiles) break;
+    wmma::store_matrix_sync(conv_s + m * kTile * layout.ldc + n * kTile, acc[j], layout.ldc, wmma::mem_row_major);
   }
   __syncthreads();
-
+  // R [nhead][tile]: consecutive threads write consecutive positions of one head
   const uint8_t* mask = p.key_padding_mask + image * p.mask_stride_image;
-  const T* k = static_cast<const T*>(p.k) + image * p.k_stride_image;
-  const T* v = static_cast<const T*>(p.v) + image * p.v_stride_image;
-  float* coverage = refine ? p.coverage + row * p.coverage_stride_row : nullptr;
-  float* scores = p.update_self ? p.scratch + row * NHEAD * L : nullptr;  // S [NHEAD][L]
-
-  float max_s[NHEAD], sum_s[NHEAD], max_t[NHEAD], sum_t[NHEAD];
-#pragma unroll
-  for (int n = 0; n < NHEAD; ++n) max_s[n] = max_t[n] = kStartMax, sum_s[n] = sum_t[n] = 0.0f;
-
-  for (int64_t start = 0; start < L; start += kThreads) {
-    const int64_t pos = start + tid;
-    const bool in_range = pos < L;
-    const bool padded = !in_range || mask[pos] != 0;
-    float s[NHEAD], r[NHEAD];
-#pragma unroll
-    for (int n = 0; n < NHEAD; ++n) {
-      s[n] = -INFINITY, r[n] = 0.0f;
-      if (!padded) {
-        const T* key = k + n * p.k_stride_head + pos * p.k_stride_pos;
-        float dot = 0.0f;
-        for (int d = 0; d < head_dim; ++d) dot += q_s[n * head_dim + d] * to_float(key[d]);
-        s[n] = dot;
-      }
+  float* refinement = p.returned + row * p.nhead * L;
+  for (int i = tid; i < p.nhead * tile; i += kThreads) {
+    const int m = i % tile, n = i / tile;
+    const int64_t pos = start + m;
+    if (pos >= L) continue;
+    float r = smem[layout.shift + n];
+    if (mask[pos] == 0) {
+      const float* conv = conv_s + m * layout.ldc;
+      const float* proj = smem + layout.proj + n * kDC;
+#pragma unroll 8
+      for (int d = 0; d < kDC; ++d) r += proj[d] * fmaxf(conv[d] + smem[layout.bias + d], 0.0f);
     }
-    if (refine) {  // uniform across the block: the barriers below are safe
-      float conv[kDC];
-#pragma unroll
-      for (int d = 0; d < kDC; ++d) conv[d] = 0.0f;
-      const int64_t y = pos / width, x = pos % width;
-      const int64_t patch_start = start - kPad * width - kPad, patch_len = kThreads + 2 * kPad * width + 2 * kPad;
-      for (int c = 0; c < p.channels; ++c) {
-        __syncthreads();  // the previous channel's patch and weights are consumed
-        const float* plane = coverage + c * L;
-        for (int64_t i = tid; i < patch_len; i += kThreads) {
-          const int64_t g = patch_start + i;
-          patch_s[i] = (g >= 0 && g < L) ? plane[g] : 0.0f;
-        }
-        for (int i = tid; i < kTaps * kDC; i += kThreads) {
-          const int tap = i / kDC, d = i % kDC;
-          weight_s[i] = p.conv_weight[(d * p.channels + c) * kTaps + tap];
-        }
-        __syncthreads();
-        if (in_range) {
-          for (int dy = 0; dy < kKernelSize; ++dy) {
-            if (y + dy - kPad < 0 || y + dy - kPad >= p.height) continue;
-            for (int dx = 0; dx < kKernelSize; ++dx) {
-              if (x + dx - kPad < 0 || x + dx - kPad >= width) continue;
-              // patch index of (y + dy - kPad, x + dx - kPad) relative to patch_start
-              const float value = patch_s[tid + dy * width + dx];
-              // 16-byte broadcast reads: a tap's kDC weights start on a 16-byte boundary
-              const float4* w = reinterpret_cast<const float4*>(weight_s + (dy * kKernelSize + dx) * kDC);
-#pragma unroll
-              for (int d = 0; d < kDC / 4; ++d) {
-                const float4 w4 = w[d];
-                conv[4 * d] += w4.x * value, conv[4 * d + 1] += w4.y * value;
-                conv[4 * d + 2] += w4.z * value, conv[4 * d + 3] += w4.w * value;
-              }
-            }
-          }
-        }
-      }
-      if (!padded) {
-#pragma unroll
-        for (int n = 0; n < NHEAD; ++n) r[n] = shift_s[n];
-#pragma unroll
-        for (int d = 0; d < kDC; ++d) {
-          const float hidden = fmaxf(conv[d] + bias_s[d], 0.0f);
-#pragma unroll
-          for (int n = 0; n < NHEAD; ++n) r[n] += proj_s[n * kDC + d] * hidden;
-        }
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < NHEAD; ++n) {
-      const float t = padded ? -INFINITY : s[n] - r[n];
-      if (!padded) {
-        add_sample(max_s[n], sum_s[n], s[n]);
-        add_sample(max_t[n], sum_t[n], t);
-      }
-      if (in_range) {
-        if (scores != nullptr) scores[n * L + pos] = s[n];
-        refined[n * L + pos] = t;
-      }
-    }
+    refinement[n * L + pos] = r;
   }
+}
 
-  // Block-wide merge of the statistics: warp shuffles, then across warps in shared memory.
-#pragma unroll
-  for (int n = 0; n < NHEAD; ++n) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      merge_stats(max_s[n], sum_s[n], __shfl_xor_sync(0xffffffffu, max_s[n], offset), __shfl_xor_sync(0xffffffffu, sum_s[n], offset));
-      merge_stats(max_t[n], sum_t[n], __shfl_xor_sync(0xffffffffu, max_t[n], offset), __shfl_xor_sync(0xffffffffu, sum_t[n], offset));
-    }
-    if (lane == 0) {
-      float* slot = stats_s + (warp * NHEAD + n) * 4;
-      slot[0] = max_s[n], slot[1] = sum_s[n], slot[2] = max_t[n], slot[3] = sum_t[n];
-    }
-  }
-  __syncthreads();  // also: every conv read of the coverage precedes the updates below
-#pragma unroll
-  for (int n = 0; n < NHEAD; ++n) {
-    max_s[n] = max_t[n] = kStartMax, sum_s[n] = sum_t[n] = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
-      const float* slot = stats_s + (w * NHEAD + n) * 4;
-      merge_stats(max_s[n], sum_s[n], slot[0], slot[1]);
-      merge_stats(max_t[n], sum_t[n], slot[2], slot[3]);
-    }
-  }
-
-  // Each thread rewrites the positions it wrote in pass 1; the coverage updates come after
-  // the barrier above, so no conv (whose halo reaches other threads' positions) sees them.
-  float* self_coverage = p.update_self ? coverage + (p.channels - NHEAD) * L : nullptr;
-  float* cross_coverage = p.prev_attn != nullptr ? coverage : nullptr;
-  const float* prev_attn = p.prev_attn != nullptr ? p.prev_attn + row * NHEAD * L : nullptr;
-  for (int64_t pos = tid; pos < L; pos += kThreads) {
-#pragma unroll
-    for (int n = 0; n < NHEAD; ++n) {
-      refined[n * L + pos] = __expf(refined[n * L + pos] - max_t[n]) / sum_t[n];
-      if (self_coverage != nullptr) self_coverage[n * L + pos] += __expf(scores[n * L + pos] - max_s[n]) / sum_s[n];
-      if (cross_coverage != nullptr) cross_coverage[n * L + pos] += prev_attn[n * L + pos];
-    }
-  }
-  __syncthreads();  // A' in `returned` is read across warps below
-
-  // A'V: warp w takes head w % NHEAD and every slices-th position from w / NHEAD.
-  const int slices = NHEAD >= kWarps ? 1 : kWarps / NHEAD;
-  for (int task = warp; task < NHEAD * slices; task += kWarps) {
-    const int n = task % NHEAD, slice = task / NHEAD;
-    float acc[kDimsPerLane] = {};
-    const T* values = v + n * p.v_stride_head;
-    const float* probs = refined + n * L;
-    for (int64_t pos = slice; pos < L; pos += slices) {
-      const float prob = probs[pos];
-      if (prob == 0.0f) continue;  // padding
-#pragma unroll
-      for (int j = 0; j < kDimsPerLane; ++j) {
-        const int d = lane + 32 * j;
-        if (d < head_dim) acc[j] += prob * to_float(values[pos * p.v_stride_pos + d]);
-      }
-    }
-    if (slices == 1) {
-#pragma unroll
-      for (int j = 0; j < kDimsPerLane; ++j)
-        if (lane + 32 * j < head_dim) out[n * head_dim + lane + 32 * j] = from_float<T>(acc[j]);
+// Loads rows [count][head_dim] (rows `stride` elements apart) into shared [count][ld] as float,
+// zero beyond count_valid rows and head_dim: four elements per load when aligned.
+template <typename T>
+__device__ __forceinline__ void load_rows(float* dst, int ld, const T* src, int64_t stride, int count, int count_valid,
+                                          int head_dim, bool vectorized) {
+  const int groups = ld / 4;  // ld is a multiple of 8
+  for (int i = threadIdx.x; i < count * groups; i += kThreads) {
+    const int r = i / groups, d = i % groups * 4;
+    float* out = dst + r * ld + d;
+    if (r >= count_valid || d >= head_dim) {
+      out[0] = out[1] = out[2] = out[3] = 0.0f;
+    } else if (vectorized) {  // head_dim % 4 == 0
+      const Vec4<T> v = *reinterpret_cast<const Vec4<T>*>(src + r * stride + d);
+      out[0] = to_float(v.v[0]), out[1] = to_float(v.v[1]), out[2] = to_float(v.v[2]), out[3] = to_float(v.v[3]);
     } else {
-#pragma unroll
-      for (int j = 0; j < kDimsPerLane; ++j)
-        if (lane + 32 * j < head_dim) partial_s[warp * kMaxHeadDim + lane + 32 * j] = acc[j];
+      for (int e = 0; e < 4; ++e) out[e] = d + e < head_dim ? to_float(src[r * stride + d + e]) : 0.0f;
     }
   }
-  if (slices > 1) {  // slices of one head summed in a fixed order: deterministic
-    __syncthreads();
-    for (int i = tid; i < NHEAD * head_dim; i += kThreads) {
-      const int n = i / head_dim, d = i % head_dim;
-      float total = 0.0f;
-      for (int slice = 0; slice < slices; ++slice) total += partial_s[(slice * NHEAD + n) * kMaxHeadDim + d];
-      out[i] = from_float<T>(total);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) partial_attention_kernel(const DecodeStepParams p) {
+  namespace wmma = nvcuda::wmma;
+  float* smem = decode_step_shared;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t slot = blockIdx.x, head = blockIdx.y, split = blockIdx.z, L = p.length, nhead = p.nhead;
+  const int split_len = static_cast<int>(p.split_length), head_dim = static_cast<int>(p.head_dim);
+  const int64_t first_row = slot * p.rows_per_slot;
+  const int members = static_cast<int>(p.rows_per_slot < p.rows - first_row ? p.rows_per_slot : p.rows - first_row);
+  // a slot's active rows all read one image (the launcher's contract), its inactive ones < 0
+  int64_t image = -1;
+  for (int g = 0; g < members; ++g) image = image > load_index(p, first_row + g) ? image : load_index(p, first_row + g);
+  if (image < 0) return;  // the merge writes the zeros of inactive rows
+  const AttentionLayout layout = attention_layout(head_dim, split_len);
+  float* q_s = smem + layout.q;
+  float* kv_s = smem + layout.kv;
+  float* s_s = smem + layout.s;
+  float* o_s = smem + layout.o;
+  const int64_t start = split * split_len;
+  const int valid = static_cast<int>(L - start < split_len ? L - start : split_len);
+  const T* q = static_cast<const T*>(p.q) + first_row * p.q_stride_row + head * p.q_stride_head;
+  const T* k = static_cast<const T*>(p.k) + image * p.k_stride_image + head * p.k_stride_head + start * p.k_stride_pos;
+  const T* v = static_cast<const T*>(p.v) + image * p.v_stride_image + head * p.v_stride_head + start * p.v_stride_pos;
+  load_rows(q_s, layout.ld, q, p.q_stride_row, kTile, members, head_dim, p.vectorized_q);
+  load_rows(kv_s, layout.ld, k, p.k_stride_pos, split_len, valid, head_dim, p.vectorized_kv);
+  __syncthreads();
+
+  // S [16][split] = Q K^T: K in shared [split][ld] is K^T [ld][split] column-major
+  const int head_steps = round_up(head_dim, kStep);
+  for (int n = warp; n < split_len / kTile; n += kWarps) {
+    Accumulator acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int kk = 0; kk < head_steps; kk += kStep)
+      mma_3xtf32<wmma::col_major>(acc, q_s + kk, layout.ld, kv_s + n * kTile * layout.ld + kk, layout.ld);
+    wmma::store_matrix_sync(s_s + n * kTile, acc, layout.lds, wmma::mem_row_major);
+  }
+  __syncthreads();  // K consumed, S complete
+  load_rows(kv_s, layout.ld, v, p.v_stride_pos, split_len, valid, head_dim, p.vectorized_kv);
+
+  // Softmax statistics of the split: warp w takes rows w, w + kWarps, ...; lanes along L.
+  const uint8_t* mask = p.key_padding_mask + image * p.mask_stride_image + start;
+  constexpr int kPerLane = kMaxTile / 32;
+  for (int g = warp; g < kTile; g += kWarps) {  // every warp runs every shuffle (uniform loop)
+    const int64_t row = first_row + g;
+    const bool active = g < members && load_index(p, row) >= 0;
+    const int64_t offset = (row * nhead + head) * L + start;
+    float s[kPerLane], t[kPerLane];
+    float max_s = kStartMax, max_t = kStartMax;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int l = lane + 32 * j;
+      const bool keep = active && l < valid && mask[l] == 0;
+      s[j] = keep ? s_s[g * layout.lds + l] : -INFINITY;
+      t[j] = keep && p.coverage != nullptr ? s[j] - p.returned[offset + l] : s[j];
+      if (active && l < valid) {
+        if (p.update_self) p.scratch[offset + l] = s[j];
+        p.returned[offset + l] = t[j];
+      }
+      max_s = fmaxf(max_s, s[j]), max_t = fmaxf(max_t, t[j]);
+    }
+    max_s = warp_max(max_s), max_t = warp_max(max_t);
+    float sum_s = 0.0f, sum_t = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int l = lane + 32 * j;
+      const float prob = __expf(t[j] - max_t);  // 0 where masked or beyond the split
+      if (l < split_len) s_s[g * layout.lds + l] = prob;  // P: S stays in `scratch`
+      sum_t += prob, sum_s += __expf(s[j] - max_s);
+    }
+    sum_s = warp_sum(sum_s), sum_t = warp_sum(sum_t);
+    if (active && lane == 0) {
+      float* stats = p.stats + ((row * nhead + head) * p.splits + split) * kStats;
+      stats[0] = max_s, stats[1] = sum_s, stats[2] = max_t, stats[3] = sum_t;
+    }
+  }
+  __syncthreads();  // P and V complete
+
+  // A'V of the split [16][head_dim] = P [16][split] V [split][head_dim]
+  const int head_tiles = round_up(head_dim, kTile) / kTile;
+  for (int n = warp; n < head_tiles; n += kWarps) {
+    Accumulator acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int kk = 0; kk < split_len; kk += kStep)
+      mma_3xtf32<wmma::row_major>(acc, s_s + kk, layout.lds, kv_s + kk * layout.ld + n * kTile, layout.ld);
+    wmma::store_matrix_sync(o_s + n * kTile, acc, layout.ld, wmma::mem_row_major);
+  }
+  __syncthreads();
+  for (int i = tid; i < members * head_dim; i += kThreads) {
+    const int g = i / head_dim, d = i % head_dim;
+    const int64_t row = first_row + g;
+    if (load_index(p, row) >= 0) p.partial[((row * nhead + head) * p.splits + split) * head_dim + d] = o_s[g * layout.ld + d];
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) merge_kernel(const DecodeStepParams p) {
+  float* totals = decode_step_shared;  // [nhead][kStats]: the call's statistics
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.x, L = p.length, nhead = p.nhead, head_dim = p.head_dim, splits = p.splits;
+  const int tile = static_cast<int>(p.tile_length);
+  const int64_t start = static_cast<int64_t>(blockIdx.y) * tile;
+  T* out = static_cast<T*>(p.out) + row * nhead * head_dim;
+  float* returned = p.returned + row * nhead * L;
+  if (load_index(p, row) < 0) {  // inactive row: output and returned attention 0, coverage untouched
+    for (int i = tid; i < nhead * tile; i += kThreads)
+      if (start + i % tile < L) returned[i / tile * L + start + i % tile] = 0.0f;
+    if (blockIdx.y == 0)
+      for (int i = tid; i < nhead * head_dim; i += kThreads) out[i] = from_float<T>(0.0f);
+    return;
+  }
+  const float* stats = p.stats + row * nhead * splits * kStats;
+  for (int n = tid; n < nhead; n += kThreads) {
+    float max_s = kStartMax, sum_s = 0.0f, max_t = kStartMax, sum_t = 0.0f;
+    for (int64_t j = 0; j < splits; ++j) {
+      const float* split = stats + (n * splits + j) * kStats;
+      merge_stats(max_s, sum_s, split[0], split[1]);
+      merge_stats(max_t, sum_t, split[2], split[3]);
+    }
+    totals[n * kStats] = max_s, totals[n * kStats + 1] = sum_s, totals[n * kStats + 2] = max_t, totals[n * kStats + 3] = sum_t;
+  }
+  __syncthreads();
+  float* coverage = p.coverage != nullptr ? p.coverage + row * p.coverage_stride_row : nullptr;
+  const float* prev_attn = p.prev_attn != nullptr ? p.prev_attn + row * nhead * L : nullptr;
+  const float* scores = p.update_self ? p.scratch + row * nhead * L : nullptr;
+  for (int i = tid; i < nhead * tile; i += kThreads) {  // consecutive threads: consecutive positions
+    const int64_t n = i / tile, pos = start + i % tile, at = n * L + pos;
+    if (pos >= L) continue;
+    const float* total = totals + n * kStats;
+    returned[at] = __expf(returned[at] - total[2]) / total[3];
+    if (prev_attn != nullptr) coverage[at] += prev_attn[at];
+    if (scores != nullptr) coverage[(p.channels - nhead) * L + at] += __expf(scores[at] - total[0]) / total[1];
+  }
+  if (blockIdx.y == 0) {
+    for (int i = tid; i < nhead * head_dim; i += kThreads) {
+      const int64_t n = i / head_dim, d = i % head_dim;
+      const float* total = totals + n * kStats;
+      float acc = 0.0f;
+      for (int64_t j = 0; j < splits; ++j)  // a fixed order: deterministic
+        acc += p.partial[((row * nhead + n) * splits + j) * head_dim + d] * __expf(stats[(n * splits + j) * kStats + 2] - total[2]);
+      out[i] = from_float<T>(acc / total[3]);
     }
   }
 }
 
 }  // namespace
+
+// Grid (x, y, z) and dynamic shared bytes of one kernel; grid x == 0: not launched.
+struct KernelLaunch {
+  unsigned grid[3];
+  size_t shared_bytes;
+};
+struct DecodeStepLaunches {
+  KernelLaunch refinement, partial_attention, merge;
+};
+
+inline DecodeStepLaunches plan_launches(const DecodeStepParams& p) {
+  const unsigned rows = static_cast<unsigned>(p.rows), tiles = static_cast<unsigned>((p.length + p.tile_length - 1) / p.tile_length);
+  const unsigned slots = static_cast<unsigned>((p.rows + p.rows_per_slot - 1) / p.rows_per_slot);
+  DecodeStepLaunches plan;
+  plan.refinement = {{p.coverage != nullptr ? rows : 0u, tiles, 1u},
+                     sizeof(float) * refinement_layout(static_cast<int>(p.tile_length)).total};
+  plan.partial_attention = {{slots, static_cast<unsigned>(p.nhead), static_cast<unsigned>(p.splits)},
+                            sizeof(float) * attention_layout(static_cast<int>(p.head_dim), static_cast<int>(p.split_length)).total};
+  plan.merge = {{rows, tiles, 1u}, sizeof(float) * kMergeShared};
+  return plan;
+}
+
 }  // namespace fastcomer

@@ -43,6 +43,31 @@ def test_torch_path_is_the_reference_on_grouped_rows():
     assert_close_rel(flat_step["coverage"], grouped["coverage"], 1e-6, "coverage")
 
 
+@pytest.mark.parametrize("image_index", [(0, 0, 1, 1, 2, 2), (0, -1, -1, -1, -1, 2)], ids=["all", "skipped"])
+def test_rows_per_image_share_the_slot(image_index):
+    """rows_per_image = 2: each image's 2 rows are one slot of the partial attention (one K/V
+    read for them), L split across 3 programs; skipped rows (one, or a whole slot) give 0
+    and keep their coverage."""
+    step = make_step(2, "both", image_index=image_index, height=6, width=7)
+    expected_step, actual_step = clone(step), clone(step)
+    expected, expected_returned = fused_cross_attention_step(**expected_step, backend="torch")
+    actual, returned = fused_cross_attention_step(**actual_step, backend="triton", rows_per_image=2)
+    assert_close_rel(actual, expected, 1e-5, "A'V")
+    assert_close_rel(returned, expected_returned, 1e-5, "returned")
+    assert_close_rel(actual_step["coverage"], expected_step["coverage"], 1e-5, "coverage")
+    skipped = torch.tensor(image_index) < 0
+    assert torch.equal(actual_step["coverage"][skipped], step["coverage"][skipped])
+    assert not actual[skipped].any() and not returned[skipped].any()
+
+
+def test_rows_per_image_is_checked():
+    step = make_step(2, "both", image_index=(0, 0, 1, 2, 2, 1))
+    with pytest.raises(ValueError, match="row r must read image r // rows_per_image"):
+        fused_cross_attention_step(**step, backend="triton", rows_per_image=2)
+    with pytest.raises(ValueError, match="6 rows are not 3 images x rows_per_image=3"):
+        fused_cross_attention_step(**step, backend="triton", rows_per_image=3)
+
+
 def test_odd_sizes_and_several_tiles():
     """h, w odd with L spanning several tiles (and a ragged last one); head_dim not a power of two."""
     check_against_torch(make_step(8, "both", height=9, width=11, head_dim=12, seed=1), "triton")
@@ -88,16 +113,16 @@ def test_padded_weights_are_prepared_once_per_arm(monkeypatch, changed):
     from fastcomer.ops.decode_step import triton_kernel as decode_step_triton
 
     launches = []  # the (conv_weight, conv_bias, proj_weight, shift) each launch read
-    kernel = decode_step_triton._decode_step_kernel
+    kernel = decode_step_triton._refinement_kernel
 
     class RecordingKernel:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launches.append(args[7:11])
+                launches.append(args[3:7])
                 return kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(decode_step_triton, "_decode_step_kernel", RecordingKernel())
+    monkeypatch.setattr(decode_step_triton, "_refinement_kernel", RecordingKernel())
     step = make_step(2, "both")
     check_against_torch(step, "triton")
     check_against_torch(step, "triton")

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ... import backends
 from ...model.arm import FoldedARM
-from .interface import check_inputs, refresh_prepared_weights
+from .interface import check_inputs, check_rows_per_image, refresh_prepared_weights
 from .reference import rows_step
 
 __all__ = ["fused_cross_attention_step", "coverage_dtype", "refresh_prepared_weights"]
@@ -69,14 +69,16 @@ def fused_cross_attention_step(
     refining with cross coverage; ignored otherwise).
     backend: 'auto' | 'cuda' | 'triton' | 'torch' (default: $FASTCOMER_BACKEND, else auto).
     rows_per_image: G when the rows come in groups of G per image, in image order (row r
-    reads image r // G, or is skipped): the torch path then reads each image's K/V once for
-    its G rows instead of gathering a copy per row. The kernels read image_index either way.
+    reads image r // G, or is skipped; checked on the CPU): each image's K/V is then read once
+    for its G rows (the torch path instead of gathering a copy per row, the kernels by one
+    program per slot, head and split of L instead of one per row and head).
     Returns (A'V [R, nhead, head_dim] in q's dtype, returned [R, nhead, L]: the attention this
     layer returns, A' (A without refinement), float32 (float64 for float64 inputs), which is
     the next layer's prev_attn).
     """
     shape = check_inputs(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn)
     check_image_index(image_index, shape.images)
+    check_rows_per_image(rows_per_image, shape, image_index)
     args = (q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn)
     name = backends.resolve(q, backend)
     if name == "cuda":
@@ -84,7 +86,7 @@ def fused_cross_attention_step(
 
         why = unsupported_reason(shape, q, coverage, prev_attn)
         if why is None:
-            return cuda_step(*args, shape=shape)
+            return cuda_step(*args, shape=shape, rows_per_image=rows_per_image)
         if backends.requested_backend(backend) == "cuda":
             raise ValueError(f"backend 'cuda' cannot run this step: {why}")
         # auto: the Triton kernel computes the same function for shapes the CUDA build lacks
@@ -92,5 +94,5 @@ def fused_cross_attention_step(
     if name == "triton":
         from .triton_kernel import triton_step
 
-        return triton_step(*args, shape=shape)
+        return triton_step(*args, shape=shape, rows_per_image=rows_per_image)
     return rows_step(*args, rows_per_image=rows_per_image)

@@ -11,11 +11,12 @@ from torch import Tensor
 
 from ...backends import cuda_extension_status
 from ...model.arm import KERNEL_SIZE, FoldedARM
-from .interface import DecodeStepShape, PreparedARMWeights, plan
+from .interface import DecodeStepShape, LaunchPlan, PreparedARMWeights, launch_plan, plan
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-NHEADS = (1, 2, 4, 8, 16)
+MAX_NHEAD = 16
 DC = 32
+STATS = 4  # floats per split of a row and head in `stats`
 MAX_HEAD_DIM = 128
 
 
@@ -26,8 +27,8 @@ def unsupported_reason(shape: DecodeStepShape, q: Tensor, coverage: Optional[Ten
     for name, t in (("coverage", coverage), ("prev_attn", prev_attn)):
         if t is not None and t.dtype != torch.float32:
             return f"{name} in {t.dtype} (the attentions and their running sums are float32)"
-    if shape.nhead not in NHEADS:
-        return f"nhead {shape.nhead} (compiled: {NHEADS})"
+    if shape.nhead > MAX_NHEAD:
+        return f"nhead {shape.nhead} > {MAX_NHEAD}"
     if shape.head_dim > MAX_HEAD_DIM:
         return f"head_dim {shape.head_dim} > {MAX_HEAD_DIM}"
     if shape.dc not in (0, DC):
@@ -53,10 +54,23 @@ def _float32_copies(arm: FoldedARM) -> Tuple[Tensor, ...]:
 _float32_weights = PreparedARMWeights(_float32_copies)
 
 
+def _vector_aligned(t: Tensor, strides) -> bool:
+    """Four consecutive elements of t load as one aligned vector at every used offset."""
+    return t.data_ptr() % (4 * t.element_size()) == 0 and all(stride % 4 == 0 for stride in strides)
+
+
+def split_buffers(shape: DecodeStepShape, launch: LaunchPlan, device) -> Tuple[Tensor, Tensor]:
+    """The kernels' per-split softmax statistics and unnormalised A'V."""
+    stats = torch.empty((shape.rows, shape.nhead, launch.splits, STATS), device=device, dtype=torch.float32)
+    partial = torch.empty((shape.rows, shape.nhead, launch.splits, shape.head_dim), device=device, dtype=torch.float32)
+    return stats, partial
+
+
 def cuda_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn,
-              shape: DecodeStepShape) -> Tuple[Tensor, Tensor]:
-    """Launches csrc's kernel on inputs `check_inputs` accepted and `unsupported_reason` cleared
-    (the dispatcher checks it); returns (out, returned)."""
+              shape: DecodeStepShape, rows_per_image: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Launches csrc's kernels on inputs `check_inputs` accepted and `unsupported_reason` and
+    `check_rows_per_image` cleared (the dispatcher checks them); returns (out, returned).
+    rows_per_image: as the dispatcher's: the G rows of an image share its K/V reads."""
     module, why = cuda_extension_status()
     if module is None:
         raise RuntimeError(why)
@@ -71,6 +85,9 @@ def cuda_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, pre
     returned = torch.empty((shape.rows, shape.nhead, shape.length), device=q.device, dtype=torch.float32)
     scratch = torch.empty((shape.rows, shape.nhead, shape.length) if flags.update_self else (0,), device=q.device,
                           dtype=torch.float32)
+    launch = launch_plan(shape.rows, shape.nhead, shape.length, rows_per_image)
+    stats, partial = split_buffers(shape, launch, q.device)
+    head_dim_vectors = shape.head_dim % 4 == 0
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream().cuda_stream
         module.decode_step(
@@ -81,12 +98,16 @@ def cuda_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, pre
             prev_attn=prev_attn.data_ptr() if flags.update_cross else 0, update_self=flags.update_self,
             conv_weight=conv_weight, conv_bias=conv_bias, proj_weight=proj_weight, shift=shift,
             scratch=scratch.data_ptr() if flags.update_self else 0, returned=returned.data_ptr(), out=out.data_ptr(),
+            stats=stats.data_ptr(), partial=partial.data_ptr(),
             dtype=DTYPE_CODES[q.dtype],
             rows=shape.rows, nhead=shape.nhead, head_dim=shape.head_dim, length=shape.length, height=shape.height,
             channels=shape.channels, dc=shape.dc,
             q_stride_row=q.stride(0), q_stride_head=q.stride(1),
             k_stride_image=k.stride(0), k_stride_head=k.stride(1), k_stride_pos=k.stride(2),
             v_stride_image=v.stride(0), v_stride_head=v.stride(1), v_stride_pos=v.stride(2),
-            mask_stride_image=key_padding_mask.stride(0), stream=stream,
+            mask_stride_image=key_padding_mask.stride(0),
+            rows_per_slot=launch.rows_per_slot, split_length=launch.split_l, splits=launch.splits,
+            tile_length=launch.tile_l, vectorized_q=head_dim_vectors and _vector_aligned(q, q.stride()[:2]),
+            vectorized_kv=head_dim_vectors and all(_vector_aligned(t, t.stride()[:3]) for t in (k, v)), stream=stream,
         )
     return out, returned

@@ -23,6 +23,53 @@ class DecodeStepShape(NamedTuple):
     dc: int  # ARM conv output channels
 
 
+# Tiles of the kernels' tensor-core products are multiples of 16 (tl.dot's and wmma's smallest
+# dimension): rows of a slot, head_dim, the conv's channels and dc are padded to it.
+MIN_DOT = 16
+# The kernels split L so that a call launches this many programs (CTAs) when its rows allow:
+# one per SM of an H100, so that batch 1 (one image, 2 directions x 10 beams) fills the GPU.
+TARGET_PROGRAMS = 132
+MAX_TILE = 128  # positions per program at most (registers, shared memory)
+MAX_SPLIT = 64  # positions per partial-attention program at most: at 128 Triton's spills on sm_90
+
+
+class LaunchPlan(NamedTuple):
+    """How the kernels split one call (see triton_kernel's docstring; csrc does the same):
+    the partial attention runs one program per (slot, head, split of L), the refinement and
+    the merge one per (row, tile of L)."""
+    slots: int  # groups of rows_per_slot consecutive rows that read one image
+    rows_per_slot: int  # <= MIN_DOT: one tensor-core tile of rows
+    split_l: int  # positions per program of the partial attention
+    splits: int
+    tile_l: int  # positions per program of the refinement and the merge
+    tiles: int
+
+    def grids(self, rows: int, nhead: int, refine: bool):
+        """(refinement or None, partial attention, merge) grids."""
+        return ((rows, self.tiles, 1) if refine else None, (self.slots, nhead, self.splits), (rows, self.tiles, 1))
+
+
+def _tile(length: int, programs: int, largest: int) -> int:
+    """The largest power-of-two tile in [MIN_DOT, largest] that cuts L into >= `programs`
+    tiles (MIN_DOT when none does)."""
+    fits = max(1, length // max(1, programs))
+    return max(MIN_DOT, min(largest, 1 << (fits.bit_length() - 1)))
+
+
+def launch_plan(rows: int, nhead: int, length: int, rows_per_image: Optional[int]) -> LaunchPlan:
+    """Slots and tiles of a call: a slot is the largest divisor of rows_per_image (the
+    dispatcher's G; 1 without it) up to MIN_DOT, so that its rows read one image; the tiles
+    are the largest that still give TARGET_PROGRAMS programs per kernel. At the published
+    batch-1 call (20 rows, G = 10, 8 heads, L = 256 or 1024): 256 programs of partial
+    attention, 160 of refinement and of merge."""
+    group = rows_per_image or 1
+    rows_per_slot = max(d for d in range(1, min(group, MIN_DOT) + 1) if group % d == 0)
+    slots = -(-rows // rows_per_slot)
+    split_l = _tile(length, -(-TARGET_PROGRAMS // max(1, slots * nhead)), MAX_SPLIT)
+    tile_l = _tile(length, -(-TARGET_PROGRAMS // max(1, rows)), MAX_TILE)
+    return LaunchPlan(slots, rows_per_slot, split_l, -(-length // split_l), tile_l, -(-length // tile_l))
+
+
 class DecodeStepPlan(NamedTuple):
     """What a step does with the coverage, as the kernels' flags."""
     refine: bool  # coverage given: A' = softmax(S - R)
@@ -136,6 +183,22 @@ def check_inputs(q, k, v, key_padding_mask, image_index, height, arm, coverage, 
     devices = {t.device for t in tensors if t is not None}
     _check(len(devices) == 1, f"all tensors must be on one device, got {sorted(map(str, devices))}")
     return DecodeStepShape(rows, images, nhead, head_dim, length, height, length // height, channels, dc)
+
+
+def check_rows_per_image(rows_per_image: Optional[int], shape: DecodeStepShape, image_index: Tensor) -> None:
+    """rows_per_image = G promises that row r reads image r // G or is skipped (a negative
+    image index): the rows must be images x G, and on the CPU (where it costs no device sync)
+    the promise is checked; traced, it is not, as a host check would break the graph)."""
+    if rows_per_image is None:
+        return
+    _check(isinstance(rows_per_image, int) and rows_per_image >= 1,
+           f"rows_per_image must be a positive int, got {rows_per_image!r}")
+    _check(shape.rows == shape.images * rows_per_image,
+           f"{shape.rows} rows are not {shape.images} images x rows_per_image={rows_per_image}")
+    if image_index.device.type == "cpu" and not torch.compiler.is_compiling():
+        grouped = torch.arange(shape.rows) // rows_per_image
+        _check(bool(((image_index == grouped) | (image_index < 0)).all()),
+               "with rows_per_image, row r must read image r // rows_per_image or be skipped (a negative image index)")
 
 
 def returned_dtype(q: Tensor) -> torch.dtype:

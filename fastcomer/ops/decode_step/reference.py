@@ -80,15 +80,6 @@ def rows_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, pre
     active = image_index >= 0
     if rows_per_image is not None:
         images = k.shape[0]
-        if rows != images * rows_per_image:
-            raise ValueError(f"fused_cross_attention_step: {rows} rows are not {images} images x "
-                             f"rows_per_image={rows_per_image}")
-        # on a GPU this check would cost a sync per call, and under torch.compile a graph break
-        if q.device.type == "cpu" and not torch.compiler.is_compiling():
-            grouped = torch.arange(rows, device=q.device) // rows_per_image
-            if not bool(((image_index == grouped) | ~active).all()):
-                raise ValueError("fused_cross_attention_step: with rows_per_image, row r must read image "
-                                 "r // rows_per_image or be skipped (a negative image index)")
         out, returned = cross_attention_step(q.view(images, rows_per_image, nhead, head_dim), k, v, key_padding_mask,
                                              height, arm, coverage, prev_attn, updated=active)
         out = out.reshape(rows, nhead, head_dim).masked_fill(~active[:, None, None], 0.0)
