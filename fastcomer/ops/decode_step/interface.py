@@ -187,8 +187,8 @@ def check_inputs(q, k, v, key_padding_mask, image_index, height, arm, coverage, 
 
 def check_rows_per_image(rows_per_image: Optional[int], shape: DecodeStepShape, image_index: Tensor) -> None:
     """rows_per_image = G promises that row r reads image r // G or is skipped (a negative
-    image index): the rows must be images x G, and on the CPU (where it costs no device sync)
-    the promise is checked; traced, it is not, as a host check would break the graph)."""
+    image index): the rows must be images x G, and on the CPU (where it costs no device sync;
+    not when traced, where a host check would break the graph) the promise is checked."""
     if rows_per_image is None:
         return
     _check(isinstance(rows_per_image, int) and rows_per_image >= 1,
