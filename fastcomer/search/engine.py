@@ -21,7 +21,7 @@ from .threads import with_search_threads
 @with_search_threads
 @torch.inference_mode()
 def beam_search(
-    model,
+    model: torch.nn.Module,
     img: Tensor,
     img_mask: Tensor,
     beam_size: int = 10,
@@ -75,7 +75,7 @@ def beam_search(
 @with_search_threads
 @torch.inference_mode()
 def greedy_search(
-    model,
+    model: torch.nn.Module,
     img: Tensor,
     img_mask: Tensor,
     max_len: int = 200,

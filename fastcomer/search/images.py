@@ -49,7 +49,7 @@ def _decode_batch(img: Tensor, mask: Tensor, search_kwargs: dict) -> List[Hypoth
     return beam_search(_worker_model, img, mask, **search_kwargs)
 
 
-def decode_images(model, images: Sequence[Tensor], batch_size: Optional[int] = None, workers: Optional[int] = None,
+def decode_images(model: torch.nn.Module, images: Sequence[Tensor], batch_size: Optional[int] = None, workers: Optional[int] = None,
                   **search_kwargs) -> List[Hypothesis]:
     """Beam search (`fastcomer.beam_search`, with search_kwargs) over images [1, H, W] or
     [H, W] of any sizes, on the model's device; answers in input order.

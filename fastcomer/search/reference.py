@@ -106,7 +106,7 @@ def _first_pass(decoder, feature, mask, beam_size, max_len, alpha, early_stoppin
 
 @torch.no_grad()
 def reference_beam_search(
-    model,
+    model: torch.nn.Module,
     img: Tensor,
     img_mask: Tensor,
     beam_size: int = 10,
