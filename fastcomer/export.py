@@ -25,7 +25,7 @@ from .vocab import EOS_IDX, PAD_IDX, SOS_IDX
 ENCODER_FILE = "encoder.onnx"
 STEP_FILE = "decoder_step.onnx"
 ENCODER_OUTPUTS = ("memory_kv", "memory_mask")
-STEP_CACHES = ("self_kv", "coverage")  # inputs and outputs of the step, in this order
+STEP_CACHES = ("self_keys", "self_values", "coverage")  # inputs and outputs of the step, in this order
 _STARTED_BUFFERS = ("memory_kv", "memory_mask", "coverage", "tokens", "position")  # what DecodingState.start writes
 
 
@@ -78,8 +78,9 @@ class EncoderWithMemory(nn.Module):
 class IncrementalDecoderStep(nn.Module):
     """`DecodingState.step` as a pure function of the state: (tokens [b, max_len] (PAD past
     the prefix), position [] int64 (index of the newest token), memory_kv, memory_mask,
-    self_kv [b, layers, 2, nhead, max_len, head_dim], coverage [b, layers - 1, C, h*w]) ->
-    (logits [b, vocab] of the newest token, self_kv, coverage updated with this step).
+    self_keys [layers, b, nhead, head_dim, max_len], self_values [layers, b, nhead, max_len, head_dim],
+    coverage [b, layers - 1, C, h*w]) -> (logits [b, vocab] of the newest token, self_keys,
+    self_values, coverage updated with this step).
 
     The self-attention always reads the whole max_len window: positions past the prefix hold
     PAD tokens, which it masks, so the result is the engine's for any window."""
@@ -92,22 +93,24 @@ class IncrementalDecoderStep(nn.Module):
         object.__setattr__(self, "state", _plain_state(decoder, batch, *feature_size, max_len, like))
         self.train(decoder.training)
 
-    def forward(self, tokens: Tensor, position: Tensor, memory_kv: Tensor, memory_mask: Tensor, self_kv: Tensor,
-                coverage: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+    def forward(self, tokens: Tensor, position: Tensor, memory_kv: Tensor, memory_mask: Tensor, self_keys: Tensor,
+                self_values: Tensor, coverage: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
         state = self.state
         if (coverage is None) != (state.coverage is None):
             raise ValueError("coverage must be given exactly when the decoder has an ARM")
         # copies of the caches: the step updates them in place, the graph returns them as outputs
         inputs = dict(tokens=tokens, position=position, memory_kv=memory_kv, memory_mask=memory_mask,
-                      self_kv=self_kv.clone(), coverage=None if coverage is None else coverage.clone())
+                      self_keys=self_keys.clone(), self_values=self_values.clone(),
+                      coverage=None if coverage is None else coverage.clone())
         with _buffers_replaced(state, inputs):
             logits = state.step(state.max_len)
-            return (logits, state.self_kv) if coverage is None else (logits, state.self_kv, state.coverage)
+            caches = (state.self_keys, state.self_values)
+            return (logits, *caches) if coverage is None else (logits, *caches, state.coverage)
 
     def initial_caches(self) -> Tuple[Tensor, ...]:
-        """Zero self_kv (and coverage) for the first step, the step's cache inputs."""
+        """Zero self-attention caches (and coverage) for the first step, the step's cache inputs."""
         state = self.state
-        caches = (torch.zeros_like(state.self_kv),)
+        caches = (torch.zeros_like(state.self_keys), torch.zeros_like(state.self_values))
         return caches if state.coverage is None else caches + (torch.zeros_like(state.coverage),)
 
 
@@ -152,13 +155,14 @@ def export_onnx(model: nn.Module, out_dir: Union[str, Path], batch: int = 1, ima
     """Write the encoder and the incremental decoder step of an eval-mode CoMER model as ONNX
     (ENCODER_FILE, STEP_FILE in out_dir) with torch.onnx.export's dynamo exporter; returns
     their paths. Inputs: img, img_mask -> memory_kv, memory_mask; tokens, position,
-    memory_kv, memory_mask, self_kv[, coverage] -> logits, new_self_kv[, new_coverage] (ONNX
-    names are unique: a step's new caches are the next step's self_kv and coverage)."""
+    memory_kv, memory_mask, self_keys, self_values[, coverage] -> logits, new_self_keys,
+    new_self_values[, new_coverage] (ONNX names are unique: a step's new caches are the next
+    step's inputs)."""
     graphs = export_modules(model, batch, image_size, max_len)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     has_coverage = graphs.step.state.coverage is not None
-    caches = STEP_CACHES if has_coverage else STEP_CACHES[:1]
+    caches = STEP_CACHES if has_coverage else STEP_CACHES[:2]
     jobs = (
         (graphs.encoder, graphs.example_image, ("img", "img_mask"), ENCODER_OUTPUTS, ENCODER_FILE),
         (graphs.step, graphs.example_step, ("tokens", "position", *ENCODER_OUTPUTS, *caches), ("logits", *(f"new_{name}" for name in caches)),

@@ -10,7 +10,7 @@ import torch
 from fastcomer import greedy_search
 from fastcomer.benchmarking import scale_weights
 from fastcomer.cli import main
-from fastcomer.export import ENCODER_FILE, STEP_FILE, onnx_greedy_search
+from fastcomer.export import ENCODER_FILE, STEP_CACHES, STEP_FILE, onnx_greedy_search
 
 from support.asserts import assert_close_rel
 from support.compile_cases import tiny_batch, tiny_model
@@ -53,13 +53,14 @@ def test_step_logits_match_teacher_forced_decoder(model, onnx_dir):
     memory_kv, memory_mask = encoder.run(None, {"img": img.numpy(), "img_mask": img_mask.numpy()})
     assert (memory_mask == mask.reshape(2, -1).numpy()).all()
     shapes = {i.name: i.shape for i in step.get_inputs()}
-    caches = {name: torch.zeros(shapes[name]).numpy() for name in ("self_kv", "coverage")}
+    caches = {name: torch.zeros(shapes[name]).numpy() for name in STEP_CACHES}
     tokens = torch.full((2, MAX_LEN), 0, dtype=torch.long)
     for position in range(MAX_LEN):
         tokens[:, position] = tgt[:, position]
-        logits, caches["self_kv"], caches["coverage"] = step.run(None, {
+        logits, *updated = step.run(None, {
             "tokens": tokens.numpy(), "position": torch.tensor(position).numpy(), "memory_kv": memory_kv,
             "memory_mask": memory_mask, **caches})
+        caches = dict(zip(STEP_CACHES, updated))
         assert_close_rel(torch.from_numpy(logits), want[:, position], 1e-5, f"logits at position {position}")
 
 

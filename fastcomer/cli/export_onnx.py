@@ -11,7 +11,7 @@ def add_parser(commands) -> None:
         help="write a checkpoint's encoder and incremental decoder step as ONNX (needs the `onnx` extra)",
         description="Write OUT_DIR/encoder.onnx (img, img_mask -> memory_kv, memory_mask: the features' "
         "cross-attention keys and values of every decoder layer) and OUT_DIR/decoder_step.onnx (tokens, position, "
-        "memory_kv, memory_mask, self_kv, coverage -> logits, new_self_kv, new_coverage) for one batch size, image "
+        "memory_kv, memory_mask, self_keys, self_values, coverage -> logits and the new caches) for one batch size, image "
         "size and max_len (static shapes; pad images to the size). fastcomer.export.onnx_greedy_search drives them "
         "in onnxruntime.",
     )

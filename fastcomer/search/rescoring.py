@@ -103,7 +103,8 @@ def refinement(arm: FoldedARM, prev_attn: Tensor, curr_attn: Tensor, valid: Tens
     r = coverage.new_zeros(n * t, nhead, L)
     for start in range(0, len(index), CONV_ROWS):
         chunk = index[start : start + CONV_ROWS]
-        r[chunk] = refine_folded(arm, rows[chunk], key_padding_mask.expand(len(chunk), L), height)
+        # under autocast the refinement may come out in another dtype than the attentions
+        r[chunk] = refine_folded(arm, rows[chunk], key_padding_mask.expand(len(chunk), L), height).to(r.dtype)
     return r.view(n, t, nhead, L)
 
 
