@@ -2,7 +2,7 @@
 import argparse
 from pathlib import Path
 
-from .bench import image_shape
+from .arguments import image_shape
 
 
 def add_parser(commands) -> None:

@@ -4,29 +4,9 @@ import sys
 from pathlib import Path
 from typing import List
 
+from .arguments import device, positive_int
+
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def device_name(text: str) -> str:
-    import torch
-
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:n], got {text!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available")
-    return text
 
 
 def add_parser(commands) -> None:
@@ -44,7 +24,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--beam-size", type=positive_int, default=10, help="default: %(default)s")
     parser.add_argument("--max-len", type=int, default=200, help="tokens per answer, start token included (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default: %(default)s)")
-    parser.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda[:n] (default: %(default)s)")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:n] (default: %(default)s)")
     parser.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                         help="invert dark-on-light images: auto (default) when an image is mostly light")
     parser.add_argument("--json", action="store_true", help="one JSON object per image: path, latex, tokens, score, error")
