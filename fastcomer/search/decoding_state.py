@@ -176,6 +176,7 @@ class DecodingState:
             out, returned = decode_step(
                 q.view(self.rows, self.nhead, -1), k, v, self.memory_mask, self.image_index,
                 self.height, self.arm, coverage, returned, backend=self.backend, rows_per_image=self.group,
+                index_checked=True,  # built by skip_slots: each row reads its slot's image, or -1
             )
             x = feed_forward_step(x, out.reshape(self.rows, -1), layer, backend=self.backend)
         return decoder.proj(x)

@@ -44,7 +44,9 @@ def test_beam_step_launches_at_most_40_kernels():
             slots.step(2)
     launches = dict(counter.launches)
     fused = {name: n for name, n in launches.items() if name.startswith("triton:")}
-    # per layer: self-attention block, cross-attention step, layer tail; one scorer per step
-    assert fused == {"triton:_self_attention_step_kernel": 3, "triton:_decode_step_kernel": 3,
+    # per layer: self-attention block, cross-attention step (split L: the refinement on refining
+    # layers, partial attention, merge), layer tail; one scorer per step
+    assert fused == {"triton:_self_attention_step_kernel": 3, "triton:_refinement_kernel": 2,
+                     "triton:_partial_attention_kernel": 3, "triton:_merge_kernel": 3,
                      "triton:_feed_forward_step_kernel": 3, "triton:_beam_scorer_kernel": 1}, launches
     assert counter.total <= MAX_LAUNCHES, launches

@@ -52,6 +52,7 @@ def fused_cross_attention_step(
     prev_attn: Optional[Tensor],
     backend: Optional[str] = None,
     rows_per_image: Optional[int] = None,
+    index_checked: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """One step of cross-attention with the ARM for all rows of one decoder layer.
 
@@ -72,13 +73,17 @@ def fused_cross_attention_step(
     reads image r // G, or is skipped; checked on the CPU): each image's K/V is then read once
     for its G rows (the torch path instead of gathering a copy per row, the kernels by one
     program per slot, head and split of L instead of one per row and head).
+    index_checked: True when the caller built image_index itself and vouches for its values
+    (the decoding engine, whose rows read their own slot's image or are skipped): the
+    per-call value checks of image_index are left out (on a GPU, two launches per call).
     Returns (A'V [R, nhead, head_dim] in q's dtype, returned [R, nhead, L]: the attention this
     layer returns, A' (A without refinement), float32 (float64 for float64 inputs), which is
     the next layer's prev_attn).
     """
     shape = check_inputs(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn)
-    check_image_index(image_index, shape.images)
-    check_rows_per_image(rows_per_image, shape, image_index)
+    if not index_checked:
+        check_image_index(image_index, shape.images)
+    check_rows_per_image(rows_per_image, shape, None if index_checked else image_index)
     args = (q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn)
     name = backends.resolve(q, backend)
     if name == "cuda":

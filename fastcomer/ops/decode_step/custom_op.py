@@ -24,12 +24,12 @@ def _decode_step_op(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, image_index: Tensor, height: int,
     conv_weight: Optional[Tensor], conv_bias: Optional[Tensor], proj_weight: Optional[Tensor], shift: Optional[Tensor],
     coverage_mode: str, coverage: Optional[Tensor], prev_attn: Optional[Tensor], backend: str,
-    rows_per_image: Optional[int],
+    rows_per_image: Optional[int], index_checked: bool,
 ) -> Tuple[Tensor, Tensor]:
     arm = None if conv_weight is None else FoldedARM(conv_weight, conv_bias, proj_weight, shift,
                                                       CoverageMode(coverage_mode))
     return fused_cross_attention_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn,
-                                      backend=backend, rows_per_image=rows_per_image)
+                                      backend=backend, rows_per_image=rows_per_image, index_checked=index_checked)
 
 
 @_decode_step_op.register_fake
@@ -39,13 +39,13 @@ def _(q, k, v, key_padding_mask, image_index, height, *rest):
 
 def decode_step(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, image_index: Tensor, height: int,
                 arm: Optional[FoldedARM], coverage: Optional[Tensor], prev_attn: Optional[Tensor], backend: str,
-                rows_per_image: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+                rows_per_image: Optional[int] = None, index_checked: bool = False) -> Tuple[Tensor, Tensor]:
     """`fused_cross_attention_step` (same arguments and results) for a resolved backend
     ('torch', 'triton' or 'cuda'): traced, the kernels as the custom op and 'torch' inline;
     eager, the dispatcher itself (no op dispatch overhead)."""
     if backend == "torch" or not is_tracing(q):
         return fused_cross_attention_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn,
-                                          backend=backend, rows_per_image=rows_per_image)
+                                          backend=backend, rows_per_image=rows_per_image, index_checked=index_checked)
     weights = (None,) * 4 + (CoverageMode.CROSS.value,) if arm is None else (*arm[:4], arm.coverage.value)
     return torch.ops.fastcomer.decode_step(q, k, v, key_padding_mask, image_index, height, *weights, coverage,
-                                           prev_attn, backend, rows_per_image)
+                                           prev_attn, backend, rows_per_image, index_checked)

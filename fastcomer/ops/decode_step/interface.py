@@ -185,17 +185,18 @@ def check_inputs(q, k, v, key_padding_mask, image_index, height, arm, coverage, 
     return DecodeStepShape(rows, images, nhead, head_dim, length, height, length // height, channels, dc)
 
 
-def check_rows_per_image(rows_per_image: Optional[int], shape: DecodeStepShape, image_index: Tensor) -> None:
+def check_rows_per_image(rows_per_image: Optional[int], shape: DecodeStepShape, image_index: Optional[Tensor]) -> None:
     """rows_per_image = G promises that row r reads image r // G or is skipped (a negative
     image index): the rows must be images x G, and on the CPU (where it costs no device sync;
-    not when traced, where a host check would break the graph) the promise is checked."""
+    not when traced, where a host check would break the graph) the promise is checked, unless
+    image_index is None (the caller vouches for it)."""
     if rows_per_image is None:
         return
     _check(isinstance(rows_per_image, int) and rows_per_image >= 1,
            f"rows_per_image must be a positive int, got {rows_per_image!r}")
     _check(shape.rows == shape.images * rows_per_image,
            f"{shape.rows} rows are not {shape.images} images x rows_per_image={rows_per_image}")
-    if image_index.device.type == "cpu" and not torch.compiler.is_compiling():
+    if image_index is not None and image_index.device.type == "cpu" and not torch.compiler.is_compiling():
         grouped = torch.arange(shape.rows) // rows_per_image
         _check(bool(((image_index == grouped) | (image_index < 0)).all()),
                "with rows_per_image, row r must read image r // rows_per_image or be skipped (a negative image index)")
