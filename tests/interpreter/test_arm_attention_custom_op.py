@@ -50,7 +50,7 @@ def test_decode_step_op_matches_dispatcher():
     arm = step["arm"]
     got, got_returned = torch.ops.fastcomer.decode_step(
         step["q"], step["k"], step["v"], step["key_padding_mask"], step["image_index"], step["height"], *arm[:4],
-        arm.coverage.value, step["coverage"], step["prev_attn"], "triton", None)
+        arm.coverage.value, step["coverage"], step["prev_attn"], "triton", None, False)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got_returned, want_returned, rtol=0, atol=0)
     torch.testing.assert_close(step["coverage"], direct["coverage"], rtol=0, atol=0)
