@@ -1,7 +1,6 @@
 """The custom op torch.ops.fastcomer.arm_attention (the path torch.compile traces) run for
 real through Triton's interpreter: forward, BatchNorm running statistics and the registered
 autograd formula (the backward op) equal the entry `arm_attention` and its autograd Function."""
-import copy
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tests/run.sh sets it too)

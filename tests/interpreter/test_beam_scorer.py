@@ -1,7 +1,6 @@
 """The fused beam scorer (Triton, through the interpreter) against the torch scorer it
 replaces, over several steps of tiny random searches: lists filling up, evictions, done
 flags, early stopping."""
-import copy
 import os
 
 import pytest

@@ -2,7 +2,6 @@
 compiled steps equal eager ones (caches updated in place as in eager), and the exported
 step (fastcomer.export.IncrementalDecoderStep, caches as inputs and outputs) matching
 DecodingState.step over several steps."""
-import copy
 
 import torch
 
