@@ -79,7 +79,7 @@ class IncrementalDecoderStep(nn.Module):
     """`DecodingState.step` as a pure function of the state: (tokens [b, max_len] (PAD past
     the prefix), position [] int64 (index of the newest token), memory_kv, memory_mask,
     self_keys [layers, b, nhead, head_dim, max_len], self_values [layers, b, nhead, max_len, head_dim],
-    coverage [b, layers - 1, C, h*w]) -> (logits [b, vocab] of the newest token, self_keys,
+    coverage [layers - 1, b, C, h*w]) -> (logits [b, vocab] of the newest token, self_keys,
     self_values, coverage updated with this step).
 
     The self-attention always reads the whole max_len window: positions past the prefix hold

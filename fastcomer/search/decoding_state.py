@@ -12,8 +12,8 @@ Shapes never change and the step counter lives on the device, so a step has no h
 sync and can be captured in a CUDA graph. The only Python-side argument of a step is its
 window: how many prefix positions the self-attention reads and a reorder copies, any
 value from the prefix length up to max_len (positions past the prefix hold PAD tokens,
-which the self-attention masks); `prefix_window` rounds it up so that few graphs serve
-all lengths.
+which the self-attention masks); with CUDA graphs `prefix_window` rounds it up so that few
+graphs serve all lengths, otherwise it is the prefix itself.
 """
 from typing import Optional
 
@@ -27,8 +27,8 @@ from ..ops.feed_forward_step import feed_forward_step
 from ..ops.self_attention_step import self_attention_step
 from ..vocab import PAD_IDX
 
-# Prefix windows are multiples of this: at most WINDOW_STEP - 1 wasted positions per step,
-# and max_len / WINDOW_STEP windows (CUDA graphs) per state.
+# With CUDA graphs prefix windows are multiples of this: at most WINDOW_STEP - 1 wasted
+# positions per step, and max_len / WINDOW_STEP windows (graphs) per state.
 WINDOW_STEP = 32
 
 
@@ -43,9 +43,10 @@ def folded_arm(arm: Optional[AttentionRefinementModule]) -> Optional[FoldedARM]:
     return folded._replace(conv_weight=folded.conv_weight.clone(), conv_bias=folded.conv_bias.clone())
 
 
-def prefix_window(length: int, max_len: int) -> int:
-    """The window of a step whose rows hold `length` tokens."""
-    return min(max_len, -(-length // WINDOW_STEP) * WINDOW_STEP)
+def prefix_window(length: int, max_len: int, graphs: bool) -> int:
+    """The window of a step whose rows hold `length` tokens: the prefix itself, or with CUDA
+    graphs (one per window) the prefix rounded up to a multiple of WINDOW_STEP."""
+    return min(max_len, -(-length // WINDOW_STEP) * WINDOW_STEP) if graphs else length
 
 
 def split_heads(x: Tensor, nhead: int) -> Tensor:
@@ -57,13 +58,15 @@ def split_heads(x: Tensor, nhead: int) -> Tensor:
 class DecodingState:
     # The per-row state tensors that a reorder gathers: their row dimension, and the dimension
     # of positions of which it gathers the window only (None: all of it).
-    REORDERED = {"tokens": (0, None), "self_keys": (1, 4), "self_values": (1, 3), "coverage": (0, None)}
+    REORDERED = {"tokens": (0, None), "self_keys": (1, 4), "self_values": (1, 3), "coverage": (1, None)}
 
     def __init__(self, decoder, slots: int, group: int, height: int, width: int, max_len: int,
-                 dtype: torch.dtype, device, backend: str):
+                 dtype: torch.dtype, device, backend: str, fixed_addresses: bool = False):
         """Buffers for `slots` slots of `group` rows, each reading one image of h x w features, up to max_len
         tokens per row. backend: the resolved backend of the cross-attention step, 'torch',
-        'triton' or 'cuda' (`fastcomer.backends.resolve`)."""
+        'triton' or 'cuda' (`fastcomer.backends.resolve`). fixed_addresses: the state tensors
+        never move (CUDA graphs read them by address): a reorder copies the gathered rows
+        back instead of swapping buffers."""
         layers = decoder.model.layers
         d = decoder.proj.in_features
         self.decoder = decoder
@@ -86,13 +89,15 @@ class DecodingState:
         # garbage: the self-attention's masked positions multiply V by weight 0.
         self.self_keys = like.new_zeros(len(layers), self.rows, self.nhead, head_dim, max_len)
         self.self_values = like.new_zeros(len(layers), self.rows, self.nhead, max_len, head_dim)
-        # Layer j > 0 refines with coverage[:, j - 1]; layer 0 has none.
+        # Layer j > 0 refines with coverage[j - 1]; layer 0 has none. Layer-major too: each
+        # layer's [rows, C, L] is contiguous, as the torch path's convolution reads it (no copy).
         channels = self.arm.coverage.channels(self.nhead) if self.arm else 0
-        self.coverage = (like.new_zeros(self.rows, len(layers) - 1, channels, self.length,
+        self.coverage = (like.new_zeros(len(layers) - 1, self.rows, channels, self.length,
                                         dtype=coverage_dtype(backend, dtype)) if self.arm else None)
         self.tokens = torch.full((self.rows, max_len), PAD_IDX, dtype=torch.long, device=device)
-        # A reorder gathers into these (index_select, a row copy each) and copies back: the
-        # state's buffers stay where they are, as CUDA graphs need.
+        # A reorder gathers into these (index_select, a row copy each), then swaps them with the
+        # state's, or with fixed addresses copies them back.
+        self.fixed_addresses = fixed_addresses
         self.reordered = {name: torch.empty_like(getattr(self, name)) for name in self.REORDERED
                           if getattr(self, name) is not None}
         self.position = torch.zeros((), dtype=torch.long, device=device)  # index of the newest token
@@ -125,7 +130,7 @@ class DecodingState:
         self.self_keys.copy_(other.self_keys[:, rows])
         self.self_values.copy_(other.self_values[:, rows])
         if self.coverage is not None:
-            self.coverage.copy_(other.coverage[rows])
+            self.coverage.copy_(other.coverage[:, rows])
         self.tokens.copy_(other.tokens[rows])
         self.position.copy_(other.position)
 
@@ -151,14 +156,19 @@ class DecodingState:
 
     def reorder(self, parents: Tensor, window: int) -> None:
         """New row r continues old row parents[r]: one gather per state tensor (of the self
-        K/V, the window's positions only)."""
-        for name, gathered in self.reordered.items():
-            state = getattr(self, name)
+        K/V, the window's positions only: past them, swapped buffers hold stale positions,
+        which a step writes before it reads them)."""
+        for name, buffer in self.reordered.items():
+            state, gathered = getattr(self, name), buffer
             row_dim, position_dim = self.REORDERED[name]
             if position_dim is not None:
                 state, gathered = state.narrow(position_dim, 0, window), gathered.narrow(position_dim, 0, window)
             torch.index_select(state, row_dim, parents, out=gathered)
-            state.copy_(gathered)
+            if self.fixed_addresses:
+                state.copy_(gathered)
+            else:
+                self.reordered[name] = getattr(self, name)
+                setattr(self, name, buffer)
 
     def step(self, window: int) -> Tensor:
         """The decoder's logits for the newest token of every row: [rows, vocab]. Each layer is
@@ -171,7 +181,7 @@ class DecodingState:
         for j, layer in enumerate(decoder.model.layers):
             x, q = self_attention_step(x, layer, self.self_keys[j], self.self_values[j], self.tokens, self.position,
                                        window, backend=self.backend)
-            coverage = None if self.coverage is None or j == 0 else self.coverage[:, j - 1]
+            coverage = None if self.coverage is None or j == 0 else self.coverage[j - 1]
             k, v = self.memory_kv[j]
             out, returned = decode_step(
                 q.view(self.rows, self.nhead, -1), k, v, self.memory_mask, self.image_index,

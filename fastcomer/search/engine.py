@@ -108,7 +108,7 @@ def greedy_search(
     lengths = torch.full((batch,), max_len, device=feature.device)
     length = 1  # tokens per row
     while length < max_len:
-        logits = state.step(prefix_window(length, max_len))
+        logits = state.step(prefix_window(length, max_len, graphs=False))
         logprobs, tokens = F.log_softmax(logits / temperature, dim=-1).max(dim=1)
         sums += logprobs.masked_fill(ended, 0.0)
         ends_now = (tokens == end) & ~ended

@@ -44,7 +44,7 @@ def first_pass(
         current.start(feature, mask)
         length = 1  # tokens per row
         while length < max_len:
-            current.run(prefix_window(length, max_len))
+            current.run(prefix_window(length, max_len, graphs))
             length += 1
             if length == max_len or length % sync_every:
                 continue

@@ -77,7 +77,7 @@ def length_batches(lengths: Sequence[int]) -> List[List[int]]:
 
 # The ARM's convolution runs on this many positions at a time: its input and output then stay
 # in the cache (about 1.8x the rate of one convolution over a whole batch, measured on CPU).
-CONV_ROWS = 256
+CONV_ROWS = 32
 
 
 def refinement(arm: FoldedARM, prev_attn: Tensor, curr_attn: Tensor, valid: Tensor, key_padding_mask: Tensor,

@@ -41,7 +41,7 @@ class SearchSlots:
         self.l2r, self.items, self.beam_size, self.temperature = options.l2r, items, options.beam_size, options.temperature
         dtype, device = features.dtype, features.device
         self.state = DecodingState(decoder, items, options.beam_size, features.height, features.width, options.max_len,
-                                   dtype, device, features.backend)
+                                   dtype, device, features.backend, fixed_addresses=graphs)
         self.finished = FinishedLists(items, options.beam_size, options.max_len, options.alpha, options.early_stopping,
                                       device)
         self.end_token = torch.full((items,), EOS_IDX, device=device)

@@ -88,12 +88,12 @@ def check_take(model):
     stay, moved = SearchSlots(model.decoder, 8, *args, graphs=False), SearchSlots(model.decoder, 3, *args, graphs=False)
     stay.start(feature, feature_mask)
     for length in range(1, max_len):
-        stay.step(prefix_window(length, max_len))
+        stay.step(prefix_window(length, max_len, graphs=False))
         if length == 12:  # both hold 13 tokens per row now
             moved.take(stay, [5, 0])  # image 2 right to left, image 0 left to right, and a filler
             assert moved.finished.count.sum() > 0  # lists that must move too
         elif length > 12:
-            moved.step(prefix_window(length, max_len))
+            moved.step(prefix_window(length, max_len, graphs=False))
     expected, actual = (FinishedLists(6, beam_size, max_len, 1.0, False, "cpu") for _ in range(2))
     for batch, lists in ((stay, expected), (moved, actual)):
         batch.finish()

@@ -21,11 +21,13 @@ from .interface import returned_dtype
 def refine_folded(arm: FoldedARM, coverage: Tensor, mask: Tensor, height: int) -> Tensor:
     """coverage [N, C, L], mask [N, L] (True = padding) -> R [N, nhead, L], 0 where masked."""
     n, c, L = coverage.shape
-    y = F.relu(F.conv2d(coverage.view(n, c, height, L // height), arm.conv_weight, arm.conv_bias, padding=CONV_PADDING))
+    y = F.conv2d(coverage.view(n, c, height, L // height), arm.conv_weight, arm.conv_bias, padding=CONV_PADDING)
     # The ARM zeroes Y at masked positions before its 1x1 projection; the projection is
-    # pointwise, so zeroing R there instead gives the same R.
-    r = torch.matmul(arm.proj_weight, y.flatten(2)) + arm.shift[:, None]
-    return r.masked_fill(mask[:, None], 0.0)
+    # pointwise, so zeroing R there instead gives the same R. In place: no tensor of this size
+    # allocated twice (the decoding engine's torch path runs this at every step).
+    r = torch.matmul(arm.proj_weight, y.relu_().flatten(2))
+    r += arm.shift[:, None]
+    return r.masked_fill_(mask[:, None], 0.0)
 
 
 def cross_attention_step(
