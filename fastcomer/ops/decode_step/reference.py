@@ -55,19 +55,20 @@ def cross_attention_step(
     i, g, nhead, _ = q.shape
     L = k.shape[2]
     scores = torch.matmul(q.transpose(1, 2), k.transpose(2, 3))  # [I, nhead, G, L]
-    mask = key_padding_mask[:, None, None, :]
-    attn = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+    # masked in place: the refined scores below, scores - R, stay -inf where these are
+    attn = torch.softmax(scores.masked_fill_(key_padding_mask.view(i, 1, 1, L), float("-inf")), dim=-1)
     if coverage is None:
         refined = attn
     else:
         r = refine_folded(arm, coverage, key_padding_mask.repeat_interleave(g, dim=0), height)  # [I*G, nhead, L]
-        refined = torch.softmax((scores - r.view(i, g, nhead, L).transpose(1, 2)).masked_fill(mask, float("-inf")), dim=-1)
-        keep = None if updated is None else updated[:, None, None].to(coverage.dtype)
+        refined = torch.softmax(scores - r.view(i, g, nhead, L).transpose(1, 2), dim=-1)
+        keep = None if updated is None else updated.view(i * g, 1, 1).to(coverage.dtype)
         if arm.coverage.uses_cross:
-            coverage[:, :nhead] += prev_attn if keep is None else prev_attn * keep
-        if arm.coverage.uses_self:
-            this_step = attn.transpose(1, 2).reshape(i * g, nhead, L)
-            coverage[:, -nhead:] += this_step if keep is None else this_step * keep
+            cross = coverage[:, :nhead]
+            cross.add_(prev_attn) if keep is None else cross.addcmul_(prev_attn, keep)
+        if arm.coverage.uses_self:  # added through a view in attn's layout: no copy of this step's attention
+            own = coverage[:, -nhead:].view(i, g, nhead, L).transpose(1, 2)
+            own.add_(attn) if keep is None else own.addcmul_(attn, keep.view(i, 1, g, 1))
     returned = refined.transpose(1, 2).reshape(i * g, nhead, L)
     return torch.matmul(refined, v).transpose(1, 2), returned
 
@@ -84,8 +85,10 @@ def rows_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, pre
         images = k.shape[0]
         out, returned = cross_attention_step(q.view(images, rows_per_image, nhead, head_dim), k, v, key_padding_mask,
                                              height, arm, coverage, prev_attn, updated=active)
-        out = out.reshape(rows, nhead, head_dim).masked_fill(~active[:, None, None], 0.0)
-        returned = returned.to(returned_dtype(q)).masked_fill(~active[:, None, None], 0.0)
+        inactive = ~active.view(rows, 1, 1)
+        # both are fresh tensors (a reshape of a transpose copies; so may .to): filled in place
+        out = out.reshape(rows, nhead, head_dim).masked_fill_(inactive, 0.0)
+        returned = returned.to(returned_dtype(q)).masked_fill_(inactive, 0.0)
         return out, returned
     index = active.nonzero().squeeze(1)
     image = image_index[index].long()
