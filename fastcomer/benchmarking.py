@@ -27,6 +27,7 @@ import torch
 
 from . import backends
 from ._version import __version__
+from .allocator import applied_settings
 from .flop_floor import flop_floor
 from .model.comer import CoMER
 from .search.engine import beam_search
@@ -53,6 +54,7 @@ class Environment(TypedDict):
     fastcomer: Optional[str]
     threads: Optional[int]  # torch's CPU threads
     load_average: Optional[List[float]]  # 1, 5, 15 minutes, when the run started: other work slows CPU timings
+    malloc: Optional[str]  # glibc malloc settings fastcomer applied (`fastcomer.allocator`), None: the system's
 
 
 class Floor(TypedDict):
@@ -115,6 +117,7 @@ def environment(device: torch.device) -> Environment:
         fastcomer=__version__,
         threads=torch.get_num_threads(),
         load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        malloc=applied_settings(),
     )
 
 

@@ -5,6 +5,7 @@ import shlex
 import sys
 from typing import List, Optional
 
+from ..allocator import keep_freed_memory
 from . import bench, compare, env, export_onnx, kernels, plot, recognize, table
 
 COMMANDS = (bench, recognize, env, compare, table, plot, kernels, export_onnx)
@@ -18,4 +19,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.command_line = "fastcomer " + " ".join(shlex.quote(arg) for arg in argv)  # recorded in result files
+    keep_freed_memory()  # fastcomer's own process; FASTCOMER_MALLOC=system leaves malloc alone
     return args.run(args)

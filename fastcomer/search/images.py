@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..allocator import keep_freed_memory
 from ..model.adapt import as_comer
 from .engine import beam_search
 from .hypotheses import Hypothesis
@@ -40,9 +41,10 @@ def available_cores() -> int:
 _worker_model = None
 
 
-def _set_worker_model(model) -> None:
+def _start_worker(model) -> None:
     global _worker_model
     _worker_model = model
+    keep_freed_memory()  # the worker is fastcomer's own process
 
 
 def _decode_batch(img: Tensor, mask: Tensor, search_kwargs: dict) -> List[Hypothesis]:
@@ -63,7 +65,8 @@ def decode_images(model: torch.nn.Module, images: Sequence[Tensor], batch_size: 
     search single-threaded (`beam_search`'s threads), so N images on N cores take about
     the time of one; None: the cores this process may use (`available_cores`), at most one
     per batch. The workers are forked, so the model is shared, not pickled; where fork is
-    unavailable, or for a CUDA model, batches run one after another in this process.
+    unavailable, or for a CUDA model, batches run one after another in this process. The
+    workers keep freed memory for reuse (`fastcomer.allocator`; FASTCOMER_MALLOC=system: not).
 
     Floating-point images are converted to the model's dtype; other types raise TypeError
     (integer pixels are not rescaled for you). Every image is checked before any search.
@@ -99,7 +102,7 @@ def decode_images(model: torch.nn.Module, images: Sequence[Tensor], batch_size: 
         results = [beam_search(model, img, mask, **search_kwargs) for img, mask in batches]
     else:
         with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_set_worker_model, initargs=(model,)) as pool:
+                                 initializer=_start_worker, initargs=(model,)) as pool:
             results = list(pool.map(_decode_batch, *zip(*batches), [search_kwargs] * len(batches)))
     answers: List[Hypothesis] = [None] * len(prepared)  # type: ignore[list-item]
     for bucket, hyps in zip(buckets, results):
