@@ -2,7 +2,8 @@
 data-dependent shape (it runs on the meta device, where any read of a value raises); the
 search driven as with graphs (power-of-two image slots with fillers, done flags read every
 few steps, batches kept across searches) answers as the reference; and a batch that takes
-over some images of another continues their searches exactly."""
+over some images of another continues their searches exactly; a reorder with fixed addresses
+(graphs) computes what one that swaps buffers does."""
 import gc
 import weakref
 
@@ -15,7 +16,8 @@ from fastcomer.search.kept_slots import kept_slots
 from fastcomer.search.options import SearchOptions
 from fastcomer.search.search_slots import FeatureLayout, SearchSlots
 from fastcomer.search.finished_lists import FinishedLists
-from fastcomer.search.decoding_state import prefix_window
+from fastcomer.search.decoding_state import DecodingState, prefix_window
+from fastcomer.vocab import SOS_IDX
 
 from support.random_models import random_images, random_model
 from support.search_cases import assert_same_search
@@ -114,3 +116,33 @@ def test_kept_batches_do_not_keep_the_model(graph_policy):
     del model
     gc.collect()
     assert decoder() is None
+
+
+def test_reorder_swaps_buffers_unless_addresses_are_fixed():
+    """A reorder swaps gathered buffers in (CPU) or, for CUDA graphs, copies them back into
+    the state's tensors: the same steps either way, and fixed addresses never move."""
+    model = random_model(4)
+    img, mask = random_images(6, [(32, 48), (48, 32)])
+    with torch.inference_mode():
+        feature, feature_mask = model.encoder(img, mask)
+        states = [DecodingState(model.decoder, 2, 3, *feature.shape[1:3], 8, feature.dtype, feature.device, "torch",
+                                fixed_addresses=fixed) for fixed in (False, True)]
+        for state in states:
+            state.start(feature, feature_mask, torch.full((6,), SOS_IDX))
+        swapping, fixed = states
+        addresses = [{name: getattr(state, name).data_ptr() for name in DecodingState.REORDERED} for state in states]
+        generator = torch.Generator().manual_seed(0)
+        for length in range(1, 8):
+            logits = [state.step(length) for state in states]
+            assert torch.equal(logits[0], logits[1])
+            parents = torch.randint(0, 6, (6,), generator=generator)
+            tokens = torch.randint(3, logits[0].shape[1], (6,), generator=generator)
+            for state in states:
+                state.reorder(parents, length)
+                state.append(tokens)
+        assert torch.equal(swapping.tokens, fixed.tokens)
+        assert torch.equal(swapping.coverage, fixed.coverage)
+        for name in DecodingState.REORDERED:
+            assert getattr(fixed, name).data_ptr() == addresses[1][name]
+        # 7 reorders, an odd number of swaps: each swapping state tensor is in its other buffer
+        assert all(getattr(swapping, name).data_ptr() != addresses[0][name] for name in DecodingState.REORDERED)
