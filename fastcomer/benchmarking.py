@@ -317,8 +317,8 @@ def engine_row(
     """Decode `images` random images of `shape`, `batch` per call, with the engine and with the
     reference beam search; check that they answer identically. The row's medians are seconds
     per image (per call / batch); its details keep every call's seconds. With workers > 1
-    (CPU), also the engine's seconds per image for all the images at once, spread over that
-    many worker processes (`decode_images`). On CPU the row's floor is the engine's FLOP floor."""
+    (CPU), also the engine's seconds per image for all the images at once through `decode_images`,
+    in one process and spread over that many worker processes, and the throughput ratio. On CPU the row's floor is the engine's FLOP floor."""
     if images % batch:
         raise ValueError(f"images ({images}) must be a multiple of batch ({batch})")
     device = next(model.parameters()).device
@@ -347,10 +347,15 @@ def engine_row(
     details = dict(engine_s=engine_s, engine_cold_s=cold_s, reference_s=reference_s, hyp_lengths=lengths,
                    decoded_length=max(lengths))
     if workers > 1:
+        # Both through decode_images, one after the other: one process (this one, warm), then
+        # `workers` forked worker processes (their start included, as a caller pays it).
         every = [im for k in range(images) for im in bench_images(shape, seed + k, 1, str(device), torch.float32)[0]]
+        one_s = timed(lambda: decode_images(model, every, workers=1, **search, **engine))[1]
         spread_s = timed(lambda: decode_images(model, every, workers=workers, **search, **engine))[1]
-        details.update(workers=workers, engine_spread_s_per_image=spread_s / images)
-        log(f"{shape[0]}x{shape[1]}: {images} images on {workers} workers, {spread_s / images:.2f} s/image")
+        details.update(workers=workers, engine_one_process_s_per_image=one_s / images,
+                       engine_spread_s_per_image=spread_s / images, workers_throughput=one_s / spread_s)
+        log(f"{shape[0]}x{shape[1]}: {images} images, {one_s / images:.2f} s/image in one process, "
+            f"{spread_s / images:.2f} s/image on {workers} workers: {one_s / spread_s:.2f}x the throughput")
     row = make_row("engine", engine_row_name(shape, max_len, batch), params, "engine", medians,
                    checks={"identical": identical}, details=details)
     if device.type == "cpu":
@@ -385,8 +390,9 @@ def load_1min(report: Report) -> str:
 
 def render_table(results: Sequence[Tuple[str, Report]]) -> str:
     """Markdown tables of (label, report) pairs, one table per benchmark, rows in file order.
-    Engine rows: seconds per image of both searches, the speed-up and whether the answers were
-    identical; other rows: every variant's median and the subject's speed-ups."""
+    Engine rows: seconds per image of both searches, the speed-up, the engine's time over its
+    FLOP floor and its throughput on worker processes over one process (where measured), and
+    whether the answers were identical; other rows: every variant's median and the subject's speed-ups."""
     by_benchmark: Dict[str, List[Tuple[str, Report, Row]]] = {}
     for label, report in results:
         for row in report["rows"]:
@@ -394,14 +400,17 @@ def render_table(results: Sequence[Tuple[str, Report]]) -> str:
     tables = []
     for benchmark, entries in by_benchmark.items():
         if benchmark == "engine":
-            lines = ["| image | max_len | per call | reference s/image | engine s/image | speed-up | answers "
-                     "| first-pass lengths min/median/max | machine | load (1 min) | file |",
-                     "|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines = ["| image | max_len | per call | reference s/image | engine s/image | speed-up | engine / FLOP floor "
+                     "| workers: throughput | answers | first-pass lengths min/median/max | machine | load (1 min) | file |",
+                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for label, report, row in entries:
-                p, lengths = row["params"], row["details"]["hyp_lengths"]
+                p, details, lengths = row["params"], row["details"], row["details"]["hyp_lengths"]
+                floor = f"{row['floor']['ratio']:.2f}x" if row["floor"] else "not measured"
+                spread = (f"{details['workers']}: {details['workers_throughput']:.2f}x" if "workers_throughput" in details
+                          else "not measured")
                 lines.append(
                     f"| {p['shape'][0]}x{p['shape'][1]} | {p['max_len']} | {p['batch']} | {row['medians_s']['reference']:.2f} "
-                    f"| {row['medians_s']['engine']:.2f} | {row['speedups']['reference']:.1f}x "
+                    f"| {row['medians_s']['engine']:.2f} | {row['speedups']['reference']:.1f}x | {floor} | {spread} "
                     f"| {'identical' if row['checks']['identical'] else 'DIFFER'} "
                     f"| {min(lengths)}/{statistics.median(lengths):g}/{max(lengths)} | {machine(report)} "
                     f"| {load_1min(report)} | `{label}` |")

@@ -18,7 +18,7 @@ needs_glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glib
 # threshold rises up to 32 MiB as mapped blocks are freed, their trim threshold is twice it),
 # such tensors are either mapped and unmapped or the freed 90 MiB heap top is given back:
 # the next ones are faulted in afresh. Kept, they stay in the heap for reuse.
-FAULTS = """
+CHURN = """
 import ctypes, torch
 from fastcomer.allocator import keep_freed_memory
 print(keep_freed_memory())
@@ -47,13 +47,13 @@ def test_tunables_name_every_setting():
 
 @needs_glibc
 def test_freed_tensors_stay_in_the_heap():
-    kept = run(FAULTS)
+    kept = run(CHURN)
     assert kept.returncode == 0, kept.stderr
     applied, heap = kept.stdout.split()
     assert applied == glibc_tunables()
     assert int(heap) >= 90 << 20
 
-    system = run(FAULTS, policy="system")
+    system = run(CHURN, policy="system")
     assert system.returncode == 0, system.stderr
     applied, heap = system.stdout.split()
     assert applied == "None"
@@ -64,3 +64,14 @@ def test_bad_policy_raises():
     result = run("from fastcomer.allocator import keep_freed_memory; keep_freed_memory()", policy="sometimes")
     assert result.returncode != 0
     assert f"{MALLOC_ENV} must be 'keep' or 'system'" in result.stderr
+
+
+@needs_glibc
+def test_release_gives_kept_memory_back():
+    resident = "print(int(open('/proc/self/statm').read().split()[1]) * 4096)\n"  # bytes in RAM
+    code = CHURN + resident + "from fastcomer.allocator import release_freed_memory\nrelease_freed_memory()\n" + resident
+    result = run(code)
+    assert result.returncode == 0, result.stderr
+    _, heap, kept, released = result.stdout.split()
+    assert int(heap) >= 90 << 20  # kept by the settings
+    assert int(kept) - int(released) >= 80 << 20  # most of the 90 MiB freed given back

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..allocator import keep_freed_memory
+from ..allocator import keep_freed_memory, release_freed_memory
 from ..model.adapt import as_comer
 from .engine import beam_search
 from .hypotheses import Hypothesis
@@ -101,6 +101,7 @@ def decode_images(model: torch.nn.Module, images: Sequence[Tensor], batch_size: 
     if processes <= 1:
         results = [beam_search(model, img, mask, **search_kwargs) for img, mask in batches]
     else:
+        release_freed_memory()  # not inherited by the forked workers
         with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
                                  initializer=_start_worker, initargs=(model,)) as pool:
             results = list(pool.map(_decode_batch, *zip(*batches), [search_kwargs] * len(batches)))
