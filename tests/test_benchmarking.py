@@ -125,6 +125,17 @@ def test_render_table_one_table_per_benchmark():
     assert beam.splitlines()[2].startswith("| images=1 L=256 (eager) | 3 ms |")
 
 
+def test_engine_table_shows_floor_ratio_and_workers_throughput():
+    report = load_report(RESULTS[0])
+    row = copy.deepcopy(report["rows"][0])
+    row["floor"] = {"flops_per_image": 4e10, "rates_flop_s": {"conv": 9e10, "matmul": 8e10}, "ratio": 2.345}
+    row["details"].update(workers=2, workers_throughput=1.789)
+    report["rows"] = [row]
+    table = render_table([("f.json", check_report(report))])
+    assert table.splitlines()[0].split(" | ")[6:8] == ["engine / FLOP floor", "workers: throughput"]
+    assert f"| {row['speedups']['reference']:.1f}x | 2.35x | 2: 1.79x | identical |" in table
+
+
 def test_compare_reports_row_by_row():
     before, after = small_report(), small_report()
     after["rows"][0]["medians_s"]["triton"] = 1e-5
