@@ -317,8 +317,9 @@ def engine_row(
     """Decode `images` random images of `shape`, `batch` per call, with the engine and with the
     reference beam search; check that they answer identically. The row's medians are seconds
     per image (per call / batch); its details keep every call's seconds. With workers > 1
-    (CPU), also the engine's seconds per image for all the images at once through `decode_images`,
-    in one process and spread over that many worker processes, and the throughput ratio. On CPU the row's floor is the engine's FLOP floor."""
+    (CPU), also the engine's seconds per image for all the images at once through
+    `decode_images`, in one process and spread over that many worker processes, and the
+    throughput ratio. On CPU the row's floor is the engine's FLOP floor."""
     if images % batch:
         raise ValueError(f"images ({images}) must be a multiple of batch ({batch})")
     device = next(model.parameters()).device

@@ -56,8 +56,8 @@ def split_heads(x: Tensor, nhead: int) -> Tensor:
 
 
 class DecodingState:
-    # The per-row state tensors that a reorder gathers: their row dimension, and the dimension
-    # of positions of which it gathers the window only (None: all of it).
+    # The per-row state tensors (which a reorder gathers and a take copies): their row dimension,
+    # and the dimension of positions of which a reorder gathers the window only (None: all of it).
     REORDERED = {"tokens": (0, None), "self_keys": (1, 4), "self_values": (1, 3), "coverage": (1, None)}
 
     def __init__(self, decoder, slots: int, group: int, height: int, width: int, max_len: int,
@@ -95,11 +95,12 @@ class DecodingState:
         self.coverage = (like.new_zeros(len(layers) - 1, self.rows, channels, self.length,
                                         dtype=coverage_dtype(backend, dtype)) if self.arm else None)
         self.tokens = torch.full((self.rows, max_len), PAD_IDX, dtype=torch.long, device=device)
-        # A reorder gathers into these (index_select, a row copy each), then swaps them with the
-        # state's, or with fixed addresses copies them back.
+        # A reorder gathers into these spares (index_select, a row copy each), then swaps them
+        # with the state's, or with fixed addresses copies them back. Zeros, like the state's:
+        # once swapped in, their positions past the gathered window are read as masked ones.
         self.fixed_addresses = fixed_addresses
-        self.reordered = {name: torch.empty_like(getattr(self, name)) for name in self.REORDERED
-                          if getattr(self, name) is not None}
+        self.spares = {name: torch.zeros_like(getattr(self, name)) for name in self.REORDERED
+                       if getattr(self, name) is not None}
         self.position = torch.zeros((), dtype=torch.long, device=device)  # index of the newest token
 
     def start(self, feature: Tensor, feature_mask: Tensor, tokens: Tensor) -> None:
@@ -127,11 +128,8 @@ class DecodingState:
         self.refresh_arm(other.arm)
         self.memory_kv.copy_(other.memory_kv[:, :, slots])
         self.memory_mask.copy_(other.memory_mask[slots])
-        self.self_keys.copy_(other.self_keys[:, rows])
-        self.self_values.copy_(other.self_values[:, rows])
-        if self.coverage is not None:
-            self.coverage.copy_(other.coverage[:, rows])
-        self.tokens.copy_(other.tokens[rows])
+        for name in self.spares:  # the per-row state tensors, whole
+            getattr(self, name).copy_(getattr(other, name).index_select(self.REORDERED[name][0], rows))
         self.position.copy_(other.position)
 
     def refresh_arm(self, arm: Optional[FoldedARM]) -> None:
@@ -156,19 +154,20 @@ class DecodingState:
 
     def reorder(self, parents: Tensor, window: int) -> None:
         """New row r continues old row parents[r]: one gather per state tensor (of the self
-        K/V, the window's positions only: past them, swapped buffers hold stale positions,
-        which a step writes before it reads them)."""
-        for name, buffer in self.reordered.items():
-            state, gathered = getattr(self, name), buffer
+        K/V, the window's positions only: past them, a swapped-in spare holds finite stale
+        values, which a step writes before it reads them, or reads masked)."""
+        for name, spare in self.spares.items():
+            current = getattr(self, name)
+            source, target = current, spare
             row_dim, position_dim = self.REORDERED[name]
             if position_dim is not None:
-                state, gathered = state.narrow(position_dim, 0, window), gathered.narrow(position_dim, 0, window)
-            torch.index_select(state, row_dim, parents, out=gathered)
+                source, target = source.narrow(position_dim, 0, window), target.narrow(position_dim, 0, window)
+            torch.index_select(source, row_dim, parents, out=target)
             if self.fixed_addresses:
-                state.copy_(gathered)
+                source.copy_(target)
             else:
-                self.reordered[name] = getattr(self, name)
-                setattr(self, name, buffer)
+                setattr(self, name, spare)
+                self.spares[name] = current
 
     def step(self, window: int) -> Tensor:
         """The decoder's logits for the newest token of every row: [rows, vocab]. Each layer is
