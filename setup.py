@@ -20,7 +20,7 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-CUDA_SOURCES = ["csrc/decode_step.cu", "csrc/bindings.cpp"]
+CUDA_SOURCES = ["csrc/cross_attention_step.cu", "csrc/bindings.cpp"]
 
 
 def package_version():

@@ -17,8 +17,8 @@ measured copy bandwidth.
 import pytest
 import torch
 
-from fastcomer import backends
 from fastcomer.benchmarking import bench_model, make_row, measure
+from fastcomer.ops.dispatch import decoding_plan
 from fastcomer.search.options import SearchOptions
 from fastcomer.search.search_slots import FeatureLayout, SearchSlots
 
@@ -58,14 +58,15 @@ def test_beam_step(case, device, smoke, model, bandwidth, add_row):
     img = torch.rand(images, 1, HEIGHT * 16, width * 16, device=device)
     feature, mask = model.encoder(img, torch.zeros(images, HEIGHT * 16, width * 16, dtype=torch.bool, device=device))
     modes = ("graphs", "eager") if device.type == "cuda" else ("eager",)  # graphs need CUDA
-    medians, backend = {}, backends.resolve(feature, None)
+    medians = {}
     for mode in modes:
-        layout = FeatureLayout(HEIGHT, width, feature.dtype, device, backend)
-        batch = SearchSlots(model.decoder, 2 * images, SearchOptions(BEAM_SIZE, MAX_LEN), layout, graphs=mode == "graphs")
+        plan = decoding_plan(model.decoder, feature, graphs=mode == "graphs")
+        layout = FeatureLayout(HEIGHT, width, feature.dtype, device, plan)
+        batch = SearchSlots(model.decoder, 2 * images, SearchOptions(BEAM_SIZE, MAX_LEN), layout)
         batch.start(feature, mask)
         medians[mode], _ = measure(lambda: batch.run(WINDOW), calls=2 if smoke else CALLS, warmup=1 if smoke else WARMUP)
     params = dict(images=images, rows=batch.state.rows, length=length, height=HEIGHT, width=width, beam_size=BEAM_SIZE,
-                  directions=2, max_len=MAX_LEN, window=WINDOW, kernel=backend, dtype="float32",
+                  directions=2, max_len=MAX_LEN, window=WINDOW, kernels=dict(plan.backends), dtype="float32",
                   model="CoMER() published config (d 256, 8 heads, 3 layers, dc 32), seeded random weights")
     add_row(make_row("beam_step", f"images={images} L={length}", params, modes[0], medians,
                      details=dict(floor_bytes=floor_bytes(batch), copy_bandwidth_gb_s=bandwidth / 1e9,

@@ -15,7 +15,7 @@ import torch
 
 from fastcomer.benchmarking import make_row, measure
 from fastcomer.model.arm import AttentionRefinementModule
-from fastcomer.ops.decode_step import fused_cross_attention_step
+from fastcomer.ops.cross_attention_step import cross_attention_step
 
 NHEAD, HEAD_DIM, DC, HEIGHT, ROWS_PER_IMAGE = 8, 32, 32, 16, 20
 BACKENDS = ("cuda", "triton", "torch")  # the first that runs is the subject
@@ -67,7 +67,7 @@ def test_decode_step(case, device, dtype, smoke, bandwidth, add_row):
     medians, unavailable = {}, {}
     for backend in BACKENDS:
         try:
-            medians[backend], _ = measure(lambda: fused_cross_attention_step(**step, backend=backend),
+            medians[backend], _ = measure(lambda: cross_attention_step(**step, backend=backend),
                                           calls=2 if smoke else None)
         except (RuntimeError, ValueError) as err:  # a backend this machine cannot run
             unavailable[backend] = str(err)

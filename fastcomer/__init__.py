@@ -1,6 +1,6 @@
 """fastcomer: fused kernels and a fast decoding engine for CoMER."""
 from ._version import __version__
-from .backends import env_report
+from .ops.dispatch import env_report
 from .checkpoint import CheckpointError, load_comer
 from .model.comer import CoMER, CoMERConfig
 from .patch import patch, unpatch

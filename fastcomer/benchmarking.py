@@ -25,11 +25,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-from . import backends
 from ._version import __version__
 from .allocator import applied_settings
 from .flop_floor import flop_floor
 from .model.comer import CoMER
+from .ops.dispatch import BackendRequest, parse_request, use_cuda_graphs
 from .search.engine import beam_search
 from .search.images import decode_images
 from .search.reference import reference_beam_search
@@ -309,7 +309,7 @@ def engine_row(
     max_len: int = 200,
     seed: int = 0,
     batch: int = 1,
-    backend: Optional[str] = None,
+    backend: BackendRequest = None,
     graphs: Optional[bool] = None,
     log: Callable[[str], None] = print,
     workers: int = 1,
@@ -342,8 +342,8 @@ def engine_row(
         lengths += [len(h) for h in fast.first_pass_hyps]
         log(f"{label}: reference {seconds:.2f} s, {reference_s[-1] / engine_s[-1]:.1f}x, answers {'identical' if same else 'DIFFER'}")
     params = dict(shape=list(shape), images=images, batch=batch, **search, alpha=1.0, early_stopping=False, temperature=1.0,
-                  direction="both", backend=backend or os.environ.get(backends.ENV_VAR, "auto"),
-                  cuda_graphs=backends.use_cuda_graphs(device, graphs), model=ENGINE_MODEL, seed=seed)
+                  direction="both", backend=parse_request(backend), cuda_graphs=use_cuda_graphs(device, graphs),
+                  model=ENGINE_MODEL, seed=seed)
     medians = {"engine": statistics.median(engine_s) / batch, "reference": statistics.median(reference_s) / batch}
     details = dict(engine_s=engine_s, engine_cold_s=cold_s, reference_s=reference_s, hyp_lengths=lengths,
                    decoded_length=max(lengths))

@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .model.arm import FoldedARM
+from .ops.dispatch import DispatchPlan
 from .search.decoding_state import DecodingState
 from .search.hypotheses import Hypothesis
 from .search.options import search_directions
@@ -32,7 +33,8 @@ _STARTED_BUFFERS = ("memory_kv", "memory_mask", "coverage", "tokens", "position"
 def _plain_state(decoder: nn.Module, rows: int, height: int, width: int, max_len: int, like: Tensor) -> DecodingState:
     """A DecodingState of `rows` images, one row each, on the plain-PyTorch backend (the one
     backend that traces into graph operations an exporter can write)."""
-    return DecodingState(decoder, rows, 1, height, width, max_len, like.dtype, like.device, "torch")
+    return DecodingState(decoder, rows, 1, height, width, max_len, like.dtype, like.device,
+                         DispatchPlan.of("torch", like.dtype, graphs=False))
 
 
 @contextlib.contextmanager

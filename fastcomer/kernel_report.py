@@ -1,8 +1,8 @@
 """Static GPU report: what the compiler makes of every kernel fastcomer launches, without a GPU.
 
-Each kernel variant (from the per-op providers' `kernel_variants(shapes, arch)`) is compiled
-for sm_90 or sm_80 with Triton's compiler and a `GPUTarget` (its bundled ptxas runs on the
-CPU); the CUDA extension (csrc/decode_step.cu) with nvcc. From the cubin, via the
+Each kernel variant (every op of `fastcomer.ops.registry.OPS`: its `variants.kernel_variants(shapes,
+arch)`) is compiled for sm_90 or sm_80 with Triton's compiler and a `GPUTarget` (its bundled
+ptxas runs on the CPU); the CUDA extension (csrc/cross_attention_step.cu) with nvcc. From the cubin, via the
 `cuobjdump` Triton ships: registers, stack (local memory: spills) and static shared memory
 (`-res-usage`), and the instruction mix (`-sass`): tensor-core instructions (HMMA: mma.sync,
 HGMMA: Hopper's wgmma), FFMA, and spill stores/loads (STL/LDL, bytes per thread). From those,
@@ -13,15 +13,11 @@ bytes / memory bandwidth), the compute peak being the tensor-core one of the var
 operand type when its SASS has tensor-core instructions, else the FP32 FMA peak. An estimate,
 never a measurement: it ignores occupancy, latency, launch overhead and cache reuse.
 
-Providers: `fastcomer.ops.arm_attention.variants` (training) and
-`fastcomer.ops.decode_step.variants` (decode; reported "not provided" when absent). Each
-variant is a dict: op, name, kernel (@triton.jit), signature (argument -> type, constexprs
-marked "constexpr"), constexprs, num_warps, num_stages, grid (CTAs per launch, 3 ints),
-launches (per layer call), flops and bytes (per launch), dtype; optional int_values (scalar
-arguments' values: a multiple of 16 is specialised as Triton's launcher does).
+Each variant is a `fastcomer.ops.registry.KernelVariant`: the kernel with the signature,
+constexprs, warps and stages its launcher uses, the grid, the launches per op call, FLOPs and
+bytes per launch, and the scalar arguments Triton specialises on (a multiple of 16).
 """
 import dataclasses
-import importlib
 import os
 import re
 import shutil
@@ -30,8 +26,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-__all__ = ["ARCHS", "PEAKS", "PROVIDERS", "KernelStats", "compile_variant", "occupancy_warps", "sass_stats",
-           "report", "format_report", "cuda_extension_stats"]
+from .ops.registry import OPS, KernelVariant, Op
+
+__all__ = ["ARCHS", "PEAKS", "KernelStats", "compile_variant", "occupancy_warps", "sass_stats", "report",
+           "format_report", "cuda_extension_stats"]
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
 
@@ -51,7 +49,6 @@ SM_LIMITS = {
 }
 CTA_RESERVED_SHARED = 1024
 
-PROVIDERS = ("fastcomer.ops.arm_attention.variants", "fastcomer.ops.decode_step.variants")
 
 
 @dataclasses.dataclass
@@ -144,56 +141,65 @@ def _estimate(arch: int, dtype: str, tensor_core: int, flops: float, bytes_: flo
     return max(compute_s, memory_s) * 1e6, "compute" if compute_s >= memory_s else "memory"
 
 
-def compile_variant(variant: dict, arch: int):
+def compile_variant(variant: KernelVariant, arch: int):
     """Compile one variant for compute capability `arch` (80, 90) with Triton's compiler, as its
     launcher would: pointers (and scalars in int_values that are multiples of 16) marked 16-divisible."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = variant["kernel"]
-    signature = dict(variant["signature"])
-    ints = variant.get("int_values", {})
+    kernel = variant.kernel
+    signature = dict(variant.signature)
     attrs = {}
     for index, name in enumerate(kernel.arg_names):
         kind = signature[name]
-        if kind.startswith("*") or (name in ints and ints[name] % 16 == 0):
+        if kind.startswith("*") or (name in variant.int_values and variant.int_values[name] % 16 == 0):
             attrs[(index,)] = [["tt.divisibility", 16]]  # torch's allocations are 16-byte aligned
-    source = ASTSource(fn=kernel, signature=signature, constexprs=variant["constexprs"], attrs=attrs)
-    options = {"num_warps": variant["num_warps"], "num_stages": variant["num_stages"]}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=dict(variant.constexprs), attrs=attrs)
+    options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def _stats_of(variant: dict, arch: int, compiled) -> KernelStats:
+def _stats_of(variant: KernelVariant, arch: int, compiled) -> KernelStats:
     cubin = compiled.asm["cubin"]
     name = compiled.metadata.name
     registers, stack, static_shared = res_usage(cubin)[name]
     sass = sass_stats(_cuobjdump("-sass", cubin))
     shared = compiled.metadata.shared + static_shared
     warps = compiled.metadata.num_warps
-    grid = variant["grid"]
-    estimate, bound = _estimate(arch, variant["dtype"], sass["tensor_core"], variant["flops"], variant["bytes"])
-    return KernelStats(variant["op"], variant["name"], variant["dtype"], registers, stack, sass["spill_store_bytes"],
+    grid = variant.grid
+    estimate, bound = _estimate(arch, variant.dtype, sass["tensor_core"], variant.flops, variant.bytes)
+    return KernelStats(variant.op, variant.name, variant.dtype, registers, stack, sass["spill_store_bytes"],
                        sass["spill_load_bytes"], shared, warps, compiled.metadata.num_stages,
                        occupancy_warps(arch, registers, shared, warps), sass["tensor_core"], sass["ffma"],
-                       grid[0] * grid[1] * grid[2], variant["launches"], variant["flops"], variant["bytes"], estimate,
-                       bound)
+                       grid[0] * grid[1] * grid[2], variant.launches, variant.flops, variant.bytes, estimate, bound)
 
 
-def _provider(module: str) -> Optional[Callable]:
+def _variants_of(op: Op, shapes: str, arch: int) -> Optional[List[KernelVariant]]:
+    """The op's variants, or None when the op has no variants module yet."""
     try:
-        return importlib.import_module(module).kernel_variants
+        return op.kernel_variants(shapes, arch)
     except ModuleNotFoundError as err:
-        if err.name is not None and module.startswith(err.name):
+        if err.name == f"{op.package}.variants":
             return None  # the provider itself is absent, not one of its imports
         raise
 
 
-CUDA_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "decode_step.cu"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CUDA_SOURCE = CSRC / "cross_attention_step.cu"
+
+
+def csrc_constant(name: str, header: Path = CSRC / "cross_attention_step.h") -> int:
+    """An integer constant of csrc (kThreads: threads per CTA of the CUDA kernels), read from
+    its one definition, for what compiles csrc without loading the built extension."""
+    match = re.search(rf"constexpr int {name} = (\d+);", header.read_text())
+    if match is None:
+        raise ValueError(f"{name} not found in {header}")
+    return int(match[1])
 
 
 def _demangle(name: str) -> str:
-    """`decode_step_kernel<float, 8>` for a mangled C++ name (c++filt when present)."""
+    """`partial_attention_kernel<float>` for a mangled C++ name (c++filt when present)."""
     tool = shutil.which("c++filt")
     if tool is None:
         return name
@@ -208,9 +214,9 @@ def cuda_extension_stats(arch: int, source: Path = CUDA_SOURCE) -> List[dict]:
     FileNotFoundError without nvcc or the source."""
     nvcc = shutil.which("nvcc")
     if nvcc is None or not source.exists():
-        raise FileNotFoundError("nvcc or csrc/decode_step.cu not found")
+        raise FileNotFoundError(f"nvcc or {source} not found")
     with tempfile.TemporaryDirectory() as tmp:
-        cubin_path = Path(tmp) / "decode_step.cubin"
+        cubin_path = Path(tmp) / "cross_attention_step.cubin"
         subprocess.run([nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++17", "-o", str(cubin_path), str(source)],
                        check=True, capture_output=True, text=True)
         cubin = cubin_path.read_bytes()
@@ -219,7 +225,7 @@ def cuda_extension_stats(arch: int, source: Path = CUDA_SOURCE) -> List[dict]:
     # one listing per function: split on the "Function : name" headers
     sections = re.split(r"\n\s*Function : (\S+)\n", sass)
     per_function = dict(zip(sections[1::2], sections[2::2]))
-    threads = 256  # kThreads in csrc/decode_step_kernel.cuh (__launch_bounds__)
+    threads = csrc_constant("kThreads")
     rows = []
     for name, (registers, stack, shared) in sorted(usage.items()):
         mix = sass_stats(per_function.get(name, ""))
@@ -230,27 +236,27 @@ def cuda_extension_stats(arch: int, source: Path = CUDA_SOURCE) -> List[dict]:
     return rows
 
 
-def report(arch: str = "sm_90", shapes: str = "published", select: Optional[Callable[[dict], bool]] = None,
+def report(arch: str = "sm_90", shapes: str = "published", select: Optional[Callable[[KernelVariant], bool]] = None,
            cuda: bool = True) -> dict:
-    """Compile every variant of every provider for `arch` at the shape set `shapes` (keeping
-    those `select` accepts) and return {"arch", "peaks", "providers", "kernels": [KernelStats
-    as dicts], "cuda_extension": rows or a reason}. Identical compiles are done once (and
-    Triton's cache keeps them across runs)."""
+    """Compile every variant of every op for `arch` at the shape set `shapes` (keeping those
+    `select` accepts) and return {"arch", "peaks", "providers" (per op: "ok" or "not
+    provided"), "kernels": [KernelStats as dicts], "cuda_extension": rows or a reason}.
+    Identical compiles are done once (and Triton's cache keeps them across runs)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the static report compiles kernels: unset TRITON_INTERPRET")
     capability = ARCHS[arch]
     providers, kernels, compiled = {}, [], {}
-    for module in PROVIDERS:
-        variants_of = _provider(module)
-        providers[module] = "not provided" if variants_of is None else "ok"
-        for variant in (variants_of(shapes, capability) if variants_of else []):
+    for op in OPS.values():
+        variants = _variants_of(op, shapes, capability)
+        providers[op.name] = "not provided" if variants is None else "ok"
+        for variant in variants or []:
             if select is not None and not select(variant):
                 continue
-            key = (variant["kernel"].cache_key, repr(sorted(variant["signature"].items())),
-                   repr(sorted(variant["constexprs"].items())), variant["num_warps"], variant["num_stages"],
-                   repr(sorted((k, v % 16 == 0) for k, v in variant.get("int_values", {}).items())))
+            key = (variant.kernel.cache_key, repr(sorted(variant.signature.items())),
+                   repr(sorted(variant.constexprs.items())), variant.num_warps, variant.num_stages,
+                   repr(sorted((k, v % 16 == 0) for k, v in variant.int_values.items())))
             if key not in compiled:
                 compiled[key] = compile_variant(variant, capability)
             kernels.append(dataclasses.asdict(_stats_of(variant, capability, compiled[key])))
@@ -293,7 +299,7 @@ def format_report(result: dict) -> str:
     if isinstance(cuda, str):
         lines.append(f"CUDA extension: {cuda}")
     elif cuda:
-        lines.append("CUDA extension (csrc/decode_step.cu, nvcc; shared memory static only: the dynamic part depends "
+        lines.append("CUDA extension (csrc/cross_attention_step.cu, nvcc; shared memory static only: the dynamic part depends "
                      "on the launch and is not in warps/SM):")
         for row in cuda:
             lines.append(f"  {row['name']}: {row['registers']} regs, stack {row['stack_bytes']} B, spill st/ld "

@@ -3,9 +3,10 @@
 `FusedARMAttention` replaces fastcomer's plain `MultiheadAttention` (batch-first) and
 `CoMERFusedARMAttention` the public CoMER code's `MultiheadAttention` (seq-first, its
 call signature). Both keep the `nn.MultiheadAttention` parameter names, so state dicts
-are unchanged, and pick per call (fastcomer.backends.resolve on the query, with the
-module's `backend` or FASTCOMER_BACKEND): 'triton' runs `fastcomer.ops.arm_attention`,
-'torch' runs the plain module's own forward. The ARM arrives, as in CoMER, as
+are unchanged, and resolve the op's backend once per call (`fastcomer.ops.dispatch.resolve`
+on the query, with the module's `backend` or FASTCOMER_BACKEND): 'triton' runs
+`fastcomer.ops.arm_attention`, 'torch' runs the plain module's own forward (the function the
+op's torch backend computes too). The ARM arrives, as in CoMER, as
 `functools.partial(arm_module, prev_attn, key_padding_mask, height)`; the fused path
 reads the module and its arguments from it.
 """
@@ -16,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import resolve
+from .ops.dispatch import BackendRequest, resolve
 from .model.attention import MultiheadAttention
 from .model.decoder import Decoder, TransformerDecoderLayer
 
@@ -40,7 +41,7 @@ def _unpack_arm(arm) -> Tuple[Optional[nn.Module], Optional[Tensor], Optional[in
 class _FusedAttentionMixin:
     """The fused computation, shared by both layouts; inputs batch-first."""
 
-    backend: Optional[str] = None
+    backend: BackendRequest = None
 
     def fused_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor, arm) -> Tuple[Tensor, Tensor]:
         """query [b, t, d], key and value [b, L, d] -> (out [b, t, d], attention [(b nhead), t, L])."""
@@ -69,12 +70,13 @@ class _FusedAttentionMixin:
         out, attn = arm_attention_op(
             q, k, v, key_padding_mask, height, width, prev_attn, weights, bn_training=bn_training,
             dropout_p=self.dropout if self.training else 0.0,  # precision: eager's float32 policy
+            backend="triton",
         )
         out = out.view(b, n, t, d // n).transpose(1, 2).reshape(b, t, d)
         return self.out_proj(out), attn
 
     def uses_triton(self, query: Tensor) -> bool:
-        return resolve(query, self.backend, cuda_kernels=False) == "triton"
+        return resolve("arm_attention", query, self.backend) == "triton"
 
 
 def _share_attention_parameters(fused: nn.Module, plain: nn.Module) -> None:
@@ -91,12 +93,12 @@ def _share_attention_parameters(fused: nn.Module, plain: nn.Module) -> None:
 class FusedARMAttention(_FusedAttentionMixin, MultiheadAttention):
     """fastcomer's MultiheadAttention (batch-first), its ARM cross-attention fused."""
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, backend: Optional[str] = None):
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, backend: BackendRequest = None):
         super().__init__(embed_dim, num_heads, dropout)
         self.backend = backend
 
     @classmethod
-    def from_module(cls, plain: MultiheadAttention, backend: Optional[str] = None) -> "FusedARMAttention":
+    def from_module(cls, plain: MultiheadAttention, backend: BackendRequest = None) -> "FusedARMAttention":
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.head_dim = plain.head_dim
@@ -117,7 +119,7 @@ class CoMERFusedARMAttention(_FusedAttentionMixin, nn.Module):
     fused; the plain path is the wrapped CoMER module's own forward."""
 
     @classmethod
-    def from_module(cls, plain: nn.Module, backend: Optional[str] = None) -> "CoMERFusedARMAttention":
+    def from_module(cls, plain: nn.Module, backend: BackendRequest = None) -> "CoMERFusedARMAttention":
         if not getattr(plain, "_qkv_same_embed_dim", True) or getattr(plain, "bias_k", None) is not None \
                 or getattr(plain, "add_zero_attn", False):
             raise ValueError("patch() supports CoMER's attention with one in_proj_weight, no bias_k/bias_v, no add_zero_attn")
@@ -142,7 +144,7 @@ class CoMERFusedARMAttention(_FusedAttentionMixin, nn.Module):
 class FusedTransformerDecoderLayer(TransformerDecoderLayer):
     """fastcomer's decoder layer with the fused cross-attention (same parameter names)."""
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, backend: Optional[str] = None):
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, backend: BackendRequest = None):
         super().__init__(d_model, nhead, dim_feedforward, dropout)
         self.multihead_attn = FusedARMAttention.from_module(self.multihead_attn, backend)
 
@@ -150,7 +152,7 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayer):
 class FusedDecoder(Decoder):
     """fastcomer's CoMER decoder with every cross-attention fused (same parameter names)."""
 
-    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+    def __init__(self, *args, backend: BackendRequest = None, **kwargs):
         super().__init__(*args, **kwargs)
         for layer in self.model.layers:
             layer.multihead_attn = FusedARMAttention.from_module(layer.multihead_attn, backend)

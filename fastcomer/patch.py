@@ -15,11 +15,11 @@ from typing import List, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from .backends import requested_backend
 from .model.adapt import is_comer_like
 from .model.attention import MultiheadAttention
 from .model.comer import CoMER
 from .modules import CoMERFusedARMAttention, FusedARMAttention
+from .ops.dispatch import BackendRequest, parse_request
 from .search.hypotheses import Hypothesis
 
 _FUSED = (FusedARMAttention, CoMERFusedARMAttention)
@@ -38,7 +38,7 @@ class EngineBeamSearch:
     `.score`; the score a float where CoMER's is a 0-d tensor). A model in training mode runs
     CoMER's own search: its dropout and batch statistics are not the engine's function."""
 
-    def __init__(self, module: nn.Module, backend: Optional[str]):
+    def __init__(self, module: nn.Module, backend: BackendRequest):
         self.module, self.backend = module, backend
 
     def __call__(self, img: Tensor, img_mask: Tensor, beam_size: int, max_len: int, alpha: float,
@@ -59,7 +59,7 @@ def _public_comers(model: nn.Module):
             yield module
 
 
-def patch(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+def patch(model: nn.Module, backend: BackendRequest = None) -> nn.Module:
     """Fuse every decoder layer's cross-attention (with its ARM) in place and route the public
     code's `CoMER.beam_search` (so `LitCoMER.approximate_joint_search`) to fastcomer's engine;
     returns the model.
@@ -69,7 +69,7 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     get the same backend.
     """
     if backend is not None:
-        requested_backend(backend)  # reject a bad name now, not at the first forward
+        parse_request(backend)  # reject a bad request now, not at the first forward
     found = 0
     for layer in _decoder_layers(model):
         attn = layer.multihead_attn

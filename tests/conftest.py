@@ -25,8 +25,9 @@ def golden_model(golden):
 def graph_policy(monkeypatch):
     """beam_search as on CUDA with graphs (power-of-two slots, done flags read every few
     steps, batches kept across searches), the steps run eagerly."""
-    import fastcomer.search.first_pass as first_pass
-    import fastcomer.search.search_slots as search_slots
+    from fastcomer.ops import dispatch
+    from fastcomer.search import engine_options, search_slots
 
-    monkeypatch.setattr(first_pass.backends, "use_cuda_graphs", lambda device, explicit=None: True)
+    monkeypatch.setattr(dispatch, "use_cuda_graphs", lambda device, explicit=None: True)
+    monkeypatch.setattr(engine_options, "use_cuda_graphs", lambda device, explicit=None: True)
     monkeypatch.setattr(search_slots, "StepGraphs", lambda step, enabled: step)

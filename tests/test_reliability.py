@@ -16,11 +16,12 @@ import torch
 
 from fastcomer import beam_search, decode_images, greedy_search, reference_beam_search
 from fastcomer.cli import main
-from fastcomer.ops.decode_step import fused_cross_attention_step, refresh_prepared_weights
-from fastcomer.ops.decode_step.interface import PreparedARMWeights
+from fastcomer.ops.cross_attention_step import cross_attention_step
+from fastcomer.ops.cross_attention_step.launch import PreparedARMWeights, refresh_prepared_weights
 from fastcomer.search.kept_slots import kept_slots, slots_lease
 from fastcomer.search.options import SearchOptions
 from fastcomer.search.search_slots import FeatureLayout
+from fastcomer.ops.dispatch import DispatchPlan
 
 from support.decode_step_cases import make_step
 from support.paths import REPO
@@ -212,14 +213,14 @@ def test_decode_step_validates_image_index(index):
     step = make_step(2, "both", image_index=(2, 0, 1, -1))  # 3 images
     step["image_index"][2] = index
     with pytest.raises(ValueError, match="image_index must be < 3"):
-        fused_cross_attention_step(**step, backend="torch")
+        cross_attention_step(**step, backend="torch")
 
 
 def test_decode_step_index_check_has_no_host_sync():
     """Off the CPU the index check is a device-side assert: on the meta device, where any read
     of a value on the host raises, the step's check passes through."""
     step = make_step(2, "both", device="meta")
-    from fastcomer.ops.decode_step import check_image_index
+    from fastcomer.ops.cross_attention_step import check_image_index
 
     check_image_index(step["image_index"], 3)
 
@@ -230,16 +231,17 @@ def test_kept_slots_are_never_shared(graph_policy):
     """A search checks kept slots out: one running beside it builds its own; both check theirs
     back in when they end (one set kept per settings), and the next search reuses them."""
     model = random_model(2)
-    lease = (model.decoder, SearchOptions(**SETTINGS), FeatureLayout(2, 3, torch.float64, torch.device("cpu"), "torch"))
+    lease = (model.decoder, SearchOptions(**SETTINGS), FeatureLayout(2, 3, torch.float64, torch.device("cpu"),
+                                                                     DispatchPlan.of("torch", torch.float64, True)))
     with torch.inference_mode():
-        with slots_lease(*lease, graphs=True) as first:
+        with slots_lease(*lease) as first:
             mine = first(2)
-            with slots_lease(*lease, graphs=True) as second:
+            with slots_lease(*lease) as second:
                 theirs = second(2)
                 assert theirs is not mine
             assert list(kept_slots(model.decoder).values()) == [theirs]
         assert list(kept_slots(model.decoder).values()) == [mine]
-        with slots_lease(*lease, graphs=True) as third:
+        with slots_lease(*lease) as third:
             assert third(2) is mine and not kept_slots(model.decoder)
 
 

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from ..kernel_report import format_report, report
 
     modes = set(args.dtypes.split(",")) if args.dtypes else None
-    select = None if modes is None else (lambda variant: variant["dtype"] in modes)
+    select = None if modes is None else (lambda variant: variant.dtype in modes)
     result = report(args.arch, args.shapes, select=select, cuda=not args.no_cuda)
     print(format_report(result))
     if args.json:

@@ -1,11 +1,11 @@
 """The Attention Refinement Module (SPEC section 2), the plain-PyTorch reference.
 
 Every other path of fastcomer (the decoding engine, the Triton and CUDA kernels)
-is checked against this file; `refine_coverage` is the one definition of the
-coverage -> refinement map that they all share.
+is checked against this file; `arm_refinement` is the one definition of the
+coverage -> refinement map (`masked_batch_norm` of its BatchNorm) that they all share.
 """
 import enum
-from typing import NamedTuple, Tuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -60,14 +60,41 @@ class FoldedARM(NamedTuple):
     coverage: CoverageMode
 
 
-class MaskBatchNorm2d(nn.Module):
-    """BatchNorm over channels, applied only at unmasked positions (masked ones keep
-    their input). Training statistics are taken over the unmasked positions only.
+def masked_batch_norm(x: Tensor, mask: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
+                      training: bool) -> Tensor:
+    """BatchNorm over the channels of x [N, C, h, w], applied only where mask [N, h, w] is False
+    (True = padding keeps its input): nn.BatchNorm1d's function on the unmasked positions
+    gathered into rows, computed with masked sums and counts instead of the gather, so that no
+    shape depends on the mask's values (torch.compile and torch.export trace it as one graph).
+    In training (or without running statistics) the statistics are the unmasked positions' and
+    the running ones, when given, are updated in place as nn.BatchNorm1d does (unbiased
+    variance, momentum, or the cumulative average when momentum is None)."""
+    keep = ~mask[:, None]  # [N, 1, h, w]
+    if training or running_mean is None:
+        dims = (0, 2, 3)
+        count = keep.sum().to(x.dtype)
+        mean = torch.where(keep, x, 0.0).sum(dims) / count
+        var = torch.where(keep, x - mean[:, None, None], 0.0).square().sum(dims) / count
+        if training and running_mean is not None:
+            with torch.no_grad():
+                num_batches_tracked.add_(1)
+                # a tensor factor, not float(num_batches_tracked): no host sync, no graph break
+                factor = num_batches_tracked.to(x.dtype).reciprocal() if momentum is None else momentum
+                running_mean.mul_(1 - factor).add_(factor * mean)
+                running_var.mul_(1 - factor).add_(factor * var * count / (count - 1))
+    else:
+        mean, var = running_mean, running_var
+    y = (x - mean[:, None, None]) * torch.rsqrt(var + eps)[:, None, None]
+    if weight is not None:
+        y = y * weight[:, None, None] + bias[:, None, None]
+    return torch.where(keep, y, x)
 
-    The function of nn.BatchNorm1d on the unmasked positions gathered into rows, computed
-    with masked sums and counts instead of the gather, so that no shape depends on the
-    mask's values (torch.compile and torch.export trace it as one graph). `bn` is a plain
-    nn.BatchNorm1d holding the parameters and buffers (CoMER's names and state dict)."""
+
+class MaskBatchNorm2d(nn.Module):
+    """`masked_batch_norm` with the parameters and buffers of `bn`, a plain nn.BatchNorm1d
+    (CoMER's names and state dict)."""
 
     def __init__(self, num_features: int):
         super().__init__()
@@ -76,33 +103,30 @@ class MaskBatchNorm2d(nn.Module):
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x [N, C, h, w], mask [N, h, w] (True = padding) -> [N, C, h, w]."""
         bn = self.bn
-        keep = ~mask[:, None]  # [N, 1, h, w]
-        if bn.training or bn.running_mean is None:
-            mean, var = self.batch_statistics(x, keep)
-        else:
-            mean, var = bn.running_mean, bn.running_var
-        y = (x - mean[:, None, None]) * torch.rsqrt(var + bn.eps)[:, None, None]
-        if bn.affine:
-            y = y * bn.weight[:, None, None] + bn.bias[:, None, None]
-        return torch.where(keep, y, x)
+        return masked_batch_norm(x, mask, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                                 bn.momentum, bn.eps, bn.training)
 
-    def batch_statistics(self, x: Tensor, keep: Tensor) -> Tuple[Tensor, Tensor]:
-        """Mean and biased variance per channel over the kept positions; in training with
-        running statistics, updates them as nn.BatchNorm1d does (unbiased variance, momentum,
-        or the cumulative average when momentum is None)."""
-        bn = self.bn
-        dims = (0, 2, 3)
-        count = keep.sum().to(x.dtype)
-        mean = torch.where(keep, x, 0.0).sum(dims) / count
-        var = torch.where(keep, x - mean[:, None, None], 0.0).square().sum(dims) / count
-        if bn.training and bn.track_running_stats:
-            with torch.no_grad():
-                bn.num_batches_tracked.add_(1)
-                # a tensor factor, not float(num_batches_tracked): no host sync, no graph break
-                factor = bn.num_batches_tracked.to(x.dtype).reciprocal() if bn.momentum is None else bn.momentum
-                bn.running_mean.mul_(1 - factor).add_(factor * mean)
-                bn.running_var.mul_(1 - factor).add_(factor * var * count / (count - 1))
-        return mean, var
+
+def arm_refinement(prev_attn: Tensor, curr_attn: Tensor, key_padding_mask: Tensor, height: int, nhead: int,
+                   coverage: CoverageMode, conv_weight: Tensor, conv_bias: Tensor, proj_weight: Tensor,
+                   normalize: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """The ARM's R (SPEC section 2) from plain tensors: prev_attn, curr_attn [(b nhead), t, L];
+    key_padding_mask [b, L]; conv_weight [dc, C, K, K], conv_bias [dc], proj_weight [nhead, dc,
+    1, 1]; normalize(z [N, nhead, h, w], mask [N, h, w]) the masked BatchNorm.
+    Returns R [(b nhead), t, L], 0 at masked positions."""
+    bn, t, L = curr_attn.shape
+    b, n = bn // nhead, nhead
+    width = L // height
+    parts = ([prev_attn.view(b, n, t, L)] if coverage.uses_cross else []) + \
+            ([curr_attn.view(b, n, t, L)] if coverage.uses_self else [])
+    x = torch.cat(parts, dim=1)  # [b, C, t, L], the previous layer's attention first
+    prefix = x.cumsum(dim=2) - x  # exclusive prefix sum over t, as CoMER computes it
+    prefix = prefix.transpose(1, 2).reshape(b * t, -1, height, width)
+    mask = key_padding_mask.view(b, 1, height, width).expand(b, t, height, width).reshape(b * t, height, width)
+    y = F.relu(F.conv2d(prefix, conv_weight, conv_bias, padding=CONV_PADDING))
+    y = y.masked_fill(mask[:, None], 0.0)
+    r = normalize(F.conv2d(y, proj_weight), mask)
+    return r.view(b, t, n, L).transpose(1, 2).reshape(bn, t, L)
 
 
 class AttentionRefinementModule(nn.Module):
@@ -117,43 +141,32 @@ class AttentionRefinementModule(nn.Module):
         self.proj = nn.Conv2d(dc, nhead, kernel_size=1, bias=False)
         self.post_norm = MaskBatchNorm2d(nhead)
 
-    def coverage_inputs(self, prev_attn: Tensor, curr_attn: Tensor) -> Tensor:
-        """Stack the attentions the ARM accumulates along the channel axis:
-        [b, nhead, t, L] each -> [b, C, t, L], previous layer's first."""
-        parts = []
-        if self.cross_coverage:
-            parts.append(prev_attn)
-        if self.self_coverage:
-            parts.append(curr_attn)
-        return torch.cat(parts, dim=1)
-
-    def refine_coverage(self, coverage: Tensor, mask: Tensor) -> Tensor:
-        """coverage [N, C, h, w], mask [N, h, w] -> R [N, nhead, h, w] (0 where masked)."""
-        y = F.relu(self.conv(coverage))
-        y = y.masked_fill(mask[:, None], 0.0)
-        return self.post_norm(self.proj(y), mask)
-
     def forward(self, prev_attn: Tensor, key_padding_mask: Tensor, height: int, curr_attn: Tensor) -> Tensor:
         """prev_attn, curr_attn [(b nhead), t, L]; key_padding_mask [b, L] -> R [(b nhead), t, L].
 
         The argument order lets a decoder bind (prev_attn, mask, height) with
         functools.partial and hand the attention a function of its own weights.
         """
-        bn, t, L = curr_attn.shape
-        b, n = bn // self.nhead, self.nhead
-        width = L // height
-        x = self.coverage_inputs(prev_attn.view(b, n, t, L), curr_attn.view(b, n, t, L))
-        coverage = x.cumsum(dim=2) - x  # exclusive prefix sum over t, as CoMER computes it
-        coverage = coverage.transpose(1, 2).reshape(b * t, -1, height, width)
-        mask = key_padding_mask.view(b, 1, height, width).expand(b, t, height, width).reshape(b * t, height, width)
-        r = self.refine_coverage(coverage, mask)
-        return r.view(b, t, n, L).transpose(1, 2).reshape(bn, t, L)
+        return arm_refinement(prev_attn, curr_attn, key_padding_mask, height, self.nhead, self.coverage_mode,
+                              self.conv.weight, self.conv.bias, self.proj.weight, self.post_norm)
 
     def fold(self) -> FoldedARM:
-        """The eval-mode ARM with BatchNorm (running statistics) folded into the projection."""
+        """The eval-mode ARM with BatchNorm (running statistics) folded into the projection
+        (the conv's tensors are the module's own; see `folded_copy`)."""
         bn = self.post_norm.bn
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         return FoldedARM(
             self.conv.weight, self.conv.bias, self.proj.weight.flatten(1) * scale[:, None],
             bn.bias - bn.running_mean * scale, self.coverage_mode,
         )
+
+
+def folded_copy(arm: Optional[AttentionRefinementModule]) -> Optional[FoldedARM]:
+    """arm.fold() in tensors of its own (none of them the module's), from the weights as they
+    are now (None without an ARM): folding costs microseconds, so the engine folds afresh at the
+    start of every search rather than trusting a cache to notice every change of the weights."""
+    if arm is None:
+        return None
+    with torch.no_grad():
+        folded = arm.fold()
+    return folded._replace(conv_weight=folded.conv_weight.clone(), conv_bias=folded.conv_bias.clone())

@@ -5,7 +5,7 @@ Rows are grouped in slots of `group` rows that read one image (for the beam sear
 slot is one search: the beams of one image in one direction). Per decoder layer the state holds
 - the cross-attention K/V of each slot's image, computed once and shared by its rows;
 - the self-attention K/V of every row for the steps so far, preallocated to max_len;
-- the ARM coverage running sums of every row (see ops/decode_step/reference.py),
+- the ARM coverage running sums of every row (see ops/cross_attention_step/reference.py),
 so a step costs O(L) per row for the cross-attention and the ARM, whatever the prefix.
 
 Shapes never change and the step counter lives on the device, so a step has no host
@@ -20,9 +20,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..model.arm import AttentionRefinementModule, FoldedARM
-from ..ops.decode_step import coverage_dtype, refresh_prepared_weights
-from ..ops.decode_step.custom_op import decode_step  # the kernels as one custom op under torch.compile
+from ..model.arm import FoldedARM, folded_copy
+from ..ops.cross_attention_step.custom_op import cross_attention_step_op  # kernels: one custom op when traced
+from ..ops.cross_attention_step.launch import refresh_prepared_weights
+from ..ops.dispatch import DispatchPlan
 from ..ops.feed_forward_step import feed_forward_step
 from ..ops.self_attention_step import self_attention_step
 from ..vocab import PAD_IDX
@@ -30,17 +31,6 @@ from ..vocab import PAD_IDX
 # With CUDA graphs prefix windows are multiples of this: at most WINDOW_STEP - 1 wasted
 # positions per step, and max_len / WINDOW_STEP windows (graphs) per state.
 WINDOW_STEP = 32
-
-
-def folded_arm(arm: Optional[AttentionRefinementModule]) -> Optional[FoldedARM]:
-    """arm.fold() in tensors of its own (none of them the module's), from the weights as they
-    are now: folding costs microseconds, so a state folds afresh at the start of every search
-    rather than trusting a cache to notice every change of the weights."""
-    if arm is None:
-        return None
-    with torch.no_grad():
-        folded = arm.fold()
-    return folded._replace(conv_weight=folded.conv_weight.clone(), conv_bias=folded.conv_bias.clone())
 
 
 def prefix_window(length: int, max_len: int, graphs: bool) -> int:
@@ -61,23 +51,23 @@ class DecodingState:
     REORDERED = {"tokens": (0, None), "self_keys": (1, 4), "self_values": (1, 3), "coverage": (1, None)}
 
     def __init__(self, decoder, slots: int, group: int, height: int, width: int, max_len: int,
-                 dtype: torch.dtype, device, backend: str, fixed_addresses: bool = False):
+                 dtype: torch.dtype, device, plan: DispatchPlan, fixed_addresses: bool = False):
         """Buffers for `slots` slots of `group` rows, each reading one image of h x w features, up to max_len
-        tokens per row. backend: the resolved backend of the cross-attention step, 'torch',
-        'triton' or 'cuda' (`fastcomer.backends.resolve`). fixed_addresses: the state tensors
+        tokens per row. plan: the search's dispatch plan (`fastcomer.ops.dispatch.decoding_plan`):
+        each step op's backend and the coverage dtype. fixed_addresses: the state tensors
         never move (CUDA graphs read them by address): a reorder copies the gathered rows
         back instead of swapping buffers."""
         layers = decoder.model.layers
         d = decoder.proj.in_features
         self.decoder = decoder
-        self.arm = folded_arm(decoder.model.arm)
+        self.arm = folded_copy(decoder.model.arm)
         self.nhead = decoder.nhead
         self.slots, self.group, self.rows = slots, group, slots * group
         self.height, self.length = height, height * width
         self.max_len = max_len
         head_dim = d // self.nhead
         like = torch.empty(0, dtype=dtype, device=device)
-        self.backend = backend
+        self.plan = plan
         self.memory_kv = like.new_zeros(len(layers), 2, slots, self.nhead, self.length, head_dim)
         self.memory_mask = torch.ones(slots, self.length, dtype=torch.bool, device=device)
         self.slot_of_row = torch.arange(slots, dtype=torch.int32, device=device).repeat_interleave(group)
@@ -93,7 +83,7 @@ class DecodingState:
         # layer's [rows, C, L] is contiguous, as the torch path's convolution reads it (no copy).
         channels = self.arm.coverage.channels(self.nhead) if self.arm else 0
         self.coverage = (like.new_zeros(len(layers) - 1, self.rows, channels, self.length,
-                                        dtype=coverage_dtype(backend, dtype)) if self.arm else None)
+                                        dtype=plan.coverage_dtype) if self.arm else None)
         self.tokens = torch.full((self.rows, max_len), PAD_IDX, dtype=torch.long, device=device)
         # A reorder gathers into these spares (index_select, a row copy each), then swaps them
         # with the state's, or with fixed addresses copies them back. Zeros, like the state's:
@@ -109,7 +99,7 @@ class DecodingState:
         if feature.shape[:3] != (self.slots, self.height, self.length // self.height):
             raise ValueError(f"feature must be [{self.slots}, {self.height}, {self.length // self.height}, d], "
                              f"got {tuple(feature.shape)}")
-        self.refresh_arm(folded_arm(self.decoder.model.arm))
+        self.refresh_arm(folded_copy(self.decoder.model.arm))
         memory = feature.reshape(self.slots, self.length, -1)
         for j, layer in enumerate(self.decoder.model.layers):
             for kind, x in enumerate(layer.multihead_attn.project_key_value(memory)):
@@ -173,19 +163,20 @@ class DecodingState:
         """The decoder's logits for the newest token of every row: [rows, vocab]. Each layer is
         three ops, which run fused on the kernel backends: the self-attention block (and the
         cross-attention's query), the cross-attention step with the ARM, the layer's tail."""
-        decoder, position = self.decoder, self.position.view(1)
+        decoder, position, plan = self.decoder, self.position.view(1), self.plan
         newest = self.tokens.index_select(1, position).view(-1)
         x = decoder.norm(decoder.word_embed(newest) + decoder.pos_enc.pe.index_select(0, position))
         returned = None  # the attention the previous layer returned at this step
         for j, layer in enumerate(decoder.model.layers):
             x, q = self_attention_step(x, layer, self.self_keys[j], self.self_values[j], self.tokens, self.position,
-                                       window, backend=self.backend)
+                                       window, backend=plan["self_attention_step"])
             coverage = None if self.coverage is None or j == 0 else self.coverage[j - 1]
             k, v = self.memory_kv[j]
-            out, returned = decode_step(
+            out, returned = cross_attention_step_op(
                 q.view(self.rows, self.nhead, -1), k, v, self.memory_mask, self.image_index,
-                self.height, self.arm, coverage, returned, backend=self.backend, rows_per_image=self.group,
+                self.height, self.arm, coverage, returned, backend=plan["cross_attention_step"],
+                rows_per_image=self.group,
                 index_checked=True,  # built by skip_slots: each row reads its slot's image, or -1
             )
-            x = feed_forward_step(x, out.reshape(self.rows, -1), layer, backend=self.backend)
+            x = feed_forward_step(x, out.reshape(self.rows, -1), layer, backend=plan["feed_forward_step"])
         return decoder.proj(x)

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backends
 from ..model.adapt import as_comer
+from ..ops.dispatch import BackendRequest
 from ..vocab import EOS_IDX, PAD_IDX, SOS_IDX
 from .decoding_state import DecodingState, prefix_window
+from .engine_options import EngineOptions
 from .first_pass import first_pass
 from .hypotheses import BeamSearchOutput, Hypothesis, no_images_output
 from .options import SearchOptions, check_search_args, search_directions
@@ -31,7 +32,7 @@ def beam_search(
     temperature: float = 1.0,
     return_details: bool = False,
     direction: str = "both",
-    backend: Optional[str] = None,
+    backend: BackendRequest = None,
     graphs: Optional[bool] = None,
     threads: Optional[int] = None,
 ) -> Union[List[Hypothesis], BeamSearchOutput]:
@@ -43,10 +44,14 @@ def beam_search(
     direction "both" is CoMER's bidirectional search with rescoring by the opposite
     direction; "l2r" or "r2l" runs that direction's searches alone, without rescoring:
     each image's answer is its best first-pass hypothesis (first maximum wins) and
-    BeamSearchOutput.rescore is None. backend picks the cross-attention step: 'auto' (the
-    fused kernels for CUDA float32/16/bf16 models), 'cuda', 'triton' or 'torch'; None reads
-    FASTCOMER_BACKEND. The kernels compute the same function in float32 arithmetic, so
-    answers equal the reference's up to float32 near-ties. graphs: replay the steps as CUDA
+    BeamSearchOutput.rescore is None. backend picks each decoding op's implementation, resolved
+    once per search (`fastcomer.ops.dispatch`): 'auto' (for CUDA float32/16/bf16 models the
+    fused kernels, the cross-attention step on the CUDA extension when it is built, Triton
+    otherwise; plain PyTorch on the CPU), 'triton' or 'torch' for every op, or a mapping
+    op -> backend such as {'cross_attention_step': 'cuda'} (only that op has a CUDA
+    implementation, so 'cuda' for every op raises); None reads FASTCOMER_BACKEND. The kernels
+    compute the same function in float32 arithmetic, so answers equal the reference's up to
+    float32 near-ties. graphs: replay the steps as CUDA
     graphs (same results, less launch overhead); None reads FASTCOMER_CUDA_GRAPHS, whose
     default `auto` means on for models on CUDA. threads: torch's intra-op threads during
     the search (restored afterwards); None reads FASTCOMER_THREADS, default 1, the fastest
@@ -57,12 +62,13 @@ def beam_search(
     returns [] (with return_details, empty lists).
     """
     model = as_comer(model)  # fastcomer's CoMER, the public code's CoMER or LitCoMER
+    engine = EngineOptions(next(model.parameters()).device, backend, graphs, threads)
     check_search_args(model, img, img_mask, beam_size, max_len, temperature, alpha, early_stopping)
     options = SearchOptions(beam_size, max_len, alpha, early_stopping, temperature, direction)
     if img.shape[0] == 0:
         return no_images_output(img, return_details, rescored=len(options.l2r) == 2)
     feature, mask = model.encoder(img, img_mask)
-    hyps, scores = first_pass(model.decoder, feature, mask, options, backend, graphs)
+    hyps, scores = first_pass(model.decoder, feature, mask, options, engine.plan(model.decoder, feature))
     batch = feature.shape[0]
     if len(options.l2r) == 1:
         best = select_best(hyps, scores, batch, beam_size, options.l2r)
@@ -82,7 +88,7 @@ def greedy_search(
     alpha: float = 1.0,
     temperature: float = 1.0,
     direction: str = "l2r",
-    backend: Optional[str] = None,
+    backend: BackendRequest = None,
     threads: Optional[int] = None,
 ) -> List[Hypothesis]:
     """Per image the most likely token at every step, in one direction ("l2r" or "r2l"),
@@ -93,6 +99,7 @@ def greedy_search(
     backend, threads: as beam_search's.
     """
     model = as_comer(model)  # fastcomer's CoMER, the public code's CoMER or LitCoMER
+    engine = EngineOptions(next(model.parameters()).device, backend, threads=threads)
     check_search_args(model, img, img_mask, 1, max_len, temperature, alpha)
     (forward,) = search_directions(direction, ("l2r", "r2l"))
     if img.shape[0] == 0:
@@ -101,7 +108,7 @@ def greedy_search(
     feature, mask = model.encoder(img, img_mask)
     batch, h, w, _ = feature.shape
     state = DecodingState(model.decoder, batch, 1, h, w, max_len, feature.dtype, feature.device,
-                          backends.resolve(feature, backend))
+                          engine.plan(model.decoder, feature, graphs=False))
     state.start(feature, mask, torch.full((batch,), start, device=feature.device))
     sums = feature.new_zeros(batch)
     ended = torch.zeros(batch, dtype=torch.bool, device=feature.device)

@@ -7,13 +7,13 @@ of fewer slots (a power of two of them with graphs, so that few graphs serve eve
 Done searches' rows stay until then, frozen out of the finished lists (the cross-attention
 step skips them).
 """
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 from torch import Tensor
 
-from .. import backends
+from ..ops.beam_scorer_step import FinishedLists
+from ..ops.dispatch import DispatchPlan
 from .decoding_state import prefix_window
-from .finished_lists import FinishedLists
 from .kept_slots import slots_lease
 from .options import SearchOptions
 from .search_slots import FeatureLayout
@@ -23,21 +23,20 @@ from .search_slots import FeatureLayout
 GRAPH_SYNC_EVERY = 8
 
 
-def first_pass(
-    decoder, feature: Tensor, mask: Tensor, options: SearchOptions, backend: Optional[str] = None,
-    graphs: Optional[bool] = None,
-) -> Tuple[List[List[int]], Tensor]:
-    """The beam searches of every image in the given directions. Returns the finished
-    lists, item after item (all images' first direction, then the second), hypotheses
-    without their start token, and their float32 scores, as `reference._first_pass`."""
+def first_pass(decoder, feature: Tensor, mask: Tensor, options: SearchOptions,
+               plan: DispatchPlan) -> Tuple[List[List[int]], Tensor]:
+    """The beam searches of every image in the given directions, run as `plan` says
+    (`fastcomer.ops.dispatch.decoding_plan`). Returns the finished lists, item after item (all
+    images' first direction, then the second), hypotheses without their start token, and
+    their float32 scores, as `reference._first_pass`."""
     batch, h, w, _ = feature.shape
-    graphs = backends.use_cuda_graphs(feature.device, graphs)
-    features = FeatureLayout(h, w, feature.dtype, feature.device, backends.resolve(feature, backend))
+    graphs = plan.graphs
+    features = FeatureLayout(h, w, feature.dtype, feature.device, plan)
     max_len, directions = options.max_len, len(options.l2r)
     slots = (lambda n: 1 << (n - 1).bit_length()) if graphs else (lambda n: n)
     sync_every = GRAPH_SYNC_EVERY if graphs else 1
 
-    with slots_lease(decoder, options, features, graphs) as make_batch:
+    with slots_lease(decoder, options, features) as make_batch:
         results = FinishedLists(batch * directions, options.beam_size, max_len, options.alpha, options.early_stopping,
                                 feature.device)
         current = make_batch(slots(batch * directions))

@@ -30,15 +30,14 @@ def kept_slots(decoder) -> "collections.OrderedDict[tuple, SearchSlots]":
 
 
 @contextlib.contextmanager
-def slots_lease(decoder, options: SearchOptions, features: FeatureLayout,
-                graphs: bool) -> Iterator[Callable[[int], SearchSlots]]:
+def slots_lease(decoder, options: SearchOptions, features: FeatureLayout) -> Iterator[Callable[[int], SearchSlots]]:
     """`with slots_lease(...) as make_slots`: make_slots(items) gives SearchSlots of that many
-    item slots for one search. With graphs, slot sets (and their captured graphs) kept from
+    item slots for one search. With graphs (features.plan.graphs), slot sets (and their captured graphs) kept from
     an earlier search of the same settings are checked out for this search alone, and with
     those it built are checked back in when it ends (not when it fails: their state is then
     unknown), for later searches, as long as the decoder's tensors stay where they are."""
-    if not graphs:
-        yield lambda items: SearchSlots(decoder, items, options, features, graphs=False)
+    if not features.plan.graphs:
+        yield lambda items: SearchSlots(decoder, items, options, features)
         return
     kept = _kept.get(decoder, (*decoder.parameters(), *decoder.buffers()), collections.OrderedDict)
     used = {}
@@ -49,7 +48,7 @@ def slots_lease(decoder, options: SearchOptions, features: FeatureLayout,
             slots = kept.pop(key, None)
         if slots is None:
             # a weak proxy: the cache, keyed weakly on the decoder, must not keep it alive
-            slots = SearchSlots(weakref.proxy(decoder), items, options, features, graphs=True)
+            slots = SearchSlots(weakref.proxy(decoder), items, options, features)
         used[key] = slots
         return slots
 

@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..model.arm import FoldedARM
-from ..ops.decode_step.reference import refine_folded
+from ..model.arm import FoldedARM, folded_copy
+from ..ops.cross_attention_step.reference import refine_folded
 from ..vocab import EOS_IDX, PAD_IDX, SOS_IDX
-from .decoding_state import folded_arm
 from .hypotheses import Hypothesis
 
 
@@ -133,7 +132,7 @@ def teacher_forced_logits(decoder, memory_kv: Sequence[Tuple[Tensor, Tensor]], k
     """`Decoder.forward` of rows tgt [n, t] that read one image: its memory K/V per layer
     ([nhead, L, head_dim] each) and key_padding_mask [L] -> logits [n, t, vocab]. Outputs
     at PAD positions of tgt are not the reference's (the scores ignore them)."""
-    arm = folded_arm(decoder.model.arm)
+    arm = folded_copy(decoder.model.arm)
     t = tgt.shape[1]
     pad = tgt == PAD_IDX
     causal = torch.ones(t, t, dtype=torch.bool, device=tgt.device).triu_(1)

@@ -1,7 +1,7 @@
 """The first pass's static buffers for a set of searches, and one beam step over them.
 
 A step is device work only, on static buffers: one decoder step for every row, then the
-beam scorer vectorised over items and candidates (`ops.beam_scorer`: top-k, end tokens of
+beam scorer vectorised over items and candidates (`ops.beam_scorer_step`: top-k, end tokens of
 both directions, the finished lists, done flags; one kernel on the kernel backends), then one gather that reorders the state and the append
 of the next tokens; so it can be replayed as a CUDA graph (`cuda_graphs.py`).
 """
@@ -11,24 +11,24 @@ from typing import List
 import torch
 from torch import Tensor
 
-from ..ops.beam_scorer import beam_scorer_step
+from ..ops.beam_scorer_step import FinishedLists, beam_scorer_step
+from ..ops.dispatch import DispatchPlan
 from ..vocab import EOS_IDX, SOS_IDX
 from .cuda_graphs import StepGraphs
 from .decoding_state import DecodingState
-from .finished_lists import FinishedLists
 from .options import SearchOptions
 
 
 @dataclass(frozen=True)
 class FeatureLayout:
     """What the encoder produced and how the step runs on it: the feature map's size, its
-    dtype and device, and the resolved cross-attention backend."""
+    dtype and device, and the search's dispatch plan."""
 
     height: int
     width: int
     dtype: torch.dtype
     device: torch.device
-    backend: str
+    plan: DispatchPlan
 
 
 class SearchSlots:
@@ -37,11 +37,11 @@ class SearchSlots:
     (per item: beam scores, done flag, finished list, and its place in the output order, -1
     for a filler slot)."""
 
-    def __init__(self, decoder, items: int, options: SearchOptions, features: FeatureLayout, graphs: bool):
+    def __init__(self, decoder, items: int, options: SearchOptions, features: FeatureLayout):
         self.l2r, self.items, self.beam_size, self.temperature = options.l2r, items, options.beam_size, options.temperature
         dtype, device = features.dtype, features.device
         self.state = DecodingState(decoder, items, options.beam_size, features.height, features.width, options.max_len,
-                                   dtype, device, features.backend, fixed_addresses=graphs)
+                                   dtype, device, features.plan, fixed_addresses=features.plan.graphs)
         self.finished = FinishedLists(items, options.beam_size, options.max_len, options.alpha, options.early_stopping,
                                       device)
         self.end_token = torch.full((items,), EOS_IDX, device=device)
@@ -49,7 +49,7 @@ class SearchSlots:
         # CoMER starts the beam scores as float32 zeros; adding the log-probabilities promotes them.
         self.beam_scores = torch.zeros(items, options.beam_size, dtype=torch.promote_types(dtype, torch.float32), device=device)
         self.done = torch.ones(items, dtype=torch.bool, device=device)
-        self.run = StepGraphs(self.step, graphs)
+        self.run = StepGraphs(self.step, features.plan.graphs)
 
     def start(self, feature: Tensor, mask: Tensor) -> None:
         """A new search of every image of feature [batch, h, w, d] in each direction: item
@@ -89,7 +89,8 @@ class SearchSlots:
         state.skip_slots(self.done)
         logits = state.step(window)
         parents, next_tokens = beam_scorer_step(logits, self.temperature, self.beam_scores, self.done, self.end_token,
-                                                self.finished, state.tokens, state.position, backend=state.backend)
+                                                self.finished, state.tokens, state.position,
+                                                backend=state.plan["beam_scorer_step"])
         state.reorder(parents, window)
         state.append(next_tokens)
 

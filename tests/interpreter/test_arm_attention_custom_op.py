@@ -8,7 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tes
 import pytest
 import torch
 
-from fastcomer.ops import ARMWeights, arm_attention
+from fastcomer.ops.arm_attention import ARMWeights, arm_attention
 from fastcomer.ops.arm_attention.custom_op import arm_attention_through_op
 
 from support.arm_cases import ARM_PARAMS, make_arm, make_inputs, make_mask
@@ -26,7 +26,7 @@ def test_op_matches_entry(training, dropout_p):
         arm = make_arm(NHEAD, DC, "both", training)
         tensors = [x.clone().requires_grad_() for x in inputs]
         out, attn = call(*tensors[:3], mask, h, w, tensors[3], ARMWeights.from_module(arm), bn_training=training,
-                         dropout_p=dropout_p, seed=7)
+                         dropout_p=dropout_p, seed=7, backend="triton")
         params = [arm.get_parameter(name) for name in ARM_PARAMS]
         grads = torch.autograd.grad((out * grad_out).sum() + (attn * grad_attn).sum(), tensors + params)
         bn = arm.post_norm.bn
@@ -36,18 +36,18 @@ def test_op_matches_entry(training, dropout_p):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_decode_step_op_matches_dispatcher():
-    """torch.ops.fastcomer.decode_step on the Triton backend: the dispatcher's outputs and
+def test_cross_attention_step_op_matches_entry():
+    """torch.ops.fastcomer.cross_attention_step on the Triton backend: the entry's outputs and
     in-place coverage update (the op's declared mutation)."""
-    from fastcomer.ops.decode_step import fused_cross_attention_step
+    from fastcomer.ops.cross_attention_step import cross_attention_step
 
     from support.decode_step_cases import clone, make_step
 
     step = make_step(2, "both")
     direct = clone(step)
-    want, want_returned = fused_cross_attention_step(**direct, backend="triton")
+    want, want_returned = cross_attention_step(**direct, backend="triton")
     arm = step["arm"]
-    got, got_returned = torch.ops.fastcomer.decode_step(
+    got, got_returned = torch.ops.fastcomer.cross_attention_step(
         step["q"], step["k"], step["v"], step["key_padding_mask"], step["image_index"], step["height"], *arm[:4],
         arm.coverage.value, step["coverage"], step["prev_attn"], "triton", None, False)
     torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -7,7 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tes
 import pytest
 import torch
 
-from fastcomer.ops import ARMWeights, arm_attention
+from fastcomer.ops.arm_attention import ARMWeights, arm_attention
 
 from support.arm_cases import check_gradients, check_layer, grads_of, make_arm, make_inputs, make_mask, plain_layer
 from support.asserts import assert_close_rel
@@ -40,7 +40,7 @@ def test_without_arm_is_plain_attention():
     mask = make_mask(b, h, w)
     (q, k, v, _), upstream = make_inputs(b, NHEAD, HEAD_DIM, t, h, w)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out, attn = arm_attention(q, k, v, mask, h, w)
+    out, attn = arm_attention(q, k, v, mask, h, w, backend="triton")
     ref_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_out, ref_attn = plain_layer(*ref_inputs, mask, h, None, None, NHEAD)
     assert_close_rel(out, ref_out, RTOL, "output")
@@ -62,7 +62,7 @@ def test_dropout_statistics_and_seeds():
     (q, k, v, prev), _ = make_inputs(b, NHEAD, HEAD_DIM, t, h, w)
     arm = make_arm(NHEAD, DC, "both", training=True)
     run = lambda seed: arm_attention(q, k, v, mask, h, w, prev, ARMWeights.from_module(arm), bn_training=True,
-                                     dropout_p=p, seed=seed)
+                                     dropout_p=p, seed=seed, backend="triton")
     out, attn = run(7)
     out2, attn2 = run(7)
     assert torch.equal(out, out2) and torch.equal(attn, attn2)
@@ -79,13 +79,13 @@ def test_bad_inputs_raise():
     (q, k, v, prev), _ = make_inputs(b, NHEAD, HEAD_DIM, t, h, w)
     weights = ARMWeights.from_module(make_arm(NHEAD, DC, "both", False))
     with pytest.raises(ValueError, match="height"):
-        arm_attention(q, k, v, mask, 4, w, prev, weights)
+        arm_attention(q, k, v, mask, 4, w, prev, weights, backend="triton")
     with pytest.raises(ValueError, match="prev_attn"):
-        arm_attention(q, k, v, mask, h, w, None, weights)
-    with pytest.raises(ValueError, match="float64"):
-        arm_attention(q.double(), k.double(), v.double(), mask, h, w, prev.double(), weights)
+        arm_attention(q, k, v, mask, h, w, None, weights, backend="triton")
+    with pytest.raises(ValueError, match=r"backend 'triton' \(arm_attention\) runs .*got torch.float64"):
+        arm_attention(q.double(), k.double(), v.double(), mask, h, w, prev.double(), weights, backend="triton")
     with pytest.raises(ValueError, match="bool"):
-        arm_attention(q, k, v, mask.float(), h, w, prev, weights)
+        arm_attention(q, k, v, mask.float(), h, w, prev, weights, backend="triton")
 
 
 @pytest.mark.parametrize("coverage", ["cross", "self", "both"])
@@ -102,10 +102,10 @@ def test_dropout_gradients_match_plain_path_with_the_same_masks(coverage):
     arm64, arm_low = copy.deepcopy(arm).double(), copy.deepcopy(arm)
     fused_in = [x.clone().requires_grad_() for x in inputs]
     out, attn = arm_attention(*fused_in[:3], mask, h, w, fused_in[3], ARMWeights.from_module(arm), bn_training=True,
-                              dropout_p=p, seed=seed)
+                              dropout_p=p, seed=seed, backend="triton")
     assert (attn[~mask.view(b, 1, 1, -1).expand(b, NHEAD, t, h * w).reshape(attn.shape)] == 0).any()
     keep_refined = attn.detach() != 0
-    keep_unrefined = arm_attention(*inputs[:3], mask, h, w, dropout_p=p, seed=seed)[1] != 0
+    keep_unrefined = arm_attention(*inputs[:3], mask, h, w, dropout_p=p, seed=seed, backend="triton")[1] != 0
 
     def plain(q, k, v, prev, arm):
         scores = torch.bmm(q, k.transpose(1, 2))

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from fastcomer.ops.beam_scorer import beam_scorer_step
-from fastcomer.search.finished_lists import FIELDS, FinishedLists
+from fastcomer.ops.beam_scorer_step import beam_scorer_step
+from fastcomer.ops.beam_scorer_step.finished_lists import FIELDS, FinishedLists
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (tests/run.sh does it)", allow_module_level=True)

@@ -1,5 +1,5 @@
 """The Triton decode step (through Triton's interpreter, on CPU) against the reference
-`fastcomer.ops.decode_step.cross_attention_step`."""
+`fastcomer.ops.cross_attention_step.cross_attention_step`."""
 import os
 
 import pytest
@@ -7,8 +7,8 @@ import torch
 
 from support.asserts import assert_close_rel
 from support.decode_step_cases import COVERAGE_MODES, check_against_torch, check_chain, clone, make_chain, make_step
-from fastcomer.ops.decode_step.reference import cross_attention_step
-from fastcomer.ops.decode_step import fused_cross_attention_step
+from fastcomer.ops.cross_attention_step.reference import grouped_cross_attention_step
+from fastcomer.ops.cross_attention_step import cross_attention_step
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (tests/run.sh does it)", allow_module_level=True)
@@ -24,17 +24,17 @@ def test_triton_matches_reference(nhead, mode, refine):
 def test_triton_chained_layers_and_steps(mode):
     """Three layers over four steps, each layer's coverage a slice of one all-layers tensor:
     the coverage each layer refines with holds only the earlier steps."""
-    check_chain(make_chain(2, mode), lambda *args: fused_cross_attention_step(*args, backend="triton"))
+    check_chain(make_chain(2, mode), lambda *args: cross_attention_step(*args, backend="triton"))
 
 
 def test_torch_path_is_the_reference_on_grouped_rows():
-    """The flat-row torch path equals cross_attention_step on rows grouped [I, G]."""
+    """The flat-row torch path equals grouped_cross_attention_step on rows grouped [I, G]."""
     step = make_step(8, "both", image_index=(0, 0, 1, 1, 2, 2))
     grouped = clone(step)
     flat_step = clone(step)
-    flat, flat_returned = fused_cross_attention_step(**flat_step, backend="torch")
+    flat, flat_returned = cross_attention_step(**flat_step, backend="torch")
     images, nhead, L, head_dim = step["k"].shape
-    expected, expected_returned = cross_attention_step(
+    expected, expected_returned = grouped_cross_attention_step(
         grouped["q"].view(images, 2, nhead, head_dim), grouped["k"], grouped["v"], grouped["key_padding_mask"],
         grouped["height"], grouped["arm"], grouped["coverage"], grouped["prev_attn"],
     )
@@ -50,8 +50,8 @@ def test_rows_per_image_share_the_slot(image_index):
     and keep their coverage."""
     step = make_step(2, "both", image_index=image_index, height=6, width=7)
     expected_step, actual_step = clone(step), clone(step)
-    expected, expected_returned = fused_cross_attention_step(**expected_step, backend="torch")
-    actual, returned = fused_cross_attention_step(**actual_step, backend="triton", rows_per_image=2)
+    expected, expected_returned = cross_attention_step(**expected_step, backend="torch")
+    actual, returned = cross_attention_step(**actual_step, backend="triton", rows_per_image=2)
     assert_close_rel(actual, expected, 1e-5, "A'V")
     assert_close_rel(returned, expected_returned, 1e-5, "returned")
     assert_close_rel(actual_step["coverage"], expected_step["coverage"], 1e-5, "coverage")
@@ -63,9 +63,9 @@ def test_rows_per_image_share_the_slot(image_index):
 def test_rows_per_image_is_checked():
     step = make_step(2, "both", image_index=(0, 0, 1, 2, 2, 1))
     with pytest.raises(ValueError, match="row r must read image r // rows_per_image"):
-        fused_cross_attention_step(**step, backend="triton", rows_per_image=2)
+        cross_attention_step(**step, backend="triton", rows_per_image=2)
     with pytest.raises(ValueError, match="6 rows are not 3 images x rows_per_image=3"):
-        fused_cross_attention_step(**step, backend="triton", rows_per_image=3)
+        cross_attention_step(**step, backend="triton", rows_per_image=3)
 
 
 def test_odd_sizes_and_several_tiles():
@@ -77,7 +77,7 @@ def test_inactive_rows_are_untouched():
     step = make_step(2, "both", image_index=(1, -1, 0, -1, 2))
     inactive = torch.tensor([1, 3])
     before = clone(step)
-    out, returned = fused_cross_attention_step(**step, backend="triton")
+    out, returned = cross_attention_step(**step, backend="triton")
     assert torch.equal(out[inactive], torch.zeros_like(out[inactive]))
     assert torch.equal(returned[inactive], torch.zeros_like(returned[inactive]))
     assert torch.equal(step["coverage"][inactive], before["coverage"][inactive])
@@ -96,13 +96,13 @@ def test_int64_image_index_and_strided_kv():
 def test_bad_inputs_raise_clearly():
     step = make_step(2, "both")
     with pytest.raises(ValueError, match="image_index must be int32/int64"):
-        fused_cross_attention_step(**{**step, "image_index": step["image_index"].float()}, backend="triton")
+        cross_attention_step(**{**step, "image_index": step["image_index"].float()}, backend="triton")
     with pytest.raises(ValueError, match="coverage must be"):
-        fused_cross_attention_step(**{**step, "coverage": step["coverage"][:, :2]}, backend="triton")
+        cross_attention_step(**{**step, "coverage": step["coverage"][:, :2]}, backend="triton")
     with pytest.raises(ValueError, match="height 4 does not divide"):
-        fused_cross_attention_step(**{**step, "height": 4}, backend="triton")
+        cross_attention_step(**{**step, "height": 4}, backend="triton")
     with pytest.raises(ValueError, match="prev_attn .* is needed"):
-        fused_cross_attention_step(**{**step, "prev_attn": None}, backend="triton")
+        cross_attention_step(**{**step, "prev_attn": None}, backend="triton")
 
 
 @pytest.mark.parametrize("changed", ["conv_weight", "shift"])
@@ -110,7 +110,7 @@ def test_padded_weights_are_prepared_once_per_arm(monkeypatch, changed):
     """The kernel's zero-padded ARM weights are prepared on the first call and the same tensors
     (a CUDA graph of the step needs them at fixed addresses) reused on later calls; changing a
     weight in place (the key conv_weight or another) prepares them again."""
-    from fastcomer.ops.decode_step import triton_kernel as decode_step_triton
+    from fastcomer.ops.cross_attention_step import triton_kernel as decode_step_triton
 
     launches = []  # the (conv_weight, conv_bias, proj_weight, shift) each launch read
     kernel = decode_step_triton._refinement_kernel

@@ -17,6 +17,7 @@ from fastcomer import CoMER
 from fastcomer.model.comer import CoMERConfig
 from fastcomer.search.options import SearchOptions
 from fastcomer.search.search_slots import FeatureLayout, SearchSlots
+from fastcomer.ops.dispatch import DispatchPlan
 from support.launch_count import counting_launches
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -35,8 +36,8 @@ def test_beam_step_launches_at_most_40_kernels():
     height, width = 1, 2
     options = SearchOptions(max_len=4)
     assert (options.beam_size, options.direction) == (10, "both")
-    layout = FeatureLayout(height, width, torch.float32, torch.device("cpu"), "triton")
-    slots = SearchSlots(model.decoder, 2, options, layout, graphs=False)
+    layout = FeatureLayout(height, width, torch.float32, torch.device("cpu"), DispatchPlan.of("triton", torch.float32, False))
+    slots = SearchSlots(model.decoder, 2, options, layout)
     with torch.no_grad():
         slots.start(torch.randn(1, height, width, model.decoder.d_model), torch.zeros(1, height, width, dtype=torch.bool))
         slots.step(2)  # the first step: lazy initialisations (folded ARM, prepared weights) happen here

@@ -46,7 +46,7 @@ def test_reduced_precision(dtype, precision, rtol):
 
 
 def test_dropout_statistics_and_replay():
-    from fastcomer.ops import ARMWeights, arm_attention
+    from fastcomer.ops.arm_attention import ARMWeights, arm_attention
     from support.arm_cases import make_arm, make_inputs, make_mask
 
     b, t, h, w, p = BATCH, 32, 16, 64, 0.3

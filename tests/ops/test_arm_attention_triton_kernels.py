@@ -21,8 +21,8 @@ MODES = {90: ("fp32-ieee", "fp32-tf32", "bf16", "fp16"), 80: ("fp32-tf32", "bf16
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernels_compile_within_shared_memory(arch):
-    variants = [v for v in kernel_variants("small", arch) if v["dtype"] in MODES[arch]]
+    variants = [v for v in kernel_variants("small", arch) if v.dtype in MODES[arch]]
     assert len(variants) == 9 * len(MODES[arch])
     for variant in variants:  # one shape: every variant is a distinct compile
         shared = compile_variant(variant, arch).metadata.shared
-        assert shared <= SHARED_MEMORY_LIMIT[arch], f"{variant['name']}: {shared} bytes of shared memory"
+        assert shared <= SHARED_MEMORY_LIMIT[arch], f"{variant.name}: {shared} bytes of shared memory"

@@ -1,4 +1,4 @@
-"""csrc's CUDA decode-step kernels, compiled for the host with tests/support/cuda_emulation.h
+"""csrc's CUDA cross-attention step kernels, compiled for the host with tests/support/cuda_emulation.h
 (each block as 128 threads with real barriers, wmma tiles with TF32 rounding), run with csrc's
 own launch plan against the reference: the kernels' logic, the split of L and its merge, and
 the 3xTF32 products' accuracy are checked here without a GPU. __expf, FMA contraction and
@@ -14,10 +14,13 @@ import torch
 from support.asserts import assert_close_rel
 from support.paths import REPO
 from support.decode_step_cases import COVERAGE_MODES, check_chain, clone, make_chain, make_step
-from fastcomer.ops.decode_step import fused_cross_attention_step
-from fastcomer.ops.decode_step.interface import check_inputs, launch_plan, plan
+from fastcomer.ops.cross_attention_step import cross_attention_step
+from fastcomer.kernel_report import csrc_constant
+from fastcomer.ops.cross_attention_step.cuda_kernel import launch_fields
+from fastcomer.ops.cross_attention_step.inputs import check_inputs
 
 COVERAGE_GAP = 5  # floats between the coverage rows the emulated kernel gets
+STATS_FIELDS = csrc_constant("kStats")  # floats per split's statistics, as the driver compiles them
 CXX = shutil.which("g++") or shutil.which("c++")
 if CXX is None:
     pytest.skip("no C++ compiler to build the host emulation of the CUDA kernel", allow_module_level=True)
@@ -39,42 +42,43 @@ def driver(tmp_path_factory):
 
 def run_emulated(driver, step, workdir, rows_per_image=None):
     """The kernels' outputs (A'V, the returned attention, and the coverage after the step,
-    also written back to step["coverage"]) for a float32 step, split as cuda_step splits it.
-    The kernels see the coverage rows COVERAGE_GAP floats apart, the gaps filled with NaN (a
-    read there would show)."""
+    also written back to step["coverage"]) for a float32 step, given the launch fields the CUDA
+    launcher would (`cuda_kernel.launch_fields`). The kernels see the coverage rows
+    COVERAGE_GAP floats apart, the gaps filled with NaN (a read there would show); outputs and
+    scratch start as sentinels."""
     shape = check_inputs(**step)
-    flags = plan(step["arm"], step["coverage"])
-    launch = launch_plan(shape.rows, shape.nhead, shape.length, rows_per_image)
-    row_size = shape.channels * shape.length
-    meta = [shape.rows, shape.nhead, shape.head_dim, shape.length, shape.height, shape.channels, shape.dc,
-            int(flags.update_self), int(flags.refine), int(flags.update_cross),
-            int(step["image_index"].dtype == torch.int64), row_size + COVERAGE_GAP,
-            launch.rows_per_slot, launch.split_l, launch.splits, launch.tile_l]
-    arrays = {"meta": torch.tensor(meta, dtype=torch.int64), "key_padding_mask": step["key_padding_mask"].to(torch.uint8)}
-    arrays.update({name: step[name] for name in ("q", "k", "v", "image_index") if step[name] is not None})
-    if flags.refine:
-        coverage = torch.full((shape.rows, row_size + COVERAGE_GAP), float("nan"))
-        coverage[:, :row_size] = step["coverage"].reshape(shape.rows, row_size)
-        arrays["coverage"] = coverage
-    if flags.update_cross:
-        arrays["prev_attn"] = step["prev_attn"]
-    arrays.update({name: getattr(step["arm"], name) for name in ("conv_weight", "conv_bias", "proj_weight", "shift")})
-    for name, tensor in arrays.items():
-        tensor.detach().contiguous().numpy().tofile(workdir / name)
+    coverage = step["coverage"]
+    if coverage is not None:
+        row_size = shape.channels * shape.length
+        padded = torch.full((shape.rows, row_size + COVERAGE_GAP), float("nan"))
+        padded[:, :row_size] = coverage.reshape(shape.rows, row_size)
+        step = {**step, "coverage": padded[:, :row_size].view(coverage.shape)}
+    buffers, scalars = launch_fields(**step, shape=shape, rows_per_image=rows_per_image, stats_fields=STATS_FIELDS)
+    for name in ("out", "returned", "scratch", "stats", "partial"):
+        if buffers[name] is not None:
+            buffers[name].fill_(12345.0)
+    if coverage is not None:
+        buffers["coverage"] = padded  # the file holds the whole buffer, gaps included
+    for name, tensor in buffers.items():
+        if tensor is not None:
+            (tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor).contiguous().numpy().tofile(workdir / name)
+    assert scalars["dtype"] == "float32"  # the emulation runs the float32 kernels: DType code 0
+    text = {**{name: int(value) for name, value in scalars.items() if name != "dtype"}, "dtype": 0}
+    (workdir / "scalars").write_text("".join(f"{name} {value}\n" for name, value in text.items()))
     subprocess.run([str(driver), str(workdir)], check=True, timeout=300)
-    read = lambda name, shape: torch.from_numpy(np.fromfile(workdir / name, np.float32)).view(shape)
+    read = lambda name, shape: torch.from_numpy(np.fromfile(workdir / f"{name}.result", np.float32)).view(shape)
     result = {"out": read("out", step["q"].shape), "returned": read("returned", (shape.rows, shape.nhead, shape.length))}
-    if flags.refine:
-        padded = read("coverage_out", coverage.shape)
-        assert padded[:, row_size:].isnan().all(), "the kernel wrote between coverage rows"
-        result["coverage"] = padded[:, :row_size].reshape(step["coverage"].shape)
-        step["coverage"].copy_(result["coverage"])
+    if coverage is not None:
+        written = read("coverage", padded.shape)
+        assert written[:, row_size:].isnan().all(), "the kernel wrote between coverage rows"
+        result["coverage"] = written[:, :row_size].reshape(coverage.shape)
+        coverage.copy_(result["coverage"])
     return result
 
 
 def check(driver, step, tmp_path, rows_per_image=None):
     expected_step = clone(step)
-    expected, expected_returned = fused_cross_attention_step(**expected_step, backend="torch")
+    expected, expected_returned = cross_attention_step(**expected_step, backend="torch")
     actual = run_emulated(driver, step, tmp_path, rows_per_image)
     assert_close_rel(actual["out"], expected, 1e-5, "A'V")
     assert_close_rel(actual["returned"], expected_returned, 1e-5, "returned")

@@ -1,9 +1,10 @@
-"""Backend choice and input checks of the fused decode step, and the environment report (CPU)."""
+"""Backend choice and input checks of the fused cross-attention step, and the environment report (CPU)."""
 import gc
 import json
 import subprocess
 import sys
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,17 +14,18 @@ from support.paths import REPO
 from support.decode_step_cases import COVERAGE_MODES, check_against_torch, check_chain, clone, make_chain, make_step
 from fastcomer import env_report
 from fastcomer.backends import cuda_extension_status
-from fastcomer.ops.decode_step.cuda_kernel import _float32_weights, unsupported_reason
-from fastcomer.ops.decode_step import fused_cross_attention_step
-from fastcomer.ops.decode_step.interface import PreparedARMWeights, check_inputs
+from fastcomer.ops.cross_attention_step.cuda_kernel import _float32_weights, unsupported_inputs, unsupported_reason
+from fastcomer.ops.cross_attention_step import cross_attention_step
+from fastcomer.ops.cross_attention_step.inputs import check_inputs
+from fastcomer.ops.cross_attention_step.launch import PreparedARMWeights
 
 
 def test_auto_runs_cpu_tensors_on_torch(monkeypatch):
     monkeypatch.delenv("FASTCOMER_BACKEND", raising=False)
     step = make_step(2, "both")
     expected_step, auto_step = clone(step), clone(step)
-    expected, expected_returned = fused_cross_attention_step(**expected_step, backend="torch")
-    out, returned = fused_cross_attention_step(**auto_step)
+    expected, expected_returned = cross_attention_step(**expected_step, backend="torch")
+    out, returned = cross_attention_step(**auto_step)
     assert torch.equal(out, expected) and torch.equal(returned, expected_returned)
     assert returned.dtype == torch.float32
     assert torch.equal(auto_step["coverage"], expected_step["coverage"])
@@ -34,13 +36,13 @@ def test_chained_layers_and_steps(mode):
     """Three layers over four steps through the dispatcher (rows of different images, unsorted,
     one inactive; each layer's coverage a slice of one all-layers tensor) against the reference
     chained on rows grouped by image: a layer must see only the earlier steps in its coverage."""
-    check_chain(make_chain(4, mode), lambda *args: fused_cross_attention_step(*args, backend="torch"), rtol=1e-6)
+    check_chain(make_chain(4, mode), lambda *args: cross_attention_step(*args, backend="torch"), rtol=1e-6)
 
 
 def test_inactive_rows_on_torch():
     step = make_step(2, "both", image_index=(1, -1, 0, -1, 2))
     before = clone(step)
-    out, returned = fused_cross_attention_step(**step, backend="torch")
+    out, returned = cross_attention_step(**step, backend="torch")
     assert torch.equal(out[[1, 3]], torch.zeros_like(out[[1, 3]]))
     assert torch.equal(returned[[1, 3]], torch.zeros_like(returned[[1, 3]]))
     assert torch.equal(step["coverage"][[1, 3]], before["coverage"][[1, 3]])
@@ -49,33 +51,43 @@ def test_inactive_rows_on_torch():
 def test_forcing_a_backend_that_cannot_run_raises(monkeypatch):
     step = make_step(2, "both")
     with pytest.raises(RuntimeError, match="backend 'cuda' was forced"):
-        fused_cross_attention_step(**step, backend="cuda")
+        cross_attention_step(**step, backend="cuda")
     monkeypatch.setenv("FASTCOMER_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="backend 'cuda' was forced"):
-        fused_cross_attention_step(**step)
+        cross_attention_step(**step)
     with pytest.raises(ValueError, match="must be one of"):
-        fused_cross_attention_step(**step, backend="cudnn")
+        cross_attention_step(**step, backend="cudnn")
 
 
 def test_float64_runs_on_torch_under_auto_only():
     step = make_step(2, "cross")
     step.update({name: step[name].double() for name in ("q", "k", "v")})
-    out, returned = fused_cross_attention_step(**step, backend="auto")
+    out, returned = cross_attention_step(**step, backend="auto")
     assert out.dtype == returned.dtype == torch.float64
-    with pytest.raises(ValueError, match="backend 'triton' supports"):
-        fused_cross_attention_step(**step, backend="triton")
+    with pytest.raises(ValueError, match=r"backend 'triton' \(cross_attention_step\) runs"):
+        cross_attention_step(**step, backend="triton")
 
 
-def test_unsupported_shapes_for_the_cuda_build_are_named():
+def test_unsupported_shapes_for_the_cuda_build_are_named(monkeypatch):
+    """The limits are the build's own (_C.LIMITS), here those of a stand-in module."""
+    from fastcomer.ops.cross_attention_step import cuda_kernel
+
+    limits = dict(kernel_size=5, threads=128, max_heads=16, dc=32, max_head_dim=128, tile=16, max_tile=128, stats=4)
+    monkeypatch.setattr(cuda_kernel, "cuda_extension_status", lambda: (SimpleNamespace(LIMITS=limits), "ok"))
     step = make_step(2, "both")
     shape = check_inputs(**step)
-    assert unsupported_reason(shape, step["q"], step["coverage"], step["prev_attn"]) is None
-    assert "nhead 17" in unsupported_reason(shape._replace(nhead=17), step["q"], None, None)  # any nhead <= 16 runs
-    assert "head_dim 256" in unsupported_reason(shape._replace(head_dim=256), step["q"], None, None)
-    assert "dc 64" in unsupported_reason(shape._replace(dc=64), step["q"], None, None)
-    assert "float64" in unsupported_reason(shape, step["q"].double(), None, None)
-    assert "coverage in torch.float16" in unsupported_reason(shape, step["q"], step["coverage"].half(), None)
-    assert "prev_attn in torch.float64" in unsupported_reason(shape, step["q"], None, step["prev_attn"].double())
+    assert unsupported_inputs(shape, step["q"], step["coverage"], step["prev_attn"]) is None
+    assert "nhead 17" in unsupported_inputs(shape._replace(nhead=17), step["q"], None, None)  # any nhead <= 16 runs
+    assert "head_dim 256" in unsupported_inputs(shape._replace(head_dim=256), step["q"], None, None)
+    assert "dc 64" in unsupported_inputs(shape._replace(dc=64), step["q"], None, None)
+    assert "float64" in unsupported_inputs(shape, step["q"].double(), None, None)
+    assert "coverage in torch.float16" in unsupported_inputs(shape, step["q"], step["coverage"].half(), None)
+    assert "prev_attn in torch.float64" in unsupported_inputs(shape, step["q"], None, step["prev_attn"].double())
+    assert unsupported_reason(8, 32, 0, torch.bfloat16) is None  # no ARM
+    limits["max_tile"] = 64  # a build whose tiles are not fastcomer's
+    assert "rebuild the extension" in unsupported_reason(8, 32, 32, torch.float32)
+    monkeypatch.setattr(cuda_kernel, "cuda_extension_status", lambda: (None, "fastcomer._C is not built"))
+    assert unsupported_reason(8, 32, 32, torch.float32) == "fastcomer._C is not built"
 
 
 def test_inputs_are_checked_with_clear_messages():
@@ -95,7 +107,7 @@ def test_inputs_are_checked_with_clear_messages():
     ]
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
-            fused_cross_attention_step(**{**step, **change}, backend="torch")
+            cross_attention_step(**{**step, **change}, backend="torch")
 
 
 def test_env_report_and_command():
@@ -170,7 +182,7 @@ def test_chained_layers_and_steps_on_gpu(backend, mode):
     """Three layers over four steps, coverage slices of one all-layers tensor (row-strided)."""
     require(backend)
     check_chain(make_chain(8, mode, height=9, width=11, head_dim=32, device="cuda"),
-                lambda *args: fused_cross_attention_step(*args, backend=backend))
+                lambda *args: cross_attention_step(*args, backend=backend))
 
 
 @requires_gpu
@@ -190,7 +202,7 @@ def test_inactive_rows_are_untouched_on_gpu(backend):
     require(backend)
     step = make_step(8, "both", image_index=(1, -1, 0, -1, 2), device="cuda")
     before = clone(step)
-    out, returned = fused_cross_attention_step(**step, backend=backend)
+    out, returned = cross_attention_step(**step, backend=backend)
     assert torch.equal(out[[1, 3]], torch.zeros_like(out[[1, 3]]))
     assert torch.equal(returned[[1, 3]], torch.zeros_like(returned[[1, 3]]))
     assert torch.equal(step["coverage"][[1, 3]], before["coverage"][[1, 3]])
@@ -206,8 +218,8 @@ def test_half_precision_inputs_on_gpu(backend, dtype):
     step = make_step(8, "both", height=9, width=11, head_dim=32, device="cuda")
     half = {**clone(step), **{name: step[name].to(dtype) for name in ("q", "k", "v")}}
     reference = {**clone(step), **{name: half[name].float() for name in ("q", "k", "v")}}
-    expected, expected_returned = fused_cross_attention_step(**reference, backend="torch")
-    actual, returned = fused_cross_attention_step(**half, backend=backend)
+    expected, expected_returned = cross_attention_step(**reference, backend="torch")
+    actual, returned = cross_attention_step(**half, backend=backend)
     assert actual.dtype == dtype and returned.dtype == torch.float32
     torch.testing.assert_close(actual.float(), expected, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(returned, expected_returned, rtol=1e-4, atol=1e-4)

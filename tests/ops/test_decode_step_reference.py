@@ -5,7 +5,7 @@ import torch
 
 from fastcomer import CoMER
 from fastcomer.benchmarking import scale_weights
-from fastcomer.ops.decode_step.reference import cross_attention_step
+from fastcomer.ops.cross_attention_step.reference import grouped_cross_attention_step
 
 from support.asserts import assert_close_rel
 from support.random_models import random_images
@@ -53,7 +53,7 @@ def test_step_matches_teacher_forced_decoder(cross, self_):
             for j, (layer, c) in enumerate(zip(layers, captured)):
                 mha = layer.multihead_attn
                 q = mha.project_query(c["query"][:, t]).view(images, group, nhead, -1)
-                out, returned = cross_attention_step(q, *kv[j], memory_mask, h, arm, coverage[j], returned)
+                out, returned = grouped_cross_attention_step(q, *kv[j], memory_mask, h, arm, coverage[j], returned)
                 assert_close_rel(mha.out_proj(out.reshape(images * group, d)), c["out"][:, t], RTOL, f"output, step {t}, layer {j}")
                 expected = c["attn"].view(images * group, nhead, steps, L)[:, :, t]
                 assert_close_rel(returned, expected, RTOL, f"attention, step {t}, layer {j}")

@@ -1,4 +1,4 @@
-"""The Triton decode-step kernels, as `variants.kernel_variants` lists them, compile to sm_80
+"""The Triton cross-attention step kernels, as `variants.kernel_variants` lists them, compile to sm_80
 and sm_90 machine code (Triton's own ptxas, no GPU needed) without spills, with tensor-core
 dots; and the published batch-1 calls launch enough programs to fill an H100 (132 SMs)."""
 import math
@@ -14,16 +14,16 @@ try:
 except ImportError as err:  # the offline-compile API moved: nothing to check with
     pytest.skip(f"this Triton lacks ASTSource/GPUTarget: {err}", allow_module_level=True)
 
-from fastcomer.ops.decode_step.variants import kernel_variants
+from fastcomer.ops.cross_attention_step.variants import kernel_variants
 
 H100_SMS = 132
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
 def compile_variant(variant, arch):
-    source = ASTSource(fn=variant["kernel"], signature=variant["signature"], constexprs=variant["constexprs"])
+    source = ASTSource(fn=variant.kernel, signature=variant.signature, constexprs=variant.constexprs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": variant["num_warps"], "num_stages": variant["num_stages"]})
+                          options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
 
 
 def resource_usage(cubin: bytes, tmp_path) -> dict:
@@ -45,10 +45,10 @@ def test_small_variants_compile_without_spills(arch, index, tmp_path):
     if not CUOBJDUMP.is_file():
         pytest.skip("Triton ships no cuobjdump here: registers and spills unread")
     usage = resource_usage(compiled.asm["cubin"], tmp_path)
-    assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"{variant['name']} spills on sm_{arch}: {usage}"
+    assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"{variant.name} spills on sm_{arch}: {usage}"
     assert usage["REG"] <= 255
-    if not variant["name"].startswith("merge"):  # the merge has no products to put on tensor cores
-        assert "mma.sync" in compiled.asm["ptx"] or "wgmma" in compiled.asm["ptx"], f"{variant['name']}: no tensor-core dot"
+    if not variant.name.startswith("merge"):  # the merge has no products to put on tensor cores
+        assert "mma.sync" in compiled.asm["ptx"] or "wgmma" in compiled.asm["ptx"], f"{variant.name}: no tensor-core dot"
 
 
 def test_published_batch1_calls_fill_an_h100():
@@ -56,21 +56,19 @@ def test_published_batch1_calls_fill_an_h100():
     launches >= 132 programs; the partial attention has one program per (slot, head, split),
     never per row, so each K/V tile is read once per slot."""
     variants = kernel_variants("published", 90)
-    batch1 = [v for v in variants if "images=1," in v["name"]]
-    assert {v["name"].split("[")[0] for v in batch1} == {"refinement", "partial_attention", "merge"}
+    batch1 = [v for v in variants if "images=1," in v.name]
+    assert {v.name.split("[")[0] for v in batch1} == {"refinement", "partial_attention", "merge"}
     for variant in batch1:
-        assert math.prod(variant["grid"]) >= H100_SMS, f"{variant['name']}: grid {variant['grid']}"
-        if variant["name"].startswith("partial_attention"):
-            assert variant["grid"][:2] == (2, 8), "one program per (slot = direction, head, split)"
+        assert math.prod(variant.grid) >= H100_SMS, f"{variant.name}: grid {variant.grid}"
+        if variant.name.startswith("partial_attention"):
+            assert variant.grid[:2] == (2, 8), "one program per (slot = direction, head, split)"
 
 
-def test_variants_are_complete_dicts():
+def test_variants_describe_their_launches():
     for shapes in ("small", "published"):
         for variant in kernel_variants(shapes, 80):
-            assert set(variant) == {"op", "name", "kernel", "signature", "constexprs", "num_warps", "num_stages",
-                                    "grid", "launches", "flops", "bytes", "dtype"}
-            assert variant["op"] == "decode_step" and variant["flops"] > 0 and variant["bytes"] > 0
-            assert set(variant["signature"]) == set(variant["kernel"].arg_names)
-            assert all(variant["signature"][name] == "constexpr" for name in variant["constexprs"])
+            assert variant.op == "cross_attention_step" and variant.flops > 0 and variant.bytes > 0
+            assert set(variant.signature) == set(variant.kernel.arg_names)
+            assert all(variant.signature[name] == "constexpr" for name in variant.constexprs)
     with pytest.raises(ValueError, match="shapes must be one of"):
         kernel_variants("huge", 90)

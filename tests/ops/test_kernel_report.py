@@ -21,7 +21,7 @@ MIN_WARPS_PER_SM = 8
 @pytest.fixture(scope="module", params=sorted(MODES))
 def small_report(request):
     arch = request.param
-    select = lambda v: v["name"].split()[0] in ARM_KERNELS and v["dtype"] in MODES[arch]
+    select = lambda v: v.name.split()[0] in ARM_KERNELS and v.dtype in MODES[arch]
     return kernel_report.report(arch, "small", select=select, cuda=False)
 
 
@@ -65,8 +65,21 @@ def test_sass_instruction_mix():
                                               "spill_load_bytes": 16}
 
 
-def test_absent_provider_is_reported_not_fatal():
-    assert kernel_report._provider("fastcomer.ops.no_such_provider") is None
+def test_absent_variants_module_is_reported_not_fatal(monkeypatch):
+    """An op without variants.py is "not provided"; a variants module whose own import fails raises."""
+    from fastcomer.ops.registry import OPS, Op
+
+    op = OPS["beam_scorer_step"]
+    def import_fails(missing):
+        def kernel_variants(self, shapes, arch):
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+        return kernel_variants
+
+    monkeypatch.setattr(Op, "kernel_variants", import_fails(f"{op.package}.variants"))
+    assert kernel_report._variants_of(op, "small", 90) is None
+    monkeypatch.setattr(Op, "kernel_variants", import_fails("some_dependency"))
+    with pytest.raises(ModuleNotFoundError, match="some_dependency"):
+        kernel_report._variants_of(op, "small", 90)
 
 
 def test_bad_arch_raises():

@@ -7,6 +7,7 @@ import torch
 
 from fastcomer.export import export_modules
 from fastcomer.search.decoding_state import DecodingState
+from fastcomer.ops.dispatch import DispatchPlan
 
 from support.compile_cases import graph_breaks, tiny_batch, tiny_model
 
@@ -18,7 +19,8 @@ def started_state(model, backend="torch"):
     with torch.no_grad():
         feature, mask = model.encoder(img, img_mask)
     b, h, w, _ = feature.shape
-    state = DecodingState(model.decoder, b, 1, h, w, MAX_LEN, feature.dtype, feature.device, backend)
+    state = DecodingState(model.decoder, b, 1, h, w, MAX_LEN, feature.dtype, feature.device,
+                          DispatchPlan.of(backend, feature.dtype, False))
     state.start(feature, mask, torch.tensor([1, 2]))
     return state
 

@@ -8,7 +8,7 @@ import torch
 
 from fastcomer import beam_search, decode_images, greedy_search, reference_beam_search
 from fastcomer.search.reference import FinishedHypotheses
-from fastcomer.search.finished_lists import FinishedLists
+from fastcomer.ops.beam_scorer_step.finished_lists import FinishedLists
 from fastcomer.checkpoint import load_comer
 from fastcomer.search.kept_slots import kept_slots
 

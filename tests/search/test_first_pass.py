@@ -15,9 +15,10 @@ from fastcomer.search.engine import beam_search
 from fastcomer.search.kept_slots import kept_slots
 from fastcomer.search.options import SearchOptions
 from fastcomer.search.search_slots import FeatureLayout, SearchSlots
-from fastcomer.search.finished_lists import FinishedLists
+from fastcomer.ops.beam_scorer_step.finished_lists import FinishedLists
 from fastcomer.search.decoding_state import DecodingState, prefix_window
 from fastcomer.vocab import SOS_IDX
+from fastcomer.ops.dispatch import DispatchPlan
 
 from support.random_models import random_images, random_model
 from support.search_cases import assert_same_search
@@ -31,7 +32,7 @@ def test_beam_step_reads_no_value_on_the_host(coverage):
                   cross_coverage=cross, self_coverage=self_).eval().to("meta")
     meta = torch.device("meta")
     batch = SearchSlots(model.decoder, 4, SearchOptions(beam_size=3, max_len=40),
-                        FeatureLayout(3, 5, torch.float32, meta, "torch"), graphs=False)
+                        FeatureLayout(3, 5, torch.float32, meta, DispatchPlan.of("torch", torch.float32, False)))
     with torch.inference_mode():
         batch.start(torch.empty(2, 3, 5, 32, device=meta), torch.empty(2, 3, 5, dtype=torch.bool, device=meta))
         for window in (32, 40):
@@ -86,8 +87,8 @@ def check_take(model):
     feature, feature_mask = model.encoder(img, mask)
     beam_size, max_len = 3, 20
     args = (SearchOptions(beam_size=beam_size, max_len=max_len),
-            FeatureLayout(*feature.shape[1:3], feature.dtype, feature.device, "torch"))
-    stay, moved = SearchSlots(model.decoder, 8, *args, graphs=False), SearchSlots(model.decoder, 3, *args, graphs=False)
+            FeatureLayout(*feature.shape[1:3], feature.dtype, feature.device, DispatchPlan.of("torch", feature.dtype, False)))
+    stay, moved = SearchSlots(model.decoder, 8, *args), SearchSlots(model.decoder, 3, *args)
     stay.start(feature, feature_mask)
     for length in range(1, max_len):
         stay.step(prefix_window(length, max_len, graphs=False))
@@ -126,7 +127,8 @@ def test_reorder_swaps_buffers_unless_addresses_are_fixed():
     img, mask = random_images(6, [(32, 48), (48, 32)])
     with torch.inference_mode():
         feature, feature_mask = model.encoder(img, mask)
-        states = [DecodingState(model.decoder, 2, 3, *feature.shape[1:3], 8, feature.dtype, feature.device, "torch",
+        states = [DecodingState(model.decoder, 2, 3, *feature.shape[1:3], 8, feature.dtype, feature.device,
+                                DispatchPlan.of("torch", feature.dtype, False),
                                 fixed_addresses=fixed) for fixed in (False, True)]
         for state in states:
             state.start(feature, feature_mask, torch.full((6,), SOS_IDX))

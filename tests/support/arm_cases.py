@@ -94,7 +94,7 @@ def check_layer(b, t, h, w, coverage, training, nhead, head_dim, dc, rtol, devic
     rtol of the tensor's scale (10 rtol for the ARM parameters' gradients), or 4x the plain path's own error in `dtype` (some ARM
     gradients are sums with heavy cancellation, the BatchNorm bias's exactly zero; 16x where the
     whole reference gradient is zero to float64 rounding, i.e. both paths give only noise)."""
-    from fastcomer.ops import ARMWeights, arm_attention
+    from fastcomer.ops.arm_attention import ARMWeights, arm_attention
 
     mask = make_mask(b, h, w, device)
     inputs, upstream = make_inputs(b, nhead, head_dim, t, h, w)
@@ -107,7 +107,7 @@ def check_layer(b, t, h, w, coverage, training, nhead, head_dim, dc, rtol, devic
     low_in = [x.to(device, dtype).requires_grad_() for x in inputs]
 
     out, attn = arm_attention(*fused_in[:3], mask, h, w, fused_in[3], ARMWeights.from_module(arm),
-                              bn_training=training, precision=precision)
+                              bn_training=training, precision=precision, backend="triton")
     ref = plain_layer(*ref_in[:3], mask, h, ref_in[3], arm64, nhead)
     low = plain_layer(*low_in[:3], mask, h, low_in[3], arm_low, nhead)
     assert out.dtype == attn.dtype == dtype

@@ -4,8 +4,8 @@ import torch
 
 from support.asserts import assert_close_rel
 from fastcomer.model.arm import AttentionRefinementModule
-from fastcomer.ops.decode_step.reference import cross_attention_step
-from fastcomer.ops.decode_step import fused_cross_attention_step
+from fastcomer.ops.cross_attention_step.reference import grouped_cross_attention_step
+from fastcomer.ops.cross_attention_step import cross_attention_step
 
 COVERAGE_MODES = {"cross": (True, False), "self": (False, True), "both": (True, True)}
 
@@ -71,8 +71,8 @@ def clone(step):
 
 def check_against_torch(step, backend, rtol=1e-5):
     expected_step, actual_step = clone(step), clone(step)
-    expected, expected_returned = fused_cross_attention_step(**expected_step, backend="torch")
-    actual, returned = fused_cross_attention_step(**actual_step, backend=backend)
+    expected, expected_returned = cross_attention_step(**expected_step, backend="torch")
+    actual, returned = cross_attention_step(**actual_step, backend=backend)
     assert returned.dtype == torch.float32
     assert_close_rel(actual, expected, rtol, "A'V")
     assert_close_rel(returned, expected_returned, rtol, "returned")
@@ -105,7 +105,7 @@ def make_chain(nhead, mode, layers=3, steps=4, height=5, width=7, head_dim=8, im
 def run_chain(chain, step_fn):
     """Every step, every layer in order: layer j > 0 refines with its slice of the coverage
     and gets layer j-1's returned attention as prev_attn. step_fn has
-    fused_cross_attention_step's signature (without backend). Returns the outputs
+    cross_attention_step's signature (without backend). Returns the outputs
     [steps, layers, rows, nhead, hd], the returned attentions [steps, layers, rows, nhead, L]
     and the final coverage."""
     chain = clone(chain)
@@ -136,8 +136,8 @@ def run_chain_reference(chain):
     def grouped(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn):
         nhead, hd = q.shape[1:]
         sub_coverage = None if coverage is None else coverage[order]
-        out, ret = cross_attention_step(q[order].view(images, group, nhead, hd), k, v, key_padding_mask, height, arm,
-                                        sub_coverage, None if prev_attn is None else prev_attn[order])
+        out, ret = grouped_cross_attention_step(q[order].view(images, group, nhead, hd), k, v, key_padding_mask, height, arm,
+                                                sub_coverage, None if prev_attn is None else prev_attn[order])
         full_out, full_ret = torch.zeros_like(q), q.new_zeros(q.shape[0], nhead, k.shape[2])
         full_out[order], full_ret[order] = out.reshape(-1, nhead, hd), ret
         if coverage is not None:

@@ -3,18 +3,19 @@
 `arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, ...)` returns
 the attention output before out_proj [B*H, T, D] and the attention the layer returns,
 [B*H, T, L] (the refined one A' after dropout, or the plain one without ARM), which is
-the next layer's `prev_attn`. The coverage (running sum over target steps) is built
-inside the conv kernel from the per-step attentions themselves, so `prev_attn` is the
-previous layer's returned attention, as CoMER passes it. It runs the Triton kernels
-(`triton_function`, `triton_kernels`); `reference.reference_arm_attention` is the plain
-path it is tested against. Importing this package does not import triton.
+the next layer's `prev_attn`. It is the entry and the one place that branches on the
+backend: the Triton kernels (`triton_kernel`: the coverage, a running sum over target steps,
+is built inside the conv kernel from the per-step attentions themselves, so `prev_attn` is
+the previous layer's returned attention, as CoMER passes it) or plain PyTorch (`reference`,
+the function the kernels are tested against). Importing this package does not import triton.
 """
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .interface import PRECISIONS, ARMWeights, check_inputs, float32_precisions
+from ..dispatch import BackendRequest, resolve
+from .inputs import PRECISIONS, ARMWeights, check_inputs, float32_precisions
 
 __all__ = ["ARMWeights", "PRECISIONS", "arm_attention"]
 
@@ -33,6 +34,7 @@ def arm_attention(
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
     precision: Optional[str] = None,
+    backend: BackendRequest = None,
 ) -> Tuple[Tensor, Tensor]:
     """Cross-attention of CoMER's decoder layer, with the ARM refinement when `arm` is given.
 
@@ -43,22 +45,32 @@ def arm_attention(
     dropout_p > 0 applies attention dropout (pass it only in training); seed picks the
     random stream (drawn from torch's generator when None); forward and backward agree.
     precision: 'ieee' (exact float32 products) or 'tf32' (float32 inputs only) for every
-    matmul; None follows eager PyTorch's float32 policy on CUDA: the attention matmuls in TF32
-    when torch.backends.cuda.matmul.allow_tf32 (as torch.bmm), the ARM conv and projection in
-    TF32 when torch.backends.cudnn.allow_tf32 (as cuDNN's conv; on by default); 'ieee' on the CPU.
-    Half inputs run the ARM conv and projection on half operands with float32 accumulation.
+    matmul of the Triton kernels; None follows eager PyTorch's float32 policy on CUDA: the
+    attention matmuls in TF32 when torch.backends.cuda.matmul.allow_tf32 (as torch.bmm), the
+    ARM conv and projection in TF32 when torch.backends.cudnn.allow_tf32 (as cuDNN's conv; on by
+    default); 'ieee' on the CPU. Half inputs run the ARM conv and projection on half operands
+    with float32 accumulation. The torch backend computes as eager PyTorch does: a precision
+    other than its policy's raises there.
+    backend: 'auto' | 'triton' | 'torch', or a mapping naming this op (default:
+    $FASTCOMER_BACKEND, else auto: Triton for CUDA float32/16/bf16 tensors, torch otherwise).
     Returns out [B*H, T, D] (before out_proj) and the returned attention [B*H, T, L].
     """
     attention_precision, conv_precision = float32_precisions(q, precision)
     check_inputs(q, k, v, key_padding_mask, height, width, prev_attn, arm, attention_precision)
-    if q.dtype == torch.float64:
-        raise ValueError("arm_attention runs float32, float16 and bfloat16; float64 takes the plain path")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item()) if dropout_p > 0 else 0
-    from .triton_function import triton_arm_attention  # imports triton
+    name = resolve("arm_attention", q, backend)
+    if name == "torch":
+        if precision is not None and (attention_precision, conv_precision) != float32_precisions(q, None):
+            raise ValueError(f"precision={precision!r}: the torch backend computes with eager PyTorch's float32 "
+                             "policy (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32); "
+                             "pass precision=None or set those flags")
+        from .reference import arm_attention as torch_attention
 
-    return triton_arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, bn_training, dropout_p,
-                                seed, attention_precision, conv_precision)
+        return torch_attention(q, k, v, key_padding_mask, height, prev_attn, arm, bn_training, dropout_p, seed)
+    from .triton_kernel import arm_attention as triton_attention  # imports triton
 
+    return triton_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, bn_training, dropout_p,
+                            seed, attention_precision, conv_precision)

@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from ...model.arm import CoverageMode
-from . import arm_attention
+from ..registry import OPS
 from ..tracing import is_tracing
-from .interface import ARMWeights, check_inputs, float32_precisions
+from . import arm_attention
+from .inputs import ARMWeights, check_inputs, float32_precisions
 
 # The differentiable inputs, in the order of the backward op's gradients.
 _GRAD_INPUTS = ("q", "k", "v", "prev_attn", "conv_weight", "conv_bias", "proj_weight", "bn_weight", "bn_bias")
@@ -31,13 +32,13 @@ def _weights(conv_weight, conv_bias, proj_weight, bn_weight, bn_bias, running_me
                       num_batches_tracked, momentum, eps, CoverageMode(coverage))
 
 
-@torch.library.custom_op("fastcomer::arm_attention", mutates_args=())
+@torch.library.custom_op(OPS["arm_attention"].custom_op, mutates_args=())
 def _arm_attention_op(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, height: int, width: int, prev_attn: Optional[Tensor],
     conv_weight: Optional[Tensor], conv_bias: Optional[Tensor], proj_weight: Optional[Tensor],
     bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
     running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
-    coverage: str, bn_training: bool, dropout_p: float, seed: Tensor, precision: str,
+    coverage: str, bn_training: bool, dropout_p: float, seed: Tensor, precision: str, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, attn, running_mean, running_var, num_batches_tracked after this call; the last
     three empty when the call does not update them). Functional, as an op with an autograd
@@ -46,7 +47,7 @@ def _arm_attention_op(
     arm = _weights(conv_weight, conv_bias, proj_weight, bn_weight, bn_bias, *updated, momentum, eps, coverage)
     with torch.no_grad():
         out, attn = arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, bn_training=bn_training,
-                                  dropout_p=dropout_p, seed=int(seed), precision=precision or None)
+                                  dropout_p=dropout_p, seed=int(seed), precision=precision or None, backend=backend)
     return (out, attn, *(q.new_empty(0) if t is None or not bn_training else t for t in updated))
 
 
@@ -62,13 +63,13 @@ def _(q, k, v, key_padding_mask, height, width, prev_attn, conv_weight, conv_bia
     return (torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], k.shape[1])), *statistics)
 
 
-@torch.library.custom_op("fastcomer::arm_attention_backward", mutates_args=())
+@torch.library.custom_op(OPS["arm_attention"].custom_op + "_backward", mutates_args=())
 def _arm_attention_backward_op(
     grad_out: Tensor, grad_attn: Tensor, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, height: int,
     width: int, prev_attn: Optional[Tensor], conv_weight: Optional[Tensor], conv_bias: Optional[Tensor],
     proj_weight: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: Optional[float], eps: float,
-    coverage: str, bn_training: bool, dropout_p: float, seed: Tensor, precision: str,
+    coverage: str, bn_training: bool, dropout_p: float, seed: Tensor, precision: str, backend: str,
 ) -> List[Tensor]:
     """Gradients of _GRAD_INPUTS (an empty tensor for one that is None)."""
     inputs = [None if t is None else t.detach().requires_grad_()
@@ -79,7 +80,7 @@ def _arm_attention_backward_op(
     arm = _weights(*params, running_mean, running_var, None, momentum, eps, coverage)
     with torch.enable_grad():
         out, attn = arm_attention(q_, k_, v_, key_padding_mask, height, width, prev_, arm, bn_training=bn_training,
-                                  dropout_p=dropout_p, seed=int(seed), precision=precision or None)
+                                  dropout_p=dropout_p, seed=int(seed), precision=precision or None, backend=backend)
         wanted = [t for t in inputs if t is not None]
         grads = iter(torch.autograd.grad((out, attn), wanted, (grad_out, grad_attn), allow_unused=True))
     result = []
@@ -98,28 +99,29 @@ def _(grad_out, grad_attn, q, k, v, key_padding_mask, height, width, prev_attn, 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, key_padding_mask, height, width, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight, bn_bias,
-     running_mean, running_var, _, momentum, eps, coverage, bn_training, dropout_p, seed, precision) = inputs
+     running_mean, running_var, _, momentum, eps, coverage, bn_training, dropout_p, seed, precision, backend) = inputs
     # in training the running statistics are only updated (written back after this op), never read
     statistics = (None, None) if bn_training else (running_mean, running_var)
     ctx.save_for_backward(q, k, v, key_padding_mask, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight,
                           bn_bias, *statistics, seed)
-    ctx.options = (height, width, momentum, eps, coverage, bn_training, dropout_p, precision)
+    ctx.options = (height, width, momentum, eps, coverage, bn_training, dropout_p, precision, backend)
 
 
 def _backward(ctx, grad_out, grad_attn, *statistics_grads):
     (q, k, v, key_padding_mask, prev_attn, conv_weight, conv_bias, proj_weight, bn_weight, bn_bias, running_mean,
      running_var, seed) = ctx.saved_tensors
-    height, width, momentum, eps, coverage, bn_training, dropout_p, precision = ctx.options
+    height, width, momentum, eps, coverage, bn_training, dropout_p, precision, backend = ctx.options
     grads = torch.ops.fastcomer.arm_attention_backward(
         grad_out, grad_attn, q, k, v, key_padding_mask, height, width, prev_attn, conv_weight, conv_bias, proj_weight,
         bn_weight, bn_bias, running_mean, running_var, momentum, eps, coverage, bn_training, dropout_p, seed, precision,
+        backend,
     )
     by_name = {name: (g if present is not None else None)
                for name, g, present in zip(_GRAD_INPUTS, grads, (q, k, v, prev_attn, conv_weight, conv_bias,
                                                                  proj_weight, bn_weight, bn_bias))}
     return (by_name["q"], by_name["k"], by_name["v"], None, None, None, by_name["prev_attn"], by_name["conv_weight"],
             by_name["conv_bias"], by_name["proj_weight"], by_name["bn_weight"], by_name["bn_bias"],
-            None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None)
 
 
 _arm_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -128,24 +130,25 @@ _arm_attention_op.register_autograd(_backward, setup_context=_setup_context)
 def arm_attention_op(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, height: int, width: int,
     prev_attn: Optional[Tensor] = None, arm: Optional[ARMWeights] = None, *, bn_training: bool = False,
-    dropout_p: float = 0.0, seed: Optional[int] = None, precision: Optional[str] = None,
+    dropout_p: float = 0.0, seed: Optional[int] = None, precision: Optional[str] = None, backend: str = "triton",
 ) -> Tuple[Tensor, Tensor]:
-    """`fastcomer.ops.arm_attention.arm_attention` (same arguments, same results); traced (by
+    """`fastcomer.ops.arm_attention.arm_attention` for a resolved backend (same arguments, same
+    results; the drop-in modules resolve once per call and pass theirs); traced (by
     torch.compile, torch.export or on fake tensors) through the custom op
     `torch.ops.fastcomer.arm_attention`, one node, with the dropout seed drawn as a tensor (no
     host sync, no graph break). Eager calls run the entry itself, whose autograd Function
     saves what its backward needs instead of recomputing the forward as the op's backward does."""
     if not is_tracing(q):
         return arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, bn_training=bn_training,
-                             dropout_p=dropout_p, seed=seed, precision=precision)
+                             dropout_p=dropout_p, seed=seed, precision=precision, backend=backend)
     return arm_attention_through_op(q, k, v, key_padding_mask, height, width, prev_attn, arm, bn_training=bn_training,
-                                    dropout_p=dropout_p, seed=seed, precision=precision)
+                                    dropout_p=dropout_p, seed=seed, precision=precision, backend=backend)
 
 
 def arm_attention_through_op(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, height: int, width: int,
     prev_attn: Optional[Tensor] = None, arm: Optional[ARMWeights] = None, *, bn_training: bool = False,
-    dropout_p: float = 0.0, seed: Optional[int] = None, precision: Optional[str] = None,
+    dropout_p: float = 0.0, seed: Optional[int] = None, precision: Optional[str] = None, backend: str = "triton",
 ) -> Tuple[Tensor, Tensor]:
     """`arm_attention` through the custom op, eager or traced (what `arm_attention_op` runs
     when tracing); running statistics written back to the ARM's buffers after the op."""
@@ -158,7 +161,8 @@ def arm_attention_through_op(
         weights = (*arm[:8], arm.momentum, float(arm.eps), arm.coverage.value)
     out, attn, *statistics = torch.ops.fastcomer.arm_attention(q, k, v, key_padding_mask, height, width, prev_attn,
                                                                *weights, bn_training, dropout_p, seed_tensor,
-                                                               precision or "")  # "": eager's float32 policy, read when run
+                                                               precision or "",  # "": eager's float32 policy, read when run
+                                                               backend)
     if arm is not None and bn_training:
         with torch.no_grad():
             for buffer, updated in zip((arm.running_mean, arm.running_var, arm.num_batches_tracked), statistics):

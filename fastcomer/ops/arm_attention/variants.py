@@ -5,7 +5,7 @@
 ARM ('both' coverage, BatchNorm in training, attention dropout) launches in its forward and
 backward, per dtype mode, with the launch's grid, its FLOPs and its unique global bytes:
 what the report compiles and costs. The tile sizes and flags come from the launchers
-(`triton_function`), so the report compiles what the library launches.
+(`triton_kernel`), so the report compiles what the library launches.
 
 Shape sets: 'published' is CoMER's training batch (16 images x 8 heads, head dim 32, dc 32,
 target length up to 200, feature maps of 32x32 and 50x50 = 2500 positions, not a multiple of
@@ -16,8 +16,9 @@ from typing import Dict, List, NamedTuple
 import torch
 
 from ...model.arm import CONV_TAPS, CoverageMode
-from . import triton_kernels as K
-from .triton_function import ARM_NUM_WARPS, ROW_NUM_WARPS, arm_blocks, arm_dot_precision, attention_blocks
+from ..registry import KernelVariant
+from . import triton_kernel as K
+from .triton_kernel import ARM_NUM_WARPS, ROW_NUM_WARPS, arm_blocks, arm_dot_precision, attention_blocks
 
 __all__ = ["ArmShape", "DTYPE_MODES", "SHAPES", "kernel_variants"]
 
@@ -68,13 +69,13 @@ def _signature(kernel, pointers: Dict[str, str], constexprs: dict) -> dict:
     return signature
 
 
-def _variant(op, name, kernel, pointers, constexprs, grid, flops, bytes_, dtype, ints, num_warps=4, num_stages=3):
-    return {"op": op, "name": name, "kernel": kernel, "signature": _signature(kernel, pointers, constexprs),
-            "constexprs": constexprs, "num_warps": num_warps, "num_stages": num_stages, "grid": grid, "launches": 1,
-            "flops": float(flops), "bytes": float(bytes_), "dtype": dtype, "int_values": ints}
+def _variant(op, name, kernel, pointers, constexprs, grid, flops, bytes_, dtype, ints, num_warps=4,
+             num_stages=3) -> KernelVariant:
+    return KernelVariant(op, name, kernel, _signature(kernel, pointers, constexprs), constexprs, num_warps, num_stages,
+                         grid, 1, float(flops), float(bytes_), dtype, ints)
 
 
-def _layer_variants(shape: ArmShape, mode: str) -> List[dict]:
+def _layer_variants(shape: ArmShape, mode: str) -> List[KernelVariant]:
     dtype, precision, conv_policy = DTYPE_MODES[mode]
     e = _BYTES[dtype]
     b, H, D, dc, T, L = shape.images, shape.nhead, shape.head_dim, shape.dc, shape.steps, shape.keys
@@ -138,7 +139,7 @@ def _layer_variants(shape: ArmShape, mode: str) -> List[dict]:
     return out
 
 
-def kernel_variants(shapes: str, arch: int) -> List[dict]:
+def kernel_variants(shapes: str, arch: int) -> List[KernelVariant]:
     """Every Triton kernel variant one ARM decoder layer launches in training (forward and
     backward), for each dtype mode and shape of the set `shapes` ('published' or 'small').
     `arch` (80, 90) does not change the launch configuration yet."""

@@ -59,7 +59,7 @@ def _feed_forward_step_kernel(
     tl.store(x_out_ptr + row * d + cols, z.to(dtype), mask=col_ok)
 
 
-def triton_feed_forward_step(x: Tensor, attended: Tensor, layer, block_f: int = 32, num_warps: int = 8) -> Tensor:
+def feed_forward_step(x: Tensor, attended: Tensor, layer, block_f: int = 32, num_warps: int = 8) -> Tensor:
     """Launches the kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); see
     `fastcomer.ops.feed_forward_step.feed_forward_step`."""
     rows, d = x.shape

@@ -1,5 +1,5 @@
-"""The self-attention block of one decode step in plain PyTorch: the engine's torch path and
-the reference of the kernel."""
+"""The self-attention block of one decoding step in plain PyTorch: the torch backend and the
+reference of the kernel."""
 from typing import Tuple
 
 import torch
@@ -9,8 +9,8 @@ from torch import Tensor
 from ...vocab import PAD_IDX
 
 
-def reference_step(x: Tensor, layer, keys: Tensor, values: Tensor, tokens: Tensor, position: Tensor,
-                   window: int) -> Tuple[Tensor, Tensor]:
+def self_attention_step(x: Tensor, layer, keys: Tensor, values: Tensor, tokens: Tensor, position: Tensor,
+                        window: int) -> Tuple[Tensor, Tensor]:
     """See `fastcomer.ops.self_attention_step.self_attention_step`."""
     attn = layer.self_attn
     rows, nhead = x.shape[0], attn.num_heads

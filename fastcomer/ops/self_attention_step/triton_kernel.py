@@ -92,8 +92,8 @@ def _self_attention_step_kernel(
         tl.store(query_out_ptr + row * d + outs, (query.to(dtype).to(tl.float32) * scale).to(dtype), mask=dim_ok)
 
 
-def triton_self_attention_step(x: Tensor, layer, keys: Tensor, values: Tensor, tokens: Tensor, position: Tensor,
-                               window: int, num_warps: int = 8) -> Tuple[Tensor, Tensor]:
+def self_attention_step(x: Tensor, layer, keys: Tensor, values: Tensor, tokens: Tensor, position: Tensor,
+                        window: int, num_warps: int = 8) -> Tuple[Tensor, Tensor]:
     """Launches the kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); see
     `fastcomer.ops.self_attention_step.self_attention_step`."""
     attn, cross = layer.self_attn, layer.multihead_attn

@@ -1,6 +1,6 @@
 """CoMER's finished-hypothesis lists (SPEC section 3) as device tensors, vectorised over items.
 
-`reference.FinishedHypotheses` is the per-item Python original; this computes the same
+`fastcomer.search.reference.FinishedHypotheses` is the per-item Python original; this computes the same
 lists for all items at once with static shapes and no host sync (the step counter, the
 length penalty and the insertion clock live on the device), so that a whole beam step can
 be captured in a CUDA graph.
@@ -10,7 +10,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from ..vocab import PAD_IDX
+from ...vocab import PAD_IDX
 
 FIELDS = ("score", "stamp", "length", "tokens", "count")
 

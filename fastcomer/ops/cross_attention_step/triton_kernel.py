@@ -1,4 +1,4 @@
-"""The fused decode step as three Triton kernels that split L across programs (flash-decoding),
+"""The fused cross-attention step as three Triton kernels that split L across programs (flash-decoding),
 so that one image's call fills the GPU:
 
 1. `_refinement_kernel`, one program per (row, tile of L), refining layers only: the ARM's
@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from ...model.arm import CONV_PADDING, CONV_TAPS, KERNEL_SIZE, FoldedARM
-from .interface import MIN_DOT, DecodeStepPlan, DecodeStepShape, LaunchPlan, PreparedARMWeights, launch_plan, plan
+from .inputs import CoverageFlags, CrossAttentionStepShape, coverage_flags
+from .launch import MIN_DOT, LaunchPlan, PreparedARMWeights, launch_plan
 
 # The conv's geometry as compile-time constants of the kernel.
 TAPS = tl.constexpr(CONV_TAPS)
@@ -229,7 +230,7 @@ class KernelConstants(NamedTuple):
     merge: dict
 
 
-def kernel_constants(shape: DecodeStepShape, flags: DecodeStepPlan, launch: LaunchPlan) -> KernelConstants:
+def kernel_constants(shape: CrossAttentionStepShape, flags: CoverageFlags, launch: LaunchPlan) -> KernelConstants:
     block_h = _pow2_at_least(shape.nhead, 1)
     block_d = _pow2_at_least(shape.head_dim, MIN_DOT)
     return KernelConstants(
@@ -244,18 +245,18 @@ def kernel_constants(shape: DecodeStepShape, flags: DecodeStepPlan, launch: Laun
     )
 
 
-def triton_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn,
-                shape: DecodeStepShape, rows_per_image: Optional[int] = None,
-                num_warps: int = 4) -> Tuple[Tensor, Tensor]:
+def cross_attention_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn,
+                         shape: CrossAttentionStepShape, rows_per_image: Optional[int] = None,
+                         num_warps: int = 4) -> Tuple[Tensor, Tensor]:
     """Launches the kernels on inputs `check_inputs` accepted (CUDA tensors, or CPU tensors
     under TRITON_INTERPRET=1) and `check_rows_per_image` cleared; returns (out, returned).
-    rows_per_image: as the dispatcher's (row r reads image r // G, or is skipped): the G rows
+    rows_per_image: as the entry's (row r reads image r // G, or is skipped): the G rows
     of an image share its K/V reads; without it every row is its own slot."""
     if q.stride(2) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
-        raise ValueError("triton decode step: q, k and v need a unit stride on head_dim")
+        raise ValueError("triton cross_attention_step: q, k and v need a unit stride on head_dim")
     if key_padding_mask.stride(1) != 1:
-        raise ValueError("triton decode step: key_padding_mask needs a unit stride along L")
-    flags = plan(arm, coverage)
+        raise ValueError("triton cross_attention_step: key_padding_mask needs a unit stride along L")
+    flags = coverage_flags(arm, coverage)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     returned = torch.empty((shape.rows, shape.nhead, shape.length), device=q.device, dtype=torch.float32)
     if shape.rows == 0:

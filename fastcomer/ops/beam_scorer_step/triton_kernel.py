@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...search.finished_lists import FinishedLists
+from .finished_lists import FinishedLists
 
 # Flat candidate index of padding lanes: above every real one, so never picked first.
 NO_CANDIDATE = tl.constexpr(2**31 - 1)
@@ -137,11 +137,11 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
-def triton_score_step(logits: Tensor, temperature: float, beam_scores: Tensor, done: Tensor, end_token: Tensor,
-                      finished: FinishedLists, tokens: Tensor, position: Tensor,
-                      num_warps: int = 8) -> Tuple[Tensor, Tensor]:
+def beam_scorer_step(logits: Tensor, temperature: float, beam_scores: Tensor, done: Tensor, end_token: Tensor,
+                     finished: FinishedLists, tokens: Tensor, position: Tensor,
+                     num_warps: int = 8) -> Tuple[Tensor, Tensor]:
     """Launches the kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); see
-    `fastcomer.ops.beam_scorer.beam_scorer_step`."""
+    `fastcomer.ops.beam_scorer_step.beam_scorer_step`."""
     items, beam = beam_scores.shape
     rows, vocab = logits.shape
     if rows != items * beam or vocab < 2 * beam:

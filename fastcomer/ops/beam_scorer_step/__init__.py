@@ -2,23 +2,24 @@
 per item over beams x vocabulary, end tokens, insertion into the finished lists (with
 eviction), done flags and the next beams.
 
-`beam_scorer_step` is what `SearchSlots.step` calls and the one place that branches on the
-backend: the fused Triton kernel (`triton_kernel`, one launch) for the kernel backends, the
-plain PyTorch code (`reference`) for the torch backend.
+`beam_scorer_step` is the entry and the one place that branches on the backend: the fused
+Triton kernel (`triton_kernel`, one launch) or plain PyTorch (`reference`); see
+`fastcomer.ops.dispatch` for how the backend is chosen. The finished lists it updates are
+`finished_lists.FinishedLists`.
 """
 from typing import Tuple
 
 from torch import Tensor
 
-from ... import backends
-from ...search.finished_lists import FinishedLists
-from .reference import score_step
+from ..dispatch import BackendRequest, resolve
+from .finished_lists import FinishedLists
 
-__all__ = ["beam_scorer_step"]
+__all__ = ["FinishedLists", "beam_scorer_step"]
 
 
 def beam_scorer_step(logits: Tensor, temperature: float, beam_scores: Tensor, done: Tensor, end_token: Tensor,
-                     finished: FinishedLists, tokens: Tensor, position: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+                     finished: FinishedLists, tokens: Tensor, position: Tensor,
+                     backend: BackendRequest = None) -> Tuple[Tensor, Tensor]:
     """CoMER's scoring of one beam step for `items` searches of beam_size rows each.
 
     logits [items * beam_size, vocab]: the decoder's output for every row; temperature > 0;
@@ -29,15 +30,13 @@ def beam_scorer_step(logits: Tensor, temperature: float, beam_scores: Tensor, do
     the index of the rows' newest token.
     Updates beam_scores, done and finished in place, and returns (parents, next_tokens),
     both [rows] long: new row r continues row parents[r] with token next_tokens[r].
-    backend: the resolved backend of the step ('torch', 'triton' or 'cuda'); the kernel
-    backends run the Triton kernel (also for 'cuda': there is no CUDA C scorer), unless Triton
-    cannot run, where 'cuda' takes the torch code.
+    backend: as `fastcomer.ops.dispatch.resolve` takes it (the engine passes its plan's).
     """
     args = (logits, temperature, beam_scores, done, end_token, finished, tokens, position)
-    if backend not in ("torch", "triton", "cuda"):
-        raise ValueError(f"backend must be a resolved backend ('torch', 'triton' or 'cuda'), got {backend!r}")
-    if backend == "triton" or (backend == "cuda" and backends.triton_status()[0]):
-        from .triton_kernel import triton_score_step
+    if resolve("beam_scorer_step", logits, backend) == "triton":
+        from .triton_kernel import beam_scorer_step as triton_step
 
-        return triton_score_step(*args)
-    return score_step(*args)
+        return triton_step(*args)
+    from .reference import beam_scorer_step as torch_step
+
+    return torch_step(*args)

@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...search.finished_lists import FinishedLists
+from .finished_lists import FinishedLists
 
 
-def score_step(logits: Tensor, temperature: float, beam_scores: Tensor, done: Tensor, end_token: Tensor,
-               finished: FinishedLists, tokens: Tensor, position: Tensor) -> Tuple[Tensor, Tensor]:
-    """See `fastcomer.ops.beam_scorer.beam_scorer_step`."""
+def beam_scorer_step(logits: Tensor, temperature: float, beam_scores: Tensor, done: Tensor, end_token: Tensor,
+                     finished: FinishedLists, tokens: Tensor, position: Tensor) -> Tuple[Tensor, Tensor]:
+    """See `fastcomer.ops.beam_scorer_step.beam_scorer_step`."""
     items, beam = beam_scores.shape
     length = position + 1  # tokens per row so far
     scores = F.log_softmax(logits / temperature, dim=-1) + beam_scores.view(-1, 1)

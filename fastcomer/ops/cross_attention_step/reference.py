@@ -1,6 +1,6 @@
 """One decoding step of cross-attention with the ARM, for every live row, in plain PyTorch.
 
-This is the reference of the fused decode kernels. State per refining layer j > 0
+This is the reference of the fused kernels (and the torch backend). State per refining layer j > 0
 (coverage mode cross+self): coverage[j] [rows, 2*nhead, L] holds the running sums over
 the steps before this one of the attention layer j-1 returned (channels :nhead) and of
 layer j's unrefined attention (channels nhead:). A step refines with coverage[j], then
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...model.arm import CONV_PADDING, FoldedARM
-from .interface import returned_dtype
+from .inputs import returned_dtype
 
 
 def refine_folded(arm: FoldedARM, coverage: Tensor, mask: Tensor, height: int) -> Tensor:
@@ -30,7 +30,7 @@ def refine_folded(arm: FoldedARM, coverage: Tensor, mask: Tensor, height: int) -
     return r.masked_fill_(mask[:, None], 0.0)
 
 
-def cross_attention_step(
+def grouped_cross_attention_step(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -73,17 +73,18 @@ def cross_attention_step(
     return torch.matmul(refined, v).transpose(1, 2), returned
 
 
-def rows_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn,
-              rows_per_image: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-    """`cross_attention_step` over flat rows (the dispatcher's torch backend; arguments as
-    `fused_cross_attention_step`'s): rows with a negative image index give 0 and keep their
+def cross_attention_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn,
+                         rows_per_image: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """The op over flat rows, the torch backend (arguments as the entry's,
+    `fastcomer.ops.cross_attention_step.cross_attention_step`): `grouped_cross_attention_step`
+    for rows that name their image; rows with a negative image index give 0 and keep their
     coverage. With rows_per_image = G (row r reads image r // G) each image's K/V is read in
     place by its G rows; otherwise each active row's K/V is gathered, a copy per row."""
     rows, nhead, head_dim = q.shape
     active = image_index >= 0
     if rows_per_image is not None:
         images = k.shape[0]
-        out, returned = cross_attention_step(q.view(images, rows_per_image, nhead, head_dim), k, v, key_padding_mask,
+        out, returned = grouped_cross_attention_step(q.view(images, rows_per_image, nhead, head_dim), k, v, key_padding_mask,
                                              height, arm, coverage, prev_attn, updated=active)
         inactive = ~active.view(rows, 1, 1)
         # both are fresh tensors (a reshape of a transpose copies; so may .to): filled in place
@@ -94,7 +95,7 @@ def rows_step(q, k, v, key_padding_mask, image_index, height, arm, coverage, pre
     image = image_index[index].long()
     sub_coverage = None if coverage is None else coverage[index]
     sub_prev = None if prev_attn is None else prev_attn[index]
-    result, sub_returned = cross_attention_step(q[index][:, None], k[image], v[image], key_padding_mask[image],
+    result, sub_returned = grouped_cross_attention_step(q[index][:, None], k[image], v[image], key_padding_mask[image],
                                                 height, arm, sub_coverage, sub_prev)
     out = torch.zeros_like(q)
     out[index] = result[:, 0]

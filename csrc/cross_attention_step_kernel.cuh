@@ -1,6 +1,6 @@
-// The fused decode step as three kernels that split L across CTAs (flash-decoding), so that
-// one image's call fills the GPU (the same split as fastcomer/ops/decode_step/triton_kernel.py,
-// planned by interface.launch_plan):
+// The fused cross-attention step as three kernels that split L across CTAs (flash-decoding), so that
+// one image's call fills the GPU (the same split as fastcomer/ops/cross_attention_step/triton_kernel.py,
+// planned by launch.launch_plan):
 //
 // 1. refinement_kernel, one CTA per (row, tile of L), refining layers only: the ARM's R of
 //    the row's coverage image. The 5x5 conv is an implicit GEMM on tensor cores: M = the
@@ -27,31 +27,24 @@
 #include <cmath>
 #include <cstdint>
 
-#include "decode_step.h"
+#include "cross_attention_step.h"
 
 // Dynamic shared memory, sized by the launch (offsets in floats keep 32-byte alignment, as
 // wmma's loads and stores need).
-extern __shared__ __align__(128) float decode_step_shared[];
+extern __shared__ __align__(128) float cross_attention_step_shared[];
 
 namespace fastcomer {
 namespace {
 
-constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMinBlocks = 4;  // CTAs per SM the registers must allow: <= 128 registers a thread
-constexpr int kDC = 32;        // ARM conv channels (CoMER's dc): two wmma column tiles
 constexpr int kPad = kKernelSize / 2;  // "same" padding of the conv
 constexpr int kTaps = kKernelSize * kKernelSize;
-constexpr int kMaxHeadDim = 128;
-constexpr int kMaxHeads = 16;  // coverage channels <= 32
-constexpr int kTile = 16;      // wmma's M and N; slots, tiles and splits are multiples of it (rows: at most)
 constexpr int kStep = 8;       // wmma's K for tf32
 constexpr int kChunk = 16;     // K of the conv's im2col per shared-memory stage
-constexpr int kMaxTile = 128;  // positions per CTA at most (interface.MAX_TILE)
 constexpr int kSkew = 8;       // extra floats per shared row: fewer bank conflicts, 32-byte aligned rows
 // Finite start of the running maxima: exp(-inf - start) = 0, never inf - inf.
 constexpr float kStartMax = -1.0e30f;
-constexpr int kStats = 4;      // per split: max S, sum exp(S - max), max (S - R), sum exp(S - R - max)
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -112,7 +105,7 @@ __device__ __forceinline__ void mma_3xtf32(Accumulator& acc, const float* a, int
   wmma::mma_sync(acc, a_hi, b_hi, acc);
 }
 
-__device__ __forceinline__ int64_t load_index(const DecodeStepParams& p, int64_t row) {
+__device__ __forceinline__ int64_t load_index(const CrossAttentionStepParams& p, int64_t row) {
   return p.image_index_int64 ? static_cast<const int64_t*>(p.image_index)[row] : static_cast<const int32_t*>(p.image_index)[row];
 }
 
@@ -149,9 +142,9 @@ __host__ __device__ inline AttentionLayout attention_layout(int head_dim, int sp
 
 constexpr int kMergeShared = kMaxHeads * kStats;
 
-__global__ void __launch_bounds__(kThreads, kMinBlocks) refinement_kernel(const DecodeStepParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) refinement_kernel(const CrossAttentionStepParams p) {
   namespace wmma = nvcuda::wmma;
-  float* smem = decode_step_shared;
+  float* smem = cross_attention_step_shared;
   const int tid = threadIdx.x, warp = tid >> 5;
   const int64_t row = blockIdx.x, L = p.length, width = p.width;
   const int tile = static_cast<int>(p.tile_length);
@@ -249,9 +242,9 @@ __device__ __forceinline__ void load_rows(float* dst, int ld, const T* src, int6
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) partial_attention_kernel(const DecodeStepParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) partial_attention_kernel(const CrossAttentionStepParams p) {
   namespace wmma = nvcuda::wmma;
-  float* smem = decode_step_shared;
+  float* smem = cross_attention_step_shared;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t slot = blockIdx.x, head = blockIdx.y, split = blockIdx.z, L = p.length, nhead = p.nhead;
   const int split_len = static_cast<int>(p.split_length), head_dim = static_cast<int>(p.head_dim);
@@ -343,8 +336,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) partial_attention_kernel
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) merge_kernel(const DecodeStepParams p) {
-  float* totals = decode_step_shared;  // [nhead][kStats]: the call's statistics
+__global__ void __launch_bounds__(kThreads, kMinBlocks) merge_kernel(const CrossAttentionStepParams p) {
+  float* totals = cross_attention_step_shared;  // [nhead][kStats]: the call's statistics
   const int tid = threadIdx.x;
   const int64_t row = blockIdx.x, L = p.length, nhead = p.nhead, head_dim = p.head_dim, splits = p.splits;
   const int tile = static_cast<int>(p.tile_length);
@@ -399,14 +392,14 @@ struct KernelLaunch {
   unsigned grid[3];
   size_t shared_bytes;
 };
-struct DecodeStepLaunches {
+struct CrossAttentionStepLaunches {
   KernelLaunch refinement, partial_attention, merge;
 };
 
-inline DecodeStepLaunches plan_launches(const DecodeStepParams& p) {
+inline CrossAttentionStepLaunches plan_launches(const CrossAttentionStepParams& p) {
   const unsigned rows = static_cast<unsigned>(p.rows), tiles = static_cast<unsigned>((p.length + p.tile_length - 1) / p.tile_length);
   const unsigned slots = static_cast<unsigned>((p.rows + p.rows_per_slot - 1) / p.rows_per_slot);
-  DecodeStepLaunches plan;
+  CrossAttentionStepLaunches plan;
   plan.refinement = {{p.coverage != nullptr ? rows : 0u, tiles, 1u},
                      sizeof(float) * refinement_layout(static_cast<int>(p.tile_length)).total};
   plan.partial_attention = {{slots, static_cast<unsigned>(p.nhead), static_cast<unsigned>(p.splits)},

@@ -1,5 +1,5 @@
-// Host side of the fused decode step: checks, and the launches of the three kernels of
-// decode_step_kernel.cuh as plan_launches plans them.
+// Host side of the fused cross-attention step: checks, and the launches of the three kernels of
+// cross_attention_step_kernel.cuh as plan_launches plans them.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -8,8 +8,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "decode_step.h"
-#include "decode_step_kernel.cuh"
+#include "cross_attention_step.h"
+#include "cross_attention_step_kernel.cuh"
 
 #ifndef FASTCOMER_CUDA_ARCHS
 #define FASTCOMER_CUDA_ARCHS "unknown"
@@ -19,12 +19,12 @@ namespace fastcomer {
 namespace {
 
 void require(bool cond, const std::string& message) {
-  if (!cond) throw std::invalid_argument("fastcomer._C.decode_step: " + message);
+  if (!cond) throw std::invalid_argument("fastcomer._C.cross_attention_step: " + message);
 }
 
 void check_launch(const char* name) {
   const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("fastcomer._C.decode_step: launch of ") + name + " failed: " + cudaGetErrorString(err));
+  if (err != cudaSuccess) throw std::runtime_error(std::string("fastcomer._C.cross_attention_step: launch of ") + name + " failed: " + cudaGetErrorString(err));
 }
 
 template <typename Kernel>
@@ -32,12 +32,12 @@ void allow_shared(Kernel kernel, size_t shared_bytes) {
   if (shared_bytes <= 48 * 1024) return;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
   if (err != cudaSuccess)
-    throw std::runtime_error("fastcomer._C.decode_step: " + std::to_string(shared_bytes) + " bytes of shared memory: " + cudaGetErrorString(err));
+    throw std::runtime_error("fastcomer._C.cross_attention_step: " + std::to_string(shared_bytes) + " bytes of shared memory: " + cudaGetErrorString(err));
 }
 
 template <typename T>
-void launch_typed(const DecodeStepParams& p, cudaStream_t stream) {
-  const DecodeStepLaunches plan = plan_launches(p);
+void launch_typed(const CrossAttentionStepParams& p, cudaStream_t stream) {
+  const CrossAttentionStepLaunches plan = plan_launches(p);
   const auto grid = [](const KernelLaunch& k) { return dim3(k.grid[0], k.grid[1], k.grid[2]); };
   if (plan.refinement.grid[0] > 0) {
     allow_shared(refinement_kernel, plan.refinement.shared_bytes);
@@ -63,7 +63,7 @@ std::string build_info() {
          " (static), archs " FASTCOMER_CUDA_ARCHS;
 }
 
-void launch_decode_step(const DecodeStepParams& p, void* stream) {
+void launch_cross_attention_step(const CrossAttentionStepParams& p, void* stream) {
   require(p.rows >= 0 && p.rows < (int64_t{1} << 31), "rows out of range");
   require(p.head_dim >= 1 && p.head_dim <= kMaxHeadDim, "head_dim " + std::to_string(p.head_dim) + " unsupported; " + supported_shapes());
   require(p.height >= 1 && p.width >= 1 && p.height * p.width == p.length, "height * width != L");

@@ -1,4 +1,4 @@
-"""The decode step's Triton kernels at the shapes the static kernel report covers: what to
+"""The cross-attention step's Triton kernels at the shapes the static kernel report covers: what to
 compile (kernel, signature, constexprs, warps) and what one launch does (grid, FLOPs, unique
 global bytes), without a GPU.
 
@@ -10,7 +10,9 @@ layer step. Shapes "small": one image, L = 64, float32 and bfloat16, for CI.
 from typing import Dict, List
 
 from ...model.arm import CONV_TAPS
-from .interface import DecodeStepPlan, DecodeStepShape, launch_plan
+from ..registry import KernelVariant
+from .inputs import CoverageFlags, CrossAttentionStepShape
+from .launch import launch_plan
 from .triton_kernel import STATS, _merge_kernel, _partial_attention_kernel, _refinement_kernel, kernel_constants
 
 __all__ = ["kernel_variants", "PUBLISHED", "ROWS_PER_IMAGE"]
@@ -35,21 +37,19 @@ def _signature(kernel, pointers: Dict[str, str], constexprs: Dict[str, object]) 
 
 
 def _variant(kernel, role: str, label: str, pointers, constexprs, grid, flops: float, nbytes: float, dtype: str,
-             num_warps: int = 4) -> dict:
-    return {"op": "decode_step", "name": f"{role}[{label}]", "kernel": kernel,
-            "signature": _signature(kernel, pointers, constexprs), "constexprs": constexprs,
-            "num_warps": num_warps, "num_stages": 1, "grid": grid, "launches": 1,
-            "flops": float(flops), "bytes": float(nbytes), "dtype": dtype}
+             num_warps: int = 4) -> KernelVariant:
+    return KernelVariant("cross_attention_step", f"{role}[{label}]", kernel, _signature(kernel, pointers, constexprs),
+                         constexprs, num_warps, 1, grid, 1, float(flops), float(nbytes), dtype)
 
 
-def _call_variants(images: int, length: int, dtype: str) -> List[dict]:
+def _call_variants(images: int, length: int, dtype: str) -> List[KernelVariant]:
     """The three kernels of one refining layer's call (coverage cross + self)."""
     rows = images * ROWS_PER_IMAGE
     kv_images = rows // BEAMS  # the engine keeps one K/V copy per direction
     plan = launch_plan(rows, NHEAD, length, BEAMS)
     refine_grid, attention_grid, merge_grid = plan.grids(rows, NHEAD, refine=True)
-    shape = DecodeStepShape(rows, kv_images, NHEAD, HEAD_DIM, length, 1, length, CHANNELS, DC)
-    constants = kernel_constants(shape, DecodeStepPlan(refine=True, update_cross=True, update_self=True), plan)
+    shape = CrossAttentionStepShape(rows, kv_images, NHEAD, HEAD_DIM, length, 1, length, CHANNELS, DC)
+    constants = kernel_constants(shape, CoverageFlags(refine=True, update_cross=True, update_self=True), plan)
     label = f"images={images},L={length},{dtype}"
     element = ELEMENT_BYTES[dtype]
     attention_map = rows * NHEAD * length * F32  # one float32 [rows, nhead, L] tensor
@@ -91,8 +91,8 @@ def _call_variants(images: int, length: int, dtype: str) -> List[dict]:
     return [refinement, attention, merge]
 
 
-def kernel_variants(shapes: str, arch: int) -> List[dict]:
-    """Every kernel launch of a refining layer's decode step at `shapes` ("published" or
+def kernel_variants(shapes: str, arch: int) -> List[KernelVariant]:
+    """Every kernel launch of a refining layer's cross-attention step at `shapes` ("published" or
     "small"), as the kernel report compiles and rates it. arch (80, 90, ...) does not change
     the variants: the kernels take the same tiles on every architecture."""
     if shapes not in SHAPES:
