@@ -1,6 +1,7 @@
-"""No import loop among fastcomer's modules: the graph of their imports, read statically from
-the source, is acyclic. Every import counts, those inside functions too (a loop hidden in a
-function still ties the modules together), except under `if TYPE_CHECKING:`."""
+"""fastcomer's modules import downwards only: every module sits on a floor (`FLOORS`) and
+imports only from its own floor or lower ones, and no import loop exists. The graph of imports
+is read statically from the source; every import counts, those inside functions too (a loop
+hidden in a function still ties the modules together), except under `if TYPE_CHECKING:`."""
 import ast
 from pathlib import Path
 from typing import Dict, List, Optional, Set
@@ -85,6 +86,53 @@ def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:
             if cycle:
                 return cycle
     return None
+
+
+# Floors, lowest first: a module belongs to the floor of the longest prefix listed (a package
+# covers its submodules) and may import from its own floor and those below. A new top-level
+# module must be given a floor here.
+FLOORS = [
+    ("fastcomer._version", "fastcomer.vocab", "fastcomer.tensor_cache", "fastcomer.allocator", "fastcomer.backends"),
+    ("fastcomer.model",),
+    ("fastcomer.ops", "fastcomer.checkpoint"),
+    ("fastcomer.search", "fastcomer.modules", "fastcomer.kernel_report"),
+    ("fastcomer.patch", "fastcomer.export", "fastcomer.flop_floor", "fastcomer.recognize"),
+    ("fastcomer.benchmarking",),
+    ("fastcomer.cli", "fastcomer.__main__", "fastcomer"),
+]
+
+
+def floor_of(module: str) -> int:
+    """The floor of the longest listed prefix of `module` (KeyError when none)."""
+    best = None
+    for level, prefixes in enumerate(FLOORS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[1])):
+                best = (level, prefix)
+    if best is None:
+        raise KeyError(f"{module} has no floor in FLOORS")
+    return best[0]
+
+
+def upward_imports(graph: Dict[str, Set[str]]) -> List[str]:
+    return sorted(f"{module} (floor {floor_of(module)}) imports {target} (floor {floor_of(target)})"
+                  for module, targets in graph.items() for target in targets if floor_of(target) > floor_of(module))
+
+
+def test_every_module_has_a_floor():
+    for module in import_graph(PACKAGE_DIR):
+        floor_of(module)
+
+
+def test_no_import_from_a_higher_floor():
+    upward = upward_imports(import_graph(PACKAGE_DIR))
+    assert not upward, "imports from a higher floor:\n" + "\n".join(upward)
+
+
+def test_an_upward_import_is_found():
+    graph = {"fastcomer.ops.dispatch": {"fastcomer.search.engine"}, "fastcomer.search.engine": {"fastcomer.ops"}}
+    assert upward_imports(graph) == ["fastcomer.ops.dispatch (floor 2) imports fastcomer.search.engine (floor 3)"]
+    assert floor_of("fastcomer") == 6 and floor_of("fastcomer.cli.bench") == 6 and floor_of("fastcomer.ops.registry") == 2
 
 
 def test_no_import_loop():
