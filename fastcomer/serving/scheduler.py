@@ -279,6 +279,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._closing = False
         self._failure: Optional[BaseException] = None
+        self._in_hand: List[Request] = []  # being encoded or rescored: in no queue or set
         self._thread = threading.Thread(target=self._loop, name="fastcomer-scheduler", daemon=True)
         self._thread.start()
 
@@ -387,6 +388,7 @@ class Scheduler:
         return positions <= self.max_positions
 
     def _admit(self, request: Request) -> None:
+        self._in_hand = [request]
         img = request._image
         request._image = None
         feature, mask = self.model.encoder(img, torch.zeros(1, *img.shape[2:], dtype=torch.bool, device=self.device))
@@ -394,6 +396,7 @@ class Scheduler:
         if key not in self._sets:
             self._sets[key] = RunningSet(self.model.decoder, key, self.dtype, self.device, self.backend, self.graphs)
         self._sets[key].join(_Running(request, feature, mask))
+        self._in_hand = []
 
     def _step(self, running_set: RunningSet) -> None:
         started = time.perf_counter()
@@ -412,6 +415,7 @@ class Scheduler:
         """Rescore a request's first-pass lists on its own and answer it, as beam_search does."""
         if job.request._cancelled:
             return
+        self._in_hand = [job.request]
         options = job.request.options
         directions = len(options.l2r)
         hyps = [hyp for d in range(directions) for hyp in job.lists[d][0]]
@@ -423,12 +427,13 @@ class Scheduler:
                               options.temperature)
             best = select_best(hyps, scores + reverse, 1, options.beam_size)
         _resolve(job.request, best[0])
+        self._in_hand = []
 
     def _fail(self, error: BaseException) -> None:
         """The thread failed: every request hears of it, and no more are taken."""
         with self._lock:
             self._failure = error
-            pending = list(self._queue)
+            pending = self._in_hand + list(self._queue)
             self._queue.clear()
         for running_set in self._sets.values():
             pending += [member.job.request for member in running_set.members if member is not None]
