@@ -73,9 +73,13 @@ async def image_bodies(request: Request, settings: ServeSettings) -> Tuple[List[
         return [body], False
     replayed = Request(request.scope, _replay(body))
     try:
-        form = await replayed.form(max_files=settings.max_images, max_fields=settings.max_images)
+        # one more than allowed, so that too many images are told apart (413) from a malformed body
+        form = await replayed.form(max_files=settings.max_images + 1, max_fields=settings.max_images + 1)
     except MultiPartException as err:
         raise Problem(400, f"malformed multipart body: {err}") from None
+    if len(form.multi_items()) > settings.max_images:
+        await form.close()
+        raise Problem(413, f"more than the server's limit of {settings.max_images} images per request")
     images = []
     for name, value in form.multi_items():
         if not isinstance(value, UploadFile):
