@@ -31,7 +31,8 @@ def add_parser(commands) -> None:
                         help="images waiting per worker; past it requests get 503 (default: %(default)s)")
     parser.add_argument("--timeout-s", type=positive_seconds, default=60.0,
                         help="a request's time from arrival to answer; past it 504 (default: %(default)s)")
-    parser.add_argument("--beam-size", type=positive_int, default=10, help="a request's default (default: %(default)s)")
+    parser.add_argument("--beam-size", type=positive_int, default=None,
+                        help="a request's default (default: 10, or --max-beam-size when smaller)")
     parser.add_argument("--max-beam-size", type=positive_int, default=10,
                         help="the largest beam_size a request may ask for (default: %(default)s)")
     parser.add_argument("--max-len", type=positive_int, default=200,
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error(f"--max-len must be in 2..{positions}, got {args.max_len}")
     if 2 * args.max_beam_size > model.config.vocab_size:
         args.parser.error(f"--max-beam-size must be at most {model.config.vocab_size // 2}, got {args.max_beam_size}")
+    if args.beam_size is None:
+        args.beam_size = min(10, args.max_beam_size)
     if args.beam_size > args.max_beam_size:
         args.parser.error(f"--beam-size {args.beam_size} is more than --max-beam-size {args.max_beam_size}")
     del model  # each worker loads its own

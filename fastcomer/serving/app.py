@@ -179,7 +179,8 @@ def create_app(settings: ServeSettings, load: bool = True) -> Starlette:
 
     async def readyz(request: Request) -> Response:
         ready = service.status == "ready"
-        return JSONResponse({"status": service.status}, 200 if ready else 503, headers=None if ready else RETRY_AFTER)
+        return JSONResponse({"status": service.status, "pid": os.getpid()}, 200 if ready else 503,
+                            headers=None if ready else RETRY_AFTER)
 
     async def metrics_endpoint(request: Request) -> Response:
         body, content_type = metrics.exposition()
