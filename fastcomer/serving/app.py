@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..allocator import keep_freed_memory
 from ..checkpoint import load_comer
 from ..recognize import prepare_image, recognize
 from ..search.hypotheses import Hypothesis
@@ -54,6 +55,7 @@ class Service:
     def load(self) -> None:
         settings = self.settings
         try:
+            keep_freed_memory()  # a worker is fastcomer's own process (fastcomer.allocator)
             torch.set_num_threads(search_threads(None))  # the engine's policy: 1 intra-op thread per worker
             self.model = load_comer(settings.checkpoint, map_location=settings.device)
             warm_up = torch.zeros(1, 32, 32)
