@@ -51,14 +51,16 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT: 0; 1 when the service cannot start; 2 for a usage error."""
-    try:
-        from ..serving.server import serve
-        from ..serving.settings import ServeSettings
-        import multipart  # noqa: F401 - python-multipart, which Starlette's form parser needs
-        import prometheus_client  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    # python-multipart (Starlette's form parser; its module was `multipart` before 0.0.13), prometheus_client
+    needed = ("starlette", "uvicorn", "prometheus_client", "PIL")
+    if any(importlib.util.find_spec(name) is None for name in needed) or not (
+            importlib.util.find_spec("python_multipart") or importlib.util.find_spec("multipart")):
         print(EXTRA_HINT, file=sys.stderr)
         return 1
+    from ..serving.server import serve
+    from ..serving.settings import ServeSettings
     from ..checkpoint import CheckpointError, load_comer
     from ..search.images import available_cores
 

@@ -10,7 +10,7 @@ import pytest
 from fastcomer import load_comer, recognize
 from fastcomer.serving.settings import ServeSettings
 
-from .conftest import multipart, post_image, request, running_server
+from support.servers import multipart, post_image, request, running_server
 
 PIL = pytest.importorskip("PIL.Image")
 

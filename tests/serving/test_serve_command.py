@@ -14,7 +14,7 @@ import pytest
 
 from support.paths import REPO
 
-from .conftest import post_image, request, serve_process
+from support.servers import post_image, request, serve_process
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -101,3 +101,15 @@ def test_bad_limits_for_the_model_exit_2(checkpoint):
                            "--max-len", "100000"], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 2 and "--max-len must be in 2.." in done.stderr
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
+    import importlib.util
+
+    from fastcomer.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    assert main(["serve", "--checkpoint", "x.pt"]) == 1
+    assert capsys.readouterr().err.strip() == 'fastcomer serve needs Starlette, uvicorn, prometheus_client and ' \
+        'python-multipart: pip install "fastcomer[serve]"'
