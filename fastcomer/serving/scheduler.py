@@ -108,6 +108,9 @@ class RunningSet:
         self.members: List[Optional[_Member]] = []
         self.length = 1  # tokens per row (the state's position + 1)
         self.height = self.width = self.capacity = 0
+        # A state holds at most as many positions as the positional encoding: a free slot's rows keep
+        # stepping, their own positions growing up to the state's.
+        self.positions_limit = decoder.pos_enc.pe.shape[0]
         self.idle_steps = 0  # steps run in a row with a free slot
         self._virgin: set = set()  # slots of a new state that no search held yet
 
@@ -128,6 +131,12 @@ class RunningSet:
         """Feature positions held once an image of h x w positions joins (slots not grown)."""
         items = max(len(self.live()) + len(self.options.l2r), len(self.members))
         return items * max(self.height, h) * max(self.width, w)
+
+    def room_for(self, max_len: int) -> bool:
+        """Whether a search of max_len tokens joining now fits the positional encoding (once the
+        state is shifted to its earliest running search); else it waits for older ones to end."""
+        shift = min((self.members[i].start for i in self.live()), default=self.length - 1)
+        return self.length - 1 - shift + max_len <= self.positions_limit
 
     def _slot_count(self, needed: int) -> int:
         # with CUDA graphs a power of two, so that few graphs serve every size
@@ -184,7 +193,8 @@ class RunningSet:
             ends.append(self.length - 1 - shift + max_len)
         items = self._slot_count(searches)
         self.height, self.width = max(heights), max(widths)
-        self.capacity = -(-max(ends) // WINDOW_STEP) * WINDOW_STEP  # room for later joiners of similar lengths
+        # rounded up: room for later joiners of similar lengths
+        self.capacity = min(-(-max(ends) // WINDOW_STEP) * WINDOW_STEP, self.positions_limit)
         options = dataclasses.replace(self.options, max_len=self.capacity)
         layout = FeatureLayout(self.height, self.width, self.dtype, self.device, self.backend)
         self.slots = InFlightSlots(self.decoder, items, options, layout, self.graphs)
@@ -384,6 +394,8 @@ class Scheduler:
         key = self._key(request.options)
         positions = sum(s.positions() for k, s in self._sets.items() if k != key)
         own = self._sets.get(key)
+        if own is not None and not own.room_for(request.options.max_len):
+            return False
         positions += own.positions_with(h, w) if own else len(request.options.l2r) * h * w
         return positions <= self.max_positions
 

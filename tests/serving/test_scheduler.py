@@ -233,3 +233,31 @@ def test_a_failure_reaches_every_request():
     with pytest.raises(SchedulerClosed, match="failed"):
         scheduler.submit(torch.rand(1, 16, 16, dtype=torch.float64))
     scheduler.close()
+
+
+def test_late_searches_wait_for_room_in_the_positional_encoding():
+    # With a position table of 24, a search of max_len 20 cannot join one 10 steps in (10 + 20 > 24):
+    # it waits for the first to end, then runs; the state never outgrows the table.
+    model = random_model(3, torch.float64)
+    model.decoder.pos_enc.pe = model.decoder.pos_enc.pe[:24].clone()
+    imgs = images(3, torch.float64, [(16, 32), (32, 16), (16, 16)])
+    settings = [dict(beam_size=2, max_len=20), dict(beam_size=2, max_len=20), dict(beam_size=2, max_len=4)]
+    expected = [alone(model, im, **kw) for im, kw in zip(imgs, settings)]
+    capacities = []
+    original = RunningSet._rebuild
+
+    def recording(self, extra=None):
+        original(self, extra)
+        capacities.append(self.capacity)
+
+    RunningSet._rebuild = recording
+    try:
+        scheduler = Scheduler(model, max_images=3)
+        try:
+            answers = run_schedule(scheduler, imgs, settings, [0, 10, 11])
+        finally:
+            scheduler.close()
+    finally:
+        RunningSet._rebuild = original
+    assert [a.seq for a in answers] == [e.seq for e in expected]
+    assert max(capacities) <= 24
