@@ -375,6 +375,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("workers", "concurrency", "requests"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+    torch.set_num_threads(1)  # as each server worker (and the direct recognize timed here) runs
     report = new_report(torch.device("cpu"))
     report["rows"] = run(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     path = write_report(report, args.out)
