@@ -130,13 +130,17 @@ setup(
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         # matplotlib: the test of `fastcomer plot`; hypothesis: the property-based search tests;
-        # pillow: the tests of `fastcomer recognize`; onnx, onnxruntime, onnxscript: the ONNX export tests
+        # pillow: the tests of `fastcomer recognize`; onnx, onnxruntime, onnxscript: the ONNX export tests;
+        # starlette ... python-multipart: the tests of `fastcomer serve`
         "test": ["pytest", "hypothesis", "pybind11>=2.10", "matplotlib", "pillow", "onnx", "onnxruntime", "onnxscript",
+                 "starlette", "uvicorn", "prometheus_client", "python-multipart",
                  "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # the suite under benchmarks/ runs under pytest, timed by torch.utils.benchmark
         "bench": ["pytest", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "plot": ["matplotlib"],
         "images": ["pillow"],  # fastcomer.recognize / `fastcomer recognize` on image files
+        # `fastcomer serve` (fastcomer.serving.app): the ASGI stack, metrics, multipart bodies, images
+        "serve": ["starlette>=0.40", "uvicorn>=0.30", "prometheus_client", "python-multipart", "pillow"],
         # `fastcomer export-onnx` and fastcomer.export.onnx_greedy_search
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
     },

@@ -10,7 +10,7 @@ ARM's BatchNorm buffers are unchanged. Every public-code `CoMER` in the model (a
 over its own tensors; `LitCoMER.approximate_joint_search`, which calls it, is then fast
 without a line changed.
 """
-from typing import List, Optional
+from typing import List
 
 import torch.nn as nn
 from torch import Tensor

@@ -14,6 +14,12 @@ window: how many prefix positions the self-attention reads and a reorder copies,
 value from the prefix length up to max_len (positions past the prefix hold PAD tokens,
 which the self-attention masks); with CUDA graphs `prefix_window` rounds it up so that few
 graphs serve all lengths, otherwise it is the prefix itself.
+
+A search may also join a running state (`insert`, in-flight batching): its rows start at the
+current position, PAD before it (masked like the positions past a prefix), their positional
+encoding counted from there (`first_position`); its image may be smaller than the state's
+feature map, whose rest is then padding (masked: its coverage stays 0, as the ARM
+convolution's own zero padding).
 """
 from typing import Optional
 
@@ -39,6 +45,12 @@ def prefix_window(length: int, max_len: int, graphs: bool) -> int:
     return min(max_len, -(-length // WINDOW_STEP) * WINDOW_STEP) if graphs else length
 
 
+def feature_corner(x: Tensor, dim: int, map_width: int, height: int, width: int) -> Tensor:
+    """The view of x's top left height x width feature positions: dimension dim of x holds
+    row-major feature maps map_width wide (it becomes two, rows and columns)."""
+    return x.unflatten(dim, (-1, map_width)).narrow(dim, 0, height).narrow(dim + 1, 0, width)
+
+
 def split_heads(x: Tensor, nhead: int) -> Tensor:
     """[b, L, d] -> [b, nhead, L, head_dim]."""
     b, L, d = x.shape
@@ -49,6 +61,10 @@ class DecodingState:
     # The per-row state tensors (which a reorder gathers and a take copies): their row dimension,
     # and the dimension of positions of which a reorder gathers the window only (None: all of it).
     REORDERED = {"tokens": (0, None), "self_keys": (1, 4), "self_values": (1, 3), "coverage": (1, None)}
+    # The dimensions of token positions and of feature positions (None: none) of the state
+    # tensors, along which `take` moves a state to other sizes.
+    POSITIONS = {"tokens": (1, None), "self_keys": (4, None), "self_values": (3, None), "coverage": (None, 3),
+                 "memory_kv": (None, 4), "memory_mask": (None, 1)}
 
     def __init__(self, decoder, slots: int, group: int, height: int, width: int, max_len: int,
                  dtype: torch.dtype, device, plan: DispatchPlan, fixed_addresses: bool = False):
@@ -63,7 +79,7 @@ class DecodingState:
         self.arm = folded_copy(decoder.model.arm)
         self.nhead = decoder.nhead
         self.slots, self.group, self.rows = slots, group, slots * group
-        self.height, self.length = height, height * width
+        self.height, self.width, self.length = height, width, height * width
         self.max_len = max_len
         head_dim = d // self.nhead
         like = torch.empty(0, dtype=dtype, device=device)
@@ -92,12 +108,15 @@ class DecodingState:
         self.spares = {name: torch.zeros_like(getattr(self, name)) for name in self.REORDERED
                        if getattr(self, name) is not None}
         self.position = torch.zeros((), dtype=torch.long, device=device)  # index of the newest token
+        # Where each row's start token is: 0, or the position at which its search joined (insert).
+        # A reorder leaves it: rows continue rows of their own slot.
+        self.first_position = torch.zeros(self.rows, dtype=torch.long, device=device)
 
     def start(self, feature: Tensor, feature_mask: Tensor, tokens: Tensor) -> None:
         """A new search: feature [slots, h, w, d] and feature_mask [slots, h, w] are the
         slots' images; tokens [rows] are the rows' first tokens. In place."""
-        if feature.shape[:3] != (self.slots, self.height, self.length // self.height):
-            raise ValueError(f"feature must be [{self.slots}, {self.height}, {self.length // self.height}, d], "
+        if feature.shape[:3] != (self.slots, self.height, self.width):
+            raise ValueError(f"feature must be [{self.slots}, {self.height}, {self.width}, d], "
                              f"got {tuple(feature.shape)}")
         self.refresh_arm(folded_copy(self.decoder.model.arm))
         memory = feature.reshape(self.slots, self.length, -1)
@@ -110,17 +129,63 @@ class DecodingState:
         self.tokens.fill_(PAD_IDX)
         self.tokens[:, 0] = tokens
         self.position.zero_()
+        self.first_position.zero_()
 
-    def take(self, other: "DecodingState", slots: Tensor) -> None:
+    def insert(self, slot: int, feature: Tensor, feature_mask: Tensor, tokens: Tensor) -> None:
+        """A new search in `slot`, joining the others at the current position: feature [h, w, d]
+        and feature_mask [h, w] are its image's, at most the state's size (its map goes in the
+        top left corner, the rest is padding); tokens [group] are its rows' first tokens. Its rows
+        hold PAD up to the current position and their start token there; their coverage is 0.
+        The slot's rows must hold finite caches (any earlier search's, or zeros): the
+        self-attention weighs the PAD positions' values by 0. In place."""
+        h, w, _ = feature.shape
+        if h > self.height or w > self.width:
+            raise ValueError(f"feature of {h} x {w} positions does not fit in the state's {self.height} x {self.width}")
+        rows = slice(slot * self.group, (slot + 1) * self.group)
+        self.refresh_arm(folded_copy(self.decoder.model.arm))
+        memory_kv, memory_mask = self.memory_kv[:, :, slot], self.memory_mask[slot]
+        memory_kv.zero_()
+        memory_mask.fill_(True)
+        feature_corner(memory_mask, 0, self.width, h, w).copy_(feature_mask)
+        corner = feature_corner(memory_kv, 3, self.width, h, w)  # [layers, 2, nhead, h, w, head_dim]
+        memory = feature.reshape(h * w, -1)
+        for j, layer in enumerate(self.decoder.model.layers):
+            for kind, x in enumerate(layer.multihead_attn.project_key_value(memory)):
+                corner[j, kind].copy_(x.view(h, w, self.nhead, -1).permute(2, 0, 1, 3))
+        if self.coverage is not None:
+            self.coverage[:, rows].zero_()
+        self.tokens[rows] = PAD_IDX
+        self.tokens[rows].index_copy_(1, self.position.view(1), tokens.view(-1, 1))
+        self.first_position[rows] = self.position
+
+    def take(self, other: "DecodingState", slots: Tensor, shift: int = 0) -> None:
         """Slot i := other's slot slots[i], image, rows and caches (a smaller state continuing
-        some of other's searches). In place."""
+        some of other's searches). In place.
+
+        other may differ in feature map size and max_len: each slot's map goes in the top left
+        corner of this state's (the rest padding), which the taken images must fit in, and the
+        positions from `shift` on are taken (as many as fit: the taken searches must fit), so
+        that with shift > 0 searches that joined late (none before shift) start earlier."""
         rows = (slots[:, None] * self.group + torch.arange(self.group, device=slots.device)).view(-1)
         self.refresh_arm(other.arm)
-        self.memory_kv.copy_(other.memory_kv[:, :, slots])
-        self.memory_mask.copy_(other.memory_mask[slots])
-        for name in self.spares:  # the per-row state tensors, whole
-            getattr(self, name).copy_(getattr(other, name).index_select(self.REORDERED[name][0], rows))
-        self.position.copy_(other.position)
+        height, width = min(self.height, other.height), min(self.width, other.width)
+        positions = min(self.max_len, other.max_len - shift)
+        resized = (height, width, positions) != (self.height, self.width, self.max_len)
+        taken = {"memory_kv": (2, slots), "memory_mask": (0, slots),
+                 **{name: (self.REORDERED[name][0], rows) for name in self.spares}}
+        for name, (row_dim, index) in taken.items():
+            target, source = getattr(self, name), getattr(other, name).index_select(row_dim, index)
+            token_dim, feature_dim = self.POSITIONS[name]
+            if resized:  # what is not taken is padding: PAD tokens, masked memory, zeros
+                target.fill_({"tokens": PAD_IDX, "memory_mask": True}.get(name, 0))
+            if token_dim is not None:
+                target, source = target.narrow(token_dim, 0, positions), source.narrow(token_dim, shift, positions)
+            if feature_dim is not None:
+                target = feature_corner(target, feature_dim, self.width, height, width)
+                source = feature_corner(source, feature_dim, other.width, height, width)
+            target.copy_(source)
+        self.position.copy_(other.position - shift)
+        self.first_position.copy_(other.first_position[rows] - shift)
 
     def refresh_arm(self, arm: Optional[FoldedARM]) -> None:
         """This state's folded ARM := arm's values, in place (CUDA graphs read it by address),
@@ -165,7 +230,8 @@ class DecodingState:
         cross-attention's query), the cross-attention step with the ARM, the layer's tail."""
         decoder, position, plan = self.decoder, self.position.view(1), self.plan
         newest = self.tokens.index_select(1, position).view(-1)
-        x = decoder.norm(decoder.word_embed(newest) + decoder.pos_enc.pe.index_select(0, position))
+        encoding = decoder.pos_enc.pe.index_select(0, self.position - self.first_position)
+        x = decoder.norm(decoder.word_embed(newest) + encoding)
         returned = None  # the attention the previous layer returned at this step
         for j, layer in enumerate(decoder.model.layers):
             x, q = self_attention_step(x, layer, self.self_keys[j], self.self_values[j], self.tokens, self.position,

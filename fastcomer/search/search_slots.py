@@ -6,7 +6,7 @@ both directions, the finished lists, done flags; one kernel on the kernel backen
 of the next tokens; so it can be replayed as a CUDA graph (`cuda_graphs.py`).
 """
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -70,35 +70,48 @@ class SearchSlots:
         self.beam_scores[:, 0] = 0.0
         self.finished.clear()
 
-    def take(self, other: "SearchSlots", items: List[int]) -> None:
-        """Continue other's searches in its slots `items` (the remaining slots are fillers)."""
+    def take(self, other: "SearchSlots", items: List[int], shift: int = 0) -> None:
+        """Continue other's searches in its slots `items` (the remaining slots are fillers);
+        other's state may be of other sizes, its first `shift` positions dropped
+        (`DecodingState.take`)."""
         device = self.done.device
         source = torch.tensor(items + items[:1] * (self.items - len(items)), device=device)
         filler = torch.arange(self.items, device=device) >= len(items)
-        self.state.take(other.state, source)
+        self.state.take(other.state, source, shift)
         self.end_token.copy_(other.end_token[source])
         self.item_ids.copy_(other.item_ids[source].masked_fill(filler, -1))
         self.done.copy_(other.done[source] | filler)
         self.beam_scores.copy_(other.beam_scores[source])
         self.finished.clear()
-        self.finished.copy_items(other.finished, source, torch.arange(self.items, device=device))
+        self.finished.copy_items(other.finished, source, torch.arange(self.items, device=device), shift)
 
     def step(self, window: int) -> None:
         """One step of every search: device work only, the same for every call of a window."""
         state = self.state
         state.skip_slots(self.done)
-        logits = state.step(window)
-        parents, next_tokens = beam_scorer_step(logits, self.temperature, self.beam_scores, self.done, self.end_token,
-                                                self.finished, state.tokens, state.position,
-                                                backend=state.plan["beam_scorer_step"])
+        parents, next_tokens = self.score(state.step(window))
         state.reorder(parents, window)
         state.append(next_tokens)
 
-    def finish(self) -> None:
-        """max_len reached: the searches not done add all their beams."""
+    def score(self, logits: Tensor) -> Tuple[Tensor, Tensor]:
+        """The beam scorer's step of every search (`ops.beam_scorer_step`): beam scores, done flags
+        and finished lists updated in place; returns (parents, next_tokens) of the rows."""
+        state = self.state
+        return beam_scorer_step(logits, self.temperature, self.beam_scores, self.done, self.end_token, self.finished,
+                                state.tokens, state.position, backend=state.plan["beam_scorer_step"])
+
+    def item_positions(self) -> Tensor:
+        """The index of each search's newest token: one for all (0-dim), the searches having
+        started together."""
+        return self.state.position
+
+    def finish(self, ending: Optional[Tensor] = None) -> None:
+        """max_len reached: the searches not done (of those where ending [items] is True, or
+        all) add all their beams."""
         rows = torch.arange(self.state.rows, device=self.done.device).view(self.items, self.beam_size)
-        offered = (~self.done)[:, None].expand(-1, self.beam_size)
-        self.finished.add(self.beam_scores, offered, rows, self.state.tokens, self.state.position + 1)
+        offered = ~self.done if ending is None else ending & ~self.done
+        self.finished.add(self.beam_scores, offered[:, None].expand(-1, self.beam_size), rows, self.state.tokens,
+                          self.item_positions() + 1)
 
     def live_items(self) -> List[int]:
         """Slots whose search is not done (a host sync)."""

@@ -27,13 +27,17 @@ def beam_scorer_step(logits: Tensor, temperature: float, beam_scores: Tensor, do
     log-probabilities; done [items] bool: searches that add nothing more to their list;
     end_token [items]: the token that ends each search's hypotheses; finished: the searches'
     finished lists; tokens [rows, max_len]: the rows' tokens; position: 0-dim long tensor,
-    the index of the rows' newest token.
+    the index of the rows' newest token, or [items] long, each search's own (searches that
+    started at different steps; the torch backend only).
     Updates beam_scores, done and finished in place, and returns (parents, next_tokens),
     both [rows] long: new row r continues row parents[r] with token next_tokens[r].
     backend: as `fastcomer.ops.dispatch.resolve` takes it (the engine passes its plan's).
     """
     args = (logits, temperature, beam_scores, done, end_token, finished, tokens, position)
     if resolve("beam_scorer_step", logits, backend) == "triton":
+        if position.dim() != 0:
+            raise ValueError("beam_scorer_step: the Triton scorer takes one position for every search (0-dim), "
+                             f"got shape {tuple(position.shape)}")
         from .triton_kernel import beam_scorer_step as triton_step
 
         return triton_step(*args)

@@ -5,7 +5,7 @@ lists for all items at once with static shapes and no host sync (the step counte
 length penalty and the insertion clock live on the device), so that a whole beam step can
 be captured in a CUDA graph.
 """
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -43,18 +43,22 @@ class FinishedLists:
                                     device=device)
         self.clear()
 
-    def clear(self) -> None:
-        """Empty every list, in place."""
-        self.score.zero_()
-        self.stamp.fill_(torch.iinfo(torch.long).max)  # empty slots sort after every stamp
-        self.length.zero_()
-        self.tokens.fill_(PAD_IDX)
-        self.count.zero_()
-        self.clock.zero_()
+    def clear(self, items: Optional[Tensor] = None) -> None:
+        """Empty every list, or those of `items` (an index tensor: searches that start in
+        slots of a running set), in place."""
+        lists = slice(None) if items is None else items
+        self.score[lists] = 0.0
+        self.stamp[lists] = torch.iinfo(torch.long).max  # empty slots sort after every stamp
+        self.length[lists] = 0
+        self.tokens[lists] = PAD_IDX
+        self.count[lists] = 0
+        if items is None:
+            self.clock.zero_()
 
     def penalty_of(self, length: Tensor) -> Tensor:
+        """length**alpha: [1] for a 0-dim length, [items] for one length per item."""
         # index_select, not penalty[length]: indexing with a 0-dim tensor reads it on the host.
-        return self.penalty.index_select(0, length.view(1))
+        return self.penalty.index_select(0, length.view(-1))
 
     def add(self, sums: Tensor, offered: Tensor, rows: Tensor, tokens: Tensor, length: Tensor) -> None:
         """Offer candidates to every item's list.
@@ -63,7 +67,8 @@ class FinishedLists:
         order along m (a top-k's order); offered [items, m] bool: which candidates are
         added; rows [items, m]: the row of `tokens` [rows, max_len] holding each
         candidate's tokens, start token included, PAD after them; length: a 0-dim long
-        tensor, the candidates' number of tokens.
+        tensor, the candidates' number of tokens, or [items], each item's (searches that joined
+        a running set at different steps: their tokens start later, see `results`).
 
         Same result as adding the offered candidates one by one in order to CoMER's
         list. Because they come best first, a newcomer never evicts an earlier
@@ -73,7 +78,7 @@ class FinishedLists:
         """
         n, m = sums.shape
         beam = self.beam_size
-        score = sums.double() / self.penalty_of(length)
+        score = sums.double() / self.penalty_of(length)[:, None]
         order = torch.sort((~offered).to(torch.uint8), dim=1, stable=True).indices  # offered first, in order
         score, rows = score.gather(1, order), rows.gather(1, order)
         num_offered = offered.sum(dim=1, keepdim=True)
@@ -95,7 +100,7 @@ class FinishedLists:
         flat = (torch.arange(n, device=sums.device)[:, None] * (beam + 1) + slot).view(-1)
         self.score.view(-1)[flat] = score.view(-1)
         self.stamp.view(-1)[flat] = (self.clock + j).expand(n, m).reshape(-1)
-        self.length.view(-1)[flat] = length
+        self.length.view(-1)[flat] = length.view(-1, 1).expand(n, m).reshape(-1)
         self.tokens.view(-1, self.tokens.shape[2])[flat] = tokens[rows.view(-1)]
         self.count.copy_((kept + fill).view(-1))
         self.clock += m
@@ -109,22 +114,36 @@ class FinishedLists:
         worst = self.score[:, : self.beam_size].min(dim=1).values
         return full & (worst >= best_running.double() / self.penalty_of(length))
 
-    def copy_items(self, source: "FinishedLists", source_items: Tensor, items: Tensor) -> None:
-        """Lists items[k] := source's lists source_items[k]; later stamps stay later."""
+    def copy_items(self, source: "FinishedLists", source_items: Tensor, items: Tensor, shift: int = 0) -> None:
+        """Lists items[k] := source's lists source_items[k]; later stamps stay later. Their
+        tokens from position `shift` on (as many as this one holds, source's may be longer),
+        for searches whose tokens move `shift` positions to the front (`DecodingState.take`)."""
         for name in FIELDS:
-            getattr(self, name)[items] = getattr(source, name)[source_items]
+            value = getattr(source, name)[source_items]
+            if name == "tokens":
+                positions = min(self.tokens.shape[2], value.shape[2] - shift)
+                self.tokens[items] = PAD_IDX
+                self.tokens[items, :, :positions] = value[:, :, shift : shift + positions]
+            else:
+                getattr(self, name)[items] = value
         torch.maximum(self.clock, source.clock, out=self.clock)
 
-    def results(self) -> Tuple[List[List[int]], Tensor]:
-        """Every item's list in insertion order, items in turn: (hypotheses without their
-        start token, float32 scores as CoMER stores them). One host transfer."""
-        order = self.stamp[:, : self.beam_size].argsort(dim=1)
-        count, order = self.count.tolist(), order.tolist()
-        tokens, length, score = self.tokens.cpu(), self.length.tolist(), self.score.cpu()
+    def results(self, items: Optional[Sequence[int]] = None,
+                starts: Optional[Sequence[int]] = None) -> Tuple[List[List[int]], Tensor]:
+        """Every item's list (or those of `items`, in that order) in insertion order, items in
+        turn: (hypotheses without their start token, float32 scores as CoMER stores them). One
+        host transfer. starts: the position of each item's start token in its tokens (0 when
+        None; a search that joined a running set starts later)."""
+        items = range(self.count.shape[0]) if items is None else list(items)
+        starts = [0] * len(items) if starts is None else list(starts)
+        index = torch.tensor(items, dtype=torch.long, device=self.count.device)
+        order = self.stamp[index, : self.beam_size].argsort(dim=1)
+        count, order = self.count[index].tolist(), order.tolist()
+        tokens, length, score = self.tokens[index].cpu(), self.length[index].tolist(), self.score[index].cpu()
         hyps, scores = [], []
-        for item, slots in enumerate(order):
-            for slot in slots[: count[item]]:
-                hyps.append(tokens[item, slot, 1 : length[item][slot]].tolist())
-                scores.append(score[item, slot])
+        for k, (slots, start) in enumerate(zip(order, starts)):
+            for slot in slots[: count[k]]:
+                hyps.append(tokens[k, slot, start + 1 : start + length[k][slot]].tolist())
+                scores.append(score[k, slot])
         device = self.score.device
         return hyps, torch.stack(scores).to(torch.float32).to(device) if scores else torch.zeros(0, device=device)
