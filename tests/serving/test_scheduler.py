@@ -89,7 +89,7 @@ def test_graph_policy_answers_equal_decoding_alone(graph_policy):
     imgs = images(7, torch.float64)[:5]
     expected = [alone(model, im, **kw) for im, kw in zip(imgs, SETTINGS)]
     scheduler = Scheduler(model, max_images=4)
-    assert scheduler.graphs
+    assert scheduler.plan.graphs
     try:
         answers = run_schedule(scheduler, imgs, SETTINGS[:5], JOIN_AT[:5])
     finally:
