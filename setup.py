@@ -137,6 +137,8 @@ setup(
         "bench": ["pytest", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "plot": ["matplotlib"],
         "images": ["pillow"],  # fastcomer.recognize / `fastcomer recognize` on image files
+        # the documentation site: `python -m mkdocs build --strict` (mkdocs.yml, docs/)
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
         # `fastcomer export-onnx` and fastcomer.export.onnx_greedy_search
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
     },
