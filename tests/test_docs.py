@@ -103,3 +103,28 @@ def test_cited_names_exist(page):
         except (ImportError, AttributeError):
             missing.append(name)
     assert not missing, f"{page.name} cites names that do not exist: {missing}"
+
+
+# A docstring or comment citing a page and its sections: docs/function.md, 'Beam search', 'Rescoring'
+OUTSIDE_CITATION = "SPEC" + " section"  # the contract document outside the repository, cited so before
+CITATION = re.compile(r"docs/([\w/]+\.md), ((?:'[^']+'(?:, )?)+)")
+
+
+def headings(page) -> set:
+    return {line.lstrip("#").strip() for line in page.read_text().splitlines() if line.startswith("#")}
+
+
+def test_code_cites_existing_pages_and_sections():
+    sources = [*(REPO / "fastcomer").rglob("*.py"), *(REPO / "tests").rglob("*.py"), *(REPO / "csrc").glob("*")]
+    cited, wrong = 0, []
+    for source in sources:
+        text = source.read_text()
+        assert OUTSIDE_CITATION not in text, f"{source} cites a document outside the repository; cite a docs/ page"
+        for page, sections in CITATION.findall(text):
+            cited += 1
+            path = REPO / "docs" / page
+            missing = set(re.findall(r"'([^']+)'", sections)) - (headings(path) if path.exists() else set())
+            if missing:
+                wrong.append(f"{source.relative_to(REPO)}: docs/{page} {sorted(missing)}")
+    assert cited, "no citation found: the pattern is out of date"
+    assert not wrong, wrong
