@@ -11,16 +11,17 @@ from fastcomer.ops.registry import OPS
 from support.paths import REPO
 
 README = REPO / "README.md"
-PAGES = sorted((REPO / "docs").rglob("*.md"))
+PAGES = sorted((REPO / "docs").rglob("*.md")) + [REPO / "benchmarks" / "README.md"]
 OPENING_COMMANDS = (
     "pip install torch==2.13.0 && pip install -e . && python -m fastcomer bench --quick",
     "bash .ci/run",
 )
 MAX_README_LINES = 150
 
-# A path into the repository: a top folder, then path characters; `<op>` or `*` mark a pattern.
+# A path into the repository: a top folder, then path characters; `<op>`, `*` or DATE mark a pattern.
 REPO_PATH = re.compile(r"(?<![\w./-])((?:fastcomer|tests|benchmarks|csrc|docs|\.ci)/[\w./<>*-]*)")
 FASTCOMER_NAME = re.compile(r"(?<![\w.:])fastcomer(?:\.[A-Za-z_]\w*)+")
+PATTERN_MARKS = ("<", "*", "DATE")
 NOT_IMPORTABLE = {"fastcomer._C"}  # the CUDA extension, built only where nvcc is
 
 
@@ -74,7 +75,7 @@ def test_cited_paths_exist(page):
     missing = []
     for match in REPO_PATH.finditer(page.read_text()):
         path = match.group(1).rstrip(".,:;")
-        if "<" in path or "*" in path:
+        if any(mark in path for mark in PATTERN_MARKS):
             continue
         if not (REPO / path).exists():
             missing.append(path)
