@@ -42,7 +42,7 @@ def run(code, policy=None):
 
 
 def test_tunables_name_every_setting():
-    # the value the README tells servers to export
+    # the value docs/cpu.md tells servers to export
     assert glibc_tunables() == ("glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824:"
                                 "glibc.malloc.top_pad=67108864")
     assert GLIBC_SETTINGS["mmap_threshold"] <= 32 << 20  # glibc refuses a larger threshold

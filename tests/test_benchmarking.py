@@ -1,5 +1,5 @@
-"""The result schema, the committed result files, the tables generated from them (the README's
-included) and the comparison of two reports."""
+"""The result schema, the committed result files, the tables generated from them (those of the
+README and docs/benchmarks.md included) and the comparison of two reports."""
 import copy
 import json
 import re
@@ -102,10 +102,17 @@ def test_converted_result_keeps_its_numbers():
     assert report["environment"]["load_average"][0] == pytest.approx(3.13623046875)
 
 
-def test_readme_tables_are_generated_from_the_committed_results():
-    readme = (REPO / "README.md").read_text()
-    assert "<!-- results-table: " in readme
-    assert update_readme_tables(readme, REPO) == readme, "regenerate with: python -m fastcomer table --readme README.md"
+# The markdown files that hold generated result tables (each table in one of them).
+GENERATED_TABLES = ("README.md", "docs/benchmarks.md")
+
+
+@pytest.mark.parametrize("name", GENERATED_TABLES)
+def test_tables_are_generated_from_the_committed_results(name):
+    path = REPO / name
+    text = path.read_text()
+    assert "<!-- results-table: " in text
+    assert update_readme_tables(text, path.parent) == text, \
+        f"regenerate with: python -m fastcomer table --readme {' '.join(GENERATED_TABLES)}"
 
 
 def test_readme_table_regeneration_replaces_a_stale_table():

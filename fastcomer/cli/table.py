@@ -1,18 +1,19 @@
-"""`fastcomer table RESULTS...`: result files as markdown tables; `--readme` regenerates a
-README's tables (the blocks between `<!-- results-table: FILES -->` and
-`<!-- end results-table -->`) from the files their markers name."""
+"""`fastcomer table RESULTS...`: result files as markdown tables; `--readme FILE...` regenerates
+the generated tables of markdown files (the blocks between `<!-- results-table: FILES -->` and
+`<!-- end results-table -->`; the README's and docs/benchmarks.md's) from the files their markers name."""
 import argparse
 from pathlib import Path
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
-        "table", help="print benchmark result files as markdown tables, or regenerate a README's tables",
-        description="Print the rows of result files as markdown tables (one per benchmark). With --readme FILE, "
-        "rewrite instead every block of FILE between '<!-- results-table: PATHS -->' and '<!-- end results-table -->' "
-        "from the result files PATHS (relative to FILE's directory).")
+        "table", help="print benchmark result files as markdown tables, or regenerate the tables of markdown files",
+        description="Print the rows of result files as markdown tables (one per benchmark). With --readme FILE..., "
+        "rewrite instead every block of each FILE between '<!-- results-table: PATHS -->' and '<!-- end results-table -->' "
+        "from the result files PATHS (relative to FILE's directory); the repository's are README.md and docs/benchmarks.md.")
     parser.add_argument("results", type=Path, nargs="*", help="result files (fastcomer.benchmarking's schema)")
-    parser.add_argument("--readme", type=Path, help="regenerate the results tables of this markdown file in place")
+    parser.add_argument("--readme", type=Path, nargs="+", metavar="FILE",
+                        help="regenerate the results tables of these markdown files in place")
     parser.set_defaults(run=run)
 
 
@@ -20,10 +21,11 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmarking import load_report, render_table, update_readme_tables
 
     if args.readme is not None:
-        text = args.readme.read_text()
-        updated = update_readme_tables(text, args.readme.resolve().parent)
-        args.readme.write_text(updated)
-        print(f"{args.readme}: tables {'regenerated' if updated != text else 'already up to date'}")
+        for path in args.readme:
+            text = path.read_text()
+            updated = update_readme_tables(text, path.resolve().parent)
+            path.write_text(updated)
+            print(f"{path}: tables {'regenerated' if updated != text else 'already up to date'}")
         return 0
     if not args.results:
         raise SystemExit("fastcomer table: give result files, or --readme FILE")

@@ -1,4 +1,5 @@
-"""The Attention Refinement Module (SPEC section 2), the plain-PyTorch reference.
+"""The Attention Refinement Module, the plain-PyTorch reference (its math: docs/function.md,
+'The Attention Refinement Module').
 
 Every other path of fastcomer (the decoding engine, the Triton and CUDA kernels)
 is checked against this file; `arm_refinement` is the one definition of the
@@ -110,9 +111,10 @@ class MaskBatchNorm2d(nn.Module):
 def arm_refinement(prev_attn: Tensor, curr_attn: Tensor, key_padding_mask: Tensor, height: int, nhead: int,
                    coverage: CoverageMode, conv_weight: Tensor, conv_bias: Tensor, proj_weight: Tensor,
                    normalize: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """The ARM's R (SPEC section 2) from plain tensors: prev_attn, curr_attn [(b nhead), t, L];
-    key_padding_mask [b, L]; conv_weight [dc, C, K, K], conv_bias [dc], proj_weight [nhead, dc,
-    1, 1]; normalize(z [N, nhead, h, w], mask [N, h, w]) the masked BatchNorm.
+    """The ARM's R (docs/function.md, 'The Attention Refinement Module') from plain tensors:
+    prev_attn, curr_attn [(b nhead), t, L]; key_padding_mask [b, L]; conv_weight [dc, C, K, K],
+    conv_bias [dc], proj_weight [nhead, dc, 1, 1]; normalize(z [N, nhead, h, w], mask [N, h, w])
+    the masked BatchNorm.
     Returns R [(b nhead), t, L], 0 at masked positions."""
     bn, t, L = curr_attn.shape
     b, n = bn // nhead, nhead

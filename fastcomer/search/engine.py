@@ -36,7 +36,8 @@ def beam_search(
     graphs: Optional[bool] = None,
     threads: Optional[int] = None,
 ) -> Union[List[Hypothesis], BeamSearchOutput]:
-    """CoMER's beam search (SPEC section 3), the same answers as `reference_beam_search`.
+    """CoMER's beam search (docs/function.md, 'Beam search'), the same answers as
+    `reference_beam_search`.
 
     model: fastcomer's CoMER, the public CoMER code's CoMER or LitCoMER (searched over its own
     tensors, see `fastcomer.model.adapt`).
@@ -58,7 +59,7 @@ def beam_search(
     for the step's small ops (`fastcomer.search.threads`); spread images over cores with
     `decode_images(..., workers=...)` instead.
 
-    Arguments are checked before any work (README, "Contract"): a batch of 0 images
+    Arguments are checked before any work (docs/contract.md): a batch of 0 images
     returns [] (with return_details, empty lists).
     """
     model = as_comer(model)  # fastcomer's CoMER, the public code's CoMER or LitCoMER

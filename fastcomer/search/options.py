@@ -21,8 +21,8 @@ def search_directions(direction: str, allowed: Sequence[str] = tuple(DIRECTIONS)
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """CoMER's beam-search settings (SPEC section 3). Frozen and hashable: the engine keys its
-    kept static buffers (and CUDA graphs) on them."""
+    """CoMER's beam-search settings (docs/function.md, 'Beam search'). Frozen and hashable: the
+    engine keys its kept static buffers (and CUDA graphs) on them."""
 
     beam_size: int = 10
     max_len: int = 200

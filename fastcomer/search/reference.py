@@ -116,7 +116,7 @@ def reference_beam_search(
     temperature: float = 1.0,
     return_details: bool = False,
 ) -> Union[List[Hypothesis], BeamSearchOutput]:
-    """CoMER's bidirectional beam search with rescoring (SPEC section 3).
+    """CoMER's bidirectional beam search with rescoring (docs/function.md, 'Beam search', 'Rescoring').
 
     img [b, 1, H, W], img_mask [b, H, W] (True = padding); the model must be in eval mode.
     Returns per image a Hypothesis (.seq left to right without SOS/EOS, .score), or with

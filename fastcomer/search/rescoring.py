@@ -1,6 +1,6 @@
-"""What every bidirectional beam search of fastcomer shares with CoMER's (SPEC section 3):
-the rescoring of first-pass hypotheses by the opposite direction, and the choice of the
-final answer."""
+"""What every bidirectional beam search of fastcomer shares with CoMER's: the rescoring of
+first-pass hypotheses by the opposite direction, and the choice of the final answer
+(docs/function.md, 'Rescoring')."""
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch

@@ -3,7 +3,7 @@
 A decoding step is hundreds of small ops (a few microseconds to a millisecond each). With
 several intra-op threads every op opens a parallel region whose cost is a handful of
 thread wake-ups, not FLOPs; when another process holds a core, each region waits for a
-descheduled thread, and a search runs several times slower (see the README's CPU table).
+descheduled thread, and a search runs several times slower (docs/cpu.md, 'Threads').
 So a search runs with DEFAULT_SEARCH_THREADS = 1 intra-op thread by default; images are
 spread over the cores instead (`decode_images(..., workers=...)`).
 

@@ -1,5 +1,5 @@
 """The benchmark commands: bench writes the shared schema, compare prints ratios row by row,
-table regenerates a README's tables, plot draws the figures from result files."""
+table regenerates the tables of markdown files, plot draws the figures from result files."""
 import json
 import shutil
 
@@ -66,6 +66,17 @@ def test_table_regenerates_readme_blocks(tmp_path, capsys):
     assert "| 128x512 | 200 | 1 | 263.49 | 2.57 | 102.4x | not measured | not measured | identical |" in text
     main(["table", str(QUIET[0])])
     assert "102.4x" in capsys.readouterr().out
+
+
+def test_table_regenerates_several_files(tmp_path):
+    (tmp_path / "docs").mkdir()
+    shutil.copy(QUIET[0], tmp_path / QUIET[0].name)
+    readme, page = tmp_path / "README.md", tmp_path / "docs" / "page.md"
+    readme.write_text(f"<!-- results-table: {QUIET[0].name} -->\nold\n<!-- end results-table -->\n")
+    page.write_text(f"<!-- results-table: ../{QUIET[0].name} -->\nold\n<!-- end results-table -->\n")
+    assert main(["table", "--readme", str(readme), str(page)]) == 0
+    assert readme.read_text() == page.read_text().replace(f"../{QUIET[0].name}", QUIET[0].name)
+    assert "old" not in readme.read_text() and "102.4x" in readme.read_text()
 
 
 def test_plot_points_from_the_committed_results():

@@ -137,9 +137,9 @@ def test_vocab():
 
 @pytest.mark.parametrize("training", [False, True])
 def test_arm_refinement_is_zero_at_padding(training):
-    """R = 0 at masked positions (SPEC section 2): the ReLU output is masked before the
-    projection and BatchNorm leaves masked positions alone. Invisible in the logits
-    (masked scores are -inf anyway), so checked on the ARM itself."""
+    """R = 0 at masked positions (docs/function.md, 'The Attention Refinement Module'): the
+    ReLU output is masked before the projection and BatchNorm leaves masked positions alone.
+    Invisible in the logits (masked scores are -inf anyway), so checked on the ARM itself."""
     model = model64()
     arm = model.decoder.model.arm.train(training)
     torch.nn.init.uniform_(arm.conv.bias, 0.5, 1.0)  # a ReLU output that is non-zero where unmasked

@@ -1,4 +1,5 @@
-"""Fused cross-attention with CoMER's Attention Refinement Module (SPEC section 2), for training.
+"""Fused cross-attention with CoMER's Attention Refinement Module, for training (the ARM's math:
+docs/function.md, 'The Attention Refinement Module').
 
 `arm_attention(q, k, v, key_padding_mask, height, width, prev_attn, arm, ...)` returns
 the attention output before out_proj [B*H, T, D] and the attention the layer returns,

@@ -1,4 +1,5 @@
-"""CoMER's finished-hypothesis lists (SPEC section 3) as device tensors, vectorised over items.
+"""CoMER's finished-hypothesis lists (docs/function.md, 'Beam search') as device tensors,
+vectorised over items.
 
 `fastcomer.search.reference.FinishedHypotheses` is the per-item Python original; this computes the same
 lists for all items at once with static shapes and no host sync (the step counter, the
