@@ -27,7 +27,7 @@ ENCODER_FILE = "encoder.onnx"
 STEP_FILE = "decoder_step.onnx"
 ENCODER_OUTPUTS = ("memory_kv", "memory_mask")
 STEP_CACHES = ("self_keys", "self_values", "coverage")  # inputs and outputs of the step, in this order
-_STARTED_BUFFERS = ("memory_kv", "memory_mask", "coverage", "tokens", "position")  # what DecodingState.start writes
+_STARTED_BUFFERS = ("memory_kv", "memory_mask", "coverage", "tokens", "position", "first_position")  # what DecodingState.start writes
 
 
 def _plain_state(decoder: nn.Module, rows: int, height: int, width: int, max_len: int, like: Tensor) -> DecodingState:
