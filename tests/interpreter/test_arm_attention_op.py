@@ -12,8 +12,9 @@ from fastcomer.ops.arm_attention import ARMWeights, arm_attention
 from support.arm_cases import (check_gradients, check_layer, grads_of, make_arm, make_inputs, make_mask, plain_layer,
                                record_refinement)
 from support.asserts import assert_close_rel
+from support.tolerances import RTOL as RTOLS
 
-RTOL = 1e-5
+RTOL = RTOLS[torch.float32]
 NHEAD, HEAD_DIM, DC = 2, 8, 4
 
 

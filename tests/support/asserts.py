@@ -22,3 +22,17 @@ def assert_close_rel(actual, expected, rtol, what="", terms_scale=0.0):
     err, scale = max_error(actual, expected), scale_of(expected)
     allowed = allowance(scale, rtol, dtype, terms_scale)
     assert err <= allowed, f"{what}: max abs error {err:.3e} > {allowed:.3e} ({rtol:.0e} * {scale:.3e})"
+
+
+def assert_gradients_close(grads, expected, rtol, floor_fraction, what="", plain=None, residue=4):
+    """Every gradient of `expected` (name -> tensor): error <= rtol x max(its scale,
+    floor_fraction x the largest gradient's scale) or, with `plain` (the plain path's
+    gradients in the tested dtype), residue x the plain path's own error: sums with heavy
+    cancellation carry that dtype's noise."""
+    overall = max(scale_of(g) for g in expected.values())
+    for name, want in expected.items():
+        err, scale = max_error(grads[name], want), scale_of(want)
+        allowed = rtol * max(scale, floor_fraction * overall)
+        if plain is not None:
+            allowed = max(allowed, residue * max_error(plain[name], want))
+        assert err <= allowed, f"{what}: gradient of {name}: {err:.3e} > {allowed:.3e}"

@@ -25,6 +25,9 @@ RTOL = {
 # against reference, stepped against whole-sequence): only reassociation differs.
 RTOL_SAME_MATH_FLOAT64 = 1e-12
 
+# The golden file's scores (first pass, final): float32 roundings of float64 sums.
+RTOL_GOLDEN_SCORES = 1e-6
+
 # The floor's factor: a few roundings per summed term (the product, the partial sum, the
 # input's own rounding to dtype).
 FLOOR_FACTOR = 4
@@ -74,3 +77,15 @@ def scale_of(tensor):
     """max |tensor| in float64 (0 for an empty tensor)."""
     tensor = torch.as_tensor(tensor)
     return tensor.double().abs().max().item() if tensor.numel() else 0.0
+
+
+# A whole model's gradients against a reference: each relative to its own scale, floored at a
+# fraction of the largest gradient (the ARM BatchNorm bias's gradient vanishes in exact
+# arithmetic: softmax ignores a shift per head, so it is rounding noise of the other sums).
+GRADIENT_FLOOR = 1e-3  # float32 against float32 or float64 (patch() tests)
+GRADIENT_FLOOR_FLOAT64 = 1e-6  # float64 against the float64 golden file
+# float32 against float32 (the plain path of the same model): the same function rounded
+# differently, through three layers and a softmax over 113 classes.
+RTOL_FLOAT32_CHAIN = 2e-5
+# float32 against the float64 golden values, through the whole decoder.
+RTOL_FLOAT32_GOLDEN = 2e-4
