@@ -29,6 +29,7 @@ def test_golden(golden, golden_model, golden_reference_search):
     assert_same_search(out, golden_reference_search)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(24))
 def test_matches_reference(seed):
     model, img, mask, settings = random_search_case(seed)
@@ -71,6 +72,7 @@ def test_single_direction(direction, block):
         assert hyp.seq == expected and hyp.score == float(scores.max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed, direction", [(2, "l2r"), (3, "r2l"), (7, "l2r")])
 def test_greedy(seed, direction):
     model, img, mask, _ = random_search_case(seed)
