@@ -31,3 +31,14 @@ def graph_policy(monkeypatch):
     monkeypatch.setattr(dispatch, "use_cuda_graphs", lambda device, explicit=None: True)
     monkeypatch.setattr(engine_options, "use_cuda_graphs", lambda device, explicit=None: True)
     monkeypatch.setattr(search_slots, "StepGraphs", lambda step, enabled: step)
+
+
+@pytest.fixture(scope="session")
+def golden_reference_search(golden):
+    """fastcomer.reference_beam_search on the golden inputs and settings, computed once per run
+    (the reference's own test and the engine's golden test both read it; its own model, as
+    golden_model's, so that no test's model is shared)."""
+    from fastcomer import load_comer, reference_beam_search
+
+    model = load_comer(golden, config={"dropout": 0.0})
+    return reference_beam_search(model, golden["imgs"], golden["img_mask"], **golden["beam_config"], return_details=True)

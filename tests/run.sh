@@ -4,9 +4,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 status=0
-python3 -m pytest tests --ignore=tests/interpreter "$@" || status=$?
+python3 -m pytest tests --ignore=tests/interpreter --durations=15 "$@" || status=$?
 if [ -d tests/interpreter ]; then
-  TRITON_INTERPRET=1 python3 -m pytest tests/interpreter "$@" || status=$((status ? status : $?))
+  TRITON_INTERPRET=1 python3 -m pytest tests/interpreter --durations=15 "$@" || status=$((status ? status : $?))
 fi
 # pytest's exit code 5 (no tests collected) is a failure here too.
 exit $status

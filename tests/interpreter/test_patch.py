@@ -18,13 +18,8 @@ from fastcomer.model.attention import MultiheadAttention as PlainAttention
 from fastcomer.modules import CoMERFusedARMAttention, FusedARMAttention, FusedDecoder
 from fastcomer.vocab import PAD_IDX
 
-from support.asserts import assert_close_rel
-
-# float32 against float32 (the plain path of the same model): the same function rounded
-# differently, through three layers and a softmax over 113 classes.
-RTOL32 = 2e-5
-# float32 against the float64 golden values.
-RTOL_GOLDEN = 2e-4
+from support.asserts import assert_close_rel, assert_gradients_close
+from support.tolerances import GRADIENT_FLOOR, RTOL_FLOAT32_CHAIN as RTOL32, RTOL_FLOAT32_GOLDEN as RTOL_GOLDEN
 
 
 def training_step(model, golden):
@@ -38,17 +33,8 @@ def training_step(model, golden):
 
 
 def check_grads(grads, expected, rtol, what, plain32=None):
-    """Each gradient relative to its own scale, floored at 1e-3 of the largest gradient (the
-    ARM BatchNorm bias's gradient is zero in exact arithmetic: rounding noise only). With
-    plain32 (the plain path's float32 gradients), an error up to 4x the plain path's own
-    error against `expected` also passes: sums with heavy cancellation carry float32 noise."""
-    overall = max(g.abs().max().item() for g in expected.values())
-    for name, want in expected.items():
-        err = (grads[name].double() - want.double()).abs().max().item()
-        allowed = rtol * max(want.abs().max().item(), 1e-3 * overall)
-        if plain32 is not None:
-            allowed = max(allowed, 4 * (plain32[name].double() - want.double()).abs().max().item())
-        assert err <= allowed, f"{what}: gradient of {name}: {err:.3e} > {allowed:.3e}"
+    """support.asserts.assert_gradients_close, floored at GRADIENT_FLOOR of the largest gradient."""
+    assert_gradients_close(grads, expected, rtol, GRADIENT_FLOOR, what, plain32)
 
 
 def test_patched_training_step_matches_plain_and_golden(golden, golden_model):

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support.asserts import assert_close_rel
+from support.asserts import assert_close_rel, assert_gradients_close
+from support.tolerances import GRADIENT_FLOOR, RTOL, RTOL_FLOAT32_CHAIN, RTOL_FLOAT32_GOLDEN
 
 from support.markers import requires_gpu
 
@@ -32,7 +33,7 @@ NHEAD, HEAD_DIM, DC, BATCH = 8, 32, 32, 16
 def test_float32_matches_plain_path(coverage, training, t, h, w):
     from support.arm_cases import check_layer
 
-    check_layer(BATCH, t, h, w, coverage, training, NHEAD, HEAD_DIM, DC, 1e-5, device="cuda")
+    check_layer(BATCH, t, h, w, coverage, training, NHEAD, HEAD_DIM, DC, RTOL[torch.float32], device="cuda")
 
 
 @pytest.mark.parametrize("dtype, precision, rtol", [
@@ -60,7 +61,7 @@ def test_dropout_statistics_and_replay():
     dropped = (attn[unmasked] == 0).float().mean().item()
     assert abs(dropped - p) < 4 * (p * (1 - p) / unmasked.sum().item()) ** 0.5
     (grad_v,) = torch.autograd.grad((out * grad_out).sum(), [v])
-    assert_close_rel(grad_v, torch.bmm(attn.detach().transpose(1, 2), grad_out), 1e-5, "dV with dropout")
+    assert_close_rel(grad_v, torch.bmm(attn.detach().transpose(1, 2), grad_out), RTOL[torch.float32], "dV with dropout")
 
 
 def test_patched_golden_training_step(golden, golden_model):
@@ -79,13 +80,9 @@ def test_patched_golden_training_step(golden, golden_model):
     patched = fastcomer.patch(copy.deepcopy(plain), backend="auto")
     logits, grads = step(patched)
     ref_logits, ref_grads = step(plain)
-    assert_close_rel(logits, ref_logits, 2e-5, "logits vs plain float32")
-    assert_close_rel(logits, golden["logits_train"], 2e-4, "logits vs golden")
-    overall = max(g.abs().max().item() for g in golden["grads_train"].values())
-    for name, want in golden["grads_train"].items():
-        err = (grads[name].double() - want).abs().max().item()
-        allowed = max(2e-3 * max(want.abs().max().item(), 1e-3 * overall), 4 * (ref_grads[name].double() - want).abs().max().item())
-        assert err <= allowed, f"gradient of {name}: {err:.3e} > {allowed:.3e}"
+    assert_close_rel(logits, ref_logits, RTOL_FLOAT32_CHAIN, "logits vs plain float32")
+    assert_close_rel(logits, golden["logits_train"], RTOL_FLOAT32_GOLDEN, "logits vs golden")
+    assert_gradients_close(grads, golden["grads_train"], 10 * RTOL_FLOAT32_GOLDEN, GRADIENT_FLOOR, "vs golden", ref_grads)
 
 
 def test_fused_layer_uses_less_memory_than_plain():

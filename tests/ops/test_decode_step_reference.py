@@ -8,9 +8,10 @@ from fastcomer.benchmarking import scale_weights
 from fastcomer.ops.cross_attention_step.reference import grouped_cross_attention_step
 
 from support.asserts import assert_close_rel
+from support.tolerances import RTOL_SAME_MATH_FLOAT64
 from support.random_models import random_images
 
-RTOL = 1e-12
+RTOL = RTOL_SAME_MATH_FLOAT64
 
 
 @pytest.mark.parametrize("cross, self_", [(True, True), (True, False), (False, True)])

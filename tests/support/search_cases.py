@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from fastcomer.vocab import EOS_IDX, SOS_IDX
 
 from support.asserts import assert_close_rel
+from support.tolerances import RTOL_SAME_MATH_FLOAT64
 from support.random_models import random_images, random_model
 
-RTOL = 1e-12
+RTOL = RTOL_SAME_MATH_FLOAT64
 
 
 def assert_same_search(out, ref):
