@@ -102,6 +102,8 @@ def _read(source, map_location, weights_only: bool) -> Mapping[str, Any]:
     if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
         cause = "is a directory" if os.path.isdir(source) else "no such file"
         raise CheckpointError(f"cannot read checkpoint {name}: {cause}")
+    if map_location is None and not torch.cuda.is_available():
+        map_location = "cpu"  # most published checkpoints hold CUDA tensors
     try:
         if weights_only:
             return torch.load(source, map_location=map_location, weights_only=False, pickle_module=restricted_pickle)
@@ -110,9 +112,36 @@ def _read(source, map_location, weights_only: bool) -> Mapping[str, Any]:
         raise CheckpointError(
             f"cannot read checkpoint {name}: it names {err.qualified}, which fastcomer does not load without running "
             "code from the file; if the file is trusted, pass weights_only=False") from None
+    except (pickle.UnpicklingError, EOFError) as err:  # not a pickle or a torch zip archive, or cut short
+        raise CheckpointError(f"cannot read checkpoint {name}: not a torch checkpoint, or truncated "
+                              f"({_one_line(err)})") from err
     except Exception as err:  # noqa: BLE001 - torch raises several types for unreadable files
-        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {name}: not a torch checkpoint ({detail})") from err
+        raise CheckpointError(f"cannot read checkpoint {name}: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    """The whole message of err on one line (never cut), with its type."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}" if str(err).strip() else type(err).__name__
+
+
+def _check_map_location(map_location) -> None:
+    """None, a device that exists here, a mapping or a callable (torch.load's forms)."""
+    if map_location is None or isinstance(map_location, Mapping) or callable(map_location):
+        return
+    if not isinstance(map_location, (str, torch.device)):
+        raise TypeError(f"map_location must be a device (e.g. 'cpu'), a mapping, a callable or None, "
+                        f"got {type(map_location).__name__}")
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"map_location: expected a device such as 'cpu' or 'cuda:0', got {map_location!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"map_location={map_location!r}: CUDA is not available here; pass map_location='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"map_location={map_location!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"map_location: expected 'cpu' or 'cuda[:n]', got {map_location!r}")
 
 
 def _model_state(raw: Mapping[str, Any]) -> Dict[str, Tensor]:
@@ -272,6 +301,7 @@ def load_comer(
     if unknown:
         raise ValueError(f"unknown config entries {sorted(unknown)}")
     _check_config_values(config, "config", ValueError)
+    _check_map_location(map_location)
     raw = _read(source, map_location, weights_only)
     state = _model_state(raw)
     stated = {**_model_hyper_parameters(raw), **config}

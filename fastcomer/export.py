@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .extras import require
 from .model.arm import FoldedARM
+from .ops.beam_scorer_step.finished_lists import length_penalty
 from .ops.dispatch import DispatchPlan
 from .search.decoding_state import DecodingState
 from .search.hypotheses import Hypothesis
@@ -160,6 +162,7 @@ def export_onnx(model: nn.Module, out_dir: Union[str, Path], batch: int = 1, ima
     memory_kv, memory_mask, self_keys, self_values[, coverage] -> logits, new_self_keys,
     new_self_values[, new_coverage] (ONNX names are unique: a step's new caches are the next
     step's inputs)."""
+    require("onnx", "onnx", "onnxscript", purpose="exporting ONNX graphs")  # torch.onnx's dynamo exporter
     graphs = export_modules(model, batch, image_size, max_len)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,6 +191,7 @@ def onnx_greedy_search(encoder_path: Union[str, Path], step_path: Union[str, Pat
     numpy (no torch at run time): img [b, 1, H, W] float, img_mask [b, H, W] bool (numpy
     arrays, or tensors), the sizes the graphs were exported for. Same answers and scores
     as greedy_search up to float rounding; max_len is the exported one."""
+    require("onnx", "onnxruntime", purpose="running ONNX graphs")
     import numpy as np
     import onnxruntime
 
@@ -225,5 +229,5 @@ def onnx_greedy_search(encoder_path: Union[str, Path], step_path: Union[str, Pat
     answers = []
     for row in range(batch):
         seq = tokens[row, 1 : lengths[row]].tolist()
-        answers.append(Hypothesis(seq if forward else seq[::-1], float(sums[row]) / int(lengths[row]) ** alpha))
+        answers.append(Hypothesis(seq if forward else seq[::-1], float(sums[row]) / length_penalty(int(lengths[row]), alpha)))
     return answers

@@ -74,7 +74,7 @@ def test_resize_matches_opencv():
 @pytest.mark.parametrize("bad, match", [(np.zeros((3, 4, 5)), "shape"), (np.full((20, 40), np.nan), "finite"),
                                         (np.full((20, 40), 2.0), r"\[0, 1\]"), (np.zeros((0, 5), np.uint8), "empty"),
                                         (np.zeros((2, 400), np.uint8), "aspect ratio"), ("missing.png", "No such file"),
-                                        (np.zeros((20, 40), np.int32), "uint8, bool or float"), (3, "got int")])
+                                        (np.zeros((20, 40), np.int32), "uint8, uint16, bool or float"), (3, "got int")])
 def test_invalid_images(bad, match):
     with pytest.raises((ValueError, TypeError, OSError), match=match):
         prepare_image(bad)

@@ -2,7 +2,7 @@
 import argparse
 import os
 
-from .arguments import device, image_shape, output_path, positive_int
+from .arguments import check_model_limits, device, image_shape, max_len, output_path, positive_int
 
 
 def add_parser(commands) -> None:
@@ -23,7 +23,7 @@ def add_parser(commands) -> None:
     timing.add_argument("--backend", choices=["auto", "cuda", "triton", "torch"], help="the engine's cross-attention step (default: $FASTCOMER_BACKEND, else auto)")
     timing.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
                         help="replay the engine's steps as CUDA graphs (default: $FASTCOMER_CUDA_GRAPHS, else on for CUDA)")
-    timing.add_argument("--max-len", type=positive_int, help="default: 200, or 60 with --quick")
+    timing.add_argument("--max-len", type=max_len, help="default: 200, or 60 with --quick")
     timing.add_argument("--beam-size", type=positive_int, default=10)
     timing.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:n] (default: %(default)s)")
     timing.add_argument("--seed", type=int, default=0)
@@ -33,7 +33,7 @@ def add_parser(commands) -> None:
                         "this many worker processes (CPU; default: %(default)s)")
     timing.add_argument("--out", type=output_path,
                         help="write the results as JSON (fastcomer.benchmarking's schema) to this file, or into this directory")
-    timing.set_defaults(run=run)
+    timing.set_defaults(run=run, parser=timing)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,10 +47,11 @@ def run(args: argparse.Namespace) -> int:
         os.environ["FASTCOMER_THREADS"] = str(args.threads)  # the engine's searches read it
     shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     max_len = args.max_len or (60 if args.quick else 200)
+    model = bench_model(args.seed, args.device)
+    check_model_limits(args.parser, model, max_len, args.beam_size)
     print(f"decoding {args.images} image(s) of each of {', '.join(f'{h}x{w}' for h, w in shapes)}, beam {args.beam_size}, "
           f"max_len {max_len}, on {args.device} with {torch.get_num_threads()} thread(s)", flush=True)
     report = new_report(torch.device(args.device), args.command_line)
-    model = bench_model(args.seed, args.device)
     path = None
     for shape in shapes:  # the report is written after each shape, so a long run keeps what it measured
         report["rows"].append(engine_row(model, shape, args.images, args.beam_size, max_len, args.seed, args.batch,

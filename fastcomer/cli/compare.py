@@ -1,6 +1,7 @@
 """`fastcomer compare BEFORE.json AFTER.json`: two result files, row by row."""
 import argparse
-from pathlib import Path
+
+from .arguments import result_file
 
 
 def add_parser(commands) -> None:
@@ -8,8 +9,8 @@ def add_parser(commands) -> None:
         "compare", help="compare two benchmark result files row by row",
         description="For every row (benchmark and case) of both result files and every variant measured in both: "
         "the median of each and before / after (above 1: AFTER is faster).")
-    parser.add_argument("before", type=Path, help="result file (fastcomer.benchmarking's schema)")
-    parser.add_argument("after", type=Path, help="result file to compare with BEFORE")
+    parser.add_argument("before", type=result_file, help="result file (fastcomer.benchmarking's schema)")
+    parser.add_argument("after", type=result_file, help="result file to compare with BEFORE")
     parser.set_defaults(run=run)
 
 

@@ -1,8 +1,7 @@
 """`fastcomer export-onnx`: a checkpoint's encoder and incremental decoder step as ONNX."""
 import argparse
-from pathlib import Path
 
-from .arguments import image_shape
+from .arguments import check_model_limits, image_shape, input_file, load_checkpoint, max_len, output_folder, positive_int
 
 
 def add_parser(commands) -> None:
@@ -15,22 +14,25 @@ def add_parser(commands) -> None:
         "size and max_len (static shapes; pad images to the size). fastcomer.export.onnx_greedy_search drives them "
         "in onnxruntime.",
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a CoMER checkpoint (fastcomer.load_comer)")
-    parser.add_argument("out_dir", type=Path, help="directory for the two .onnx files")
+    parser.add_argument("--checkpoint", type=input_file, required=True, help="a CoMER checkpoint (fastcomer.load_comer)")
+    parser.add_argument("out_dir", type=output_folder, help="directory for the two .onnx files")
     parser.add_argument("--image-size", type=image_shape, default=(64, 256), help="HEIGHTxWIDTH (default: 64x256)")
-    parser.add_argument("--batch", type=int, default=1, help="images per call (default: %(default)s)")
-    parser.add_argument("--max-len", type=int, default=200, help="tokens per answer, start token included (default: %(default)s)")
-    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    parser.set_defaults(run=run)
+    parser.add_argument("--batch", type=positive_int, default=1, help="images per call (default: %(default)s)")
+    parser.add_argument("--max-len", type=max_len, default=200,
+                        help="tokens per answer, start token included, at most the model's positions (default: %(default)s)")
+    parser.add_argument("--opset", type=positive_int, help="ONNX opset (default: the exporter's)")
+    parser.set_defaults(run=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import load_comer
     from ..export import export_onnx
+    from ..extras import require
 
-    model = load_comer(args.checkpoint, map_location="cpu")
+    require("onnx", "onnx", "onnxscript", purpose="fastcomer export-onnx")
+    model = load_checkpoint(args.parser, args.checkpoint)
+    check_model_limits(args.parser, model, args.max_len)
     model = model.to(torch.float32)  # ONNX runtimes take the float32 graph
     paths = export_onnx(model, args.out_dir, args.batch, args.image_size, args.max_len, args.opset)
     for path in paths:

@@ -1,6 +1,8 @@
 """`fastcomer kernels`: the static GPU report (compiled, not run; see fastcomer.kernel_report)."""
 import argparse
 
+from .arguments import output_file
+
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
@@ -11,7 +13,7 @@ def add_parser(commands) -> None:
                         help="shape set: CoMER's published training shapes, or a small CI-sized one")
     parser.add_argument("--dtypes", metavar="MODE,...",
                         help="only these dtype modes (e.g. fp32,bf16; the providers' 'dtype' field); default: all")
-    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    parser.add_argument("--json", metavar="FILE", type=output_file, help="also write the report as JSON to FILE")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA extension (nvcc)")
     parser.set_defaults(run=run)
 

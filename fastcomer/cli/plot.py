@@ -1,5 +1,5 @@
 """`fastcomer plot RESULTS... --out DIR`: figures drawn from result files (needs matplotlib:
-`pip install fastcomer[plot]`):
+`pip install "fastcomer[plot]"`):
 
 - engine_speedup_vs_length.png: the engine's speed-up over the reference beam search against
   the decoded length (the longest first-pass hypothesis), one line per image size and machine;
@@ -12,6 +12,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
+from .arguments import output_folder, result_file
+
 if TYPE_CHECKING:  # the commands import torch only when they run
     from ..benchmarking import Report
 
@@ -22,8 +24,8 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "plot", help="draw speed-up and kernel-time figures from benchmark result files (needs matplotlib)",
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, nargs="+", help="result files (fastcomer.benchmarking's schema)")
-    parser.add_argument("--out", type=Path, required=True, help="directory for the PNG files")
+    parser.add_argument("results", type=result_file, nargs="+", help="result files (fastcomer.benchmarking's schema)")
+    parser.add_argument("--out", type=output_folder, required=True, help="directory for the PNG files")
     parser.set_defaults(run=run)
 
 
@@ -110,11 +112,9 @@ def draw(reports: Sequence["Report"], out: Path) -> List[Path]:
 
 def run(args: argparse.Namespace) -> int:
     from ..benchmarking import load_report
+    from ..extras import require
 
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise SystemExit("fastcomer plot needs matplotlib: pip install 'fastcomer[plot]'") from None
+    require("plot", "matplotlib", purpose="fastcomer plot")
     written = draw([load_report(path) for path in args.results], args.out)
     if not written:
         raise SystemExit("fastcomer plot: the result files hold no rows to draw")

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 from typing import List
 
-from .arguments import device, positive_int
+from .arguments import check_model_limits, device, load_checkpoint, max_len, positive_int
 
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
@@ -22,11 +22,14 @@ def add_parser(commands) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT",
                         help="CoMER checkpoint (Lightning .ckpt as published, or a state dict)")
     parser.add_argument("--beam-size", type=positive_int, default=10, help="default: %(default)s")
-    parser.add_argument("--max-len", type=int, default=200, help="tokens per answer, start token included (default: %(default)s)")
+    parser.add_argument("--max-len", type=max_len, default=200, help="tokens per answer, start token included (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:n] (default: %(default)s)")
     parser.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                         help="invert dark-on-light images: auto (default) when an image is mostly light")
+    parser.add_argument("--max-pixels", type=positive_int, metavar="N",
+                        help="pixels of one image before scaling, at most; a larger image is reported as failed "
+                             "(default: fastcomer.recognize.DEFAULT_MAX_PIXELS, 64 Mi)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image: path, latex, tokens, score, error")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(run=run, parser=parser)
@@ -65,25 +68,20 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..checkpoint import CheckpointError, load_comer
-    from ..recognize import recognize
+    from ..extras import require
+    from ..recognize import DEFAULT_MAX_PIXELS, recognize
 
+    require("images", "PIL", purpose="fastcomer recognize")
     paths = image_paths(args.images)
     if not paths:
         args.parser.error("no image files found in the folders given")
-    try:
-        model = load_comer(args.checkpoint, map_location=args.device)
-    except CheckpointError as err:
-        args.parser.error(f"--checkpoint: {err}")
-    positions = model.decoder.pos_enc.pe.shape[0]
-    if not 2 <= args.max_len <= positions:
-        args.parser.error(f"--max-len must be in 2..{positions}, got {args.max_len}")
-    if 2 * args.beam_size > model.config.vocab_size:
-        args.parser.error(f"--beam-size must be at most {model.config.vocab_size // 2}, got {args.beam_size}")
+    model = load_checkpoint(args.parser, args.checkpoint, args.device)
+    check_model_limits(args.parser, model, args.max_len, args.beam_size)
     show_progress = not args.no_progress and sys.stderr.isatty() and len(paths) > args.batch_size
     with torch.inference_mode():
         results = recognize(model, paths, beam_size=args.beam_size, max_len=args.max_len, batch_size=args.batch_size,
                             invert={"auto": "auto", "yes": True, "no": False}[args.invert], details=True,
+                            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
                             progress=ProgressBar(sys.stderr) if show_progress else None)
     for result in results:
         if args.json:

@@ -1,10 +1,10 @@
 """`fastcomer serve`: the HTTP recognition service with in-flight batching (docs/serve.md)."""
 import argparse
-import sys
 
-from .arguments import device, port_number, positive_int, positive_seconds
+from .arguments import check_model_limits, device, load_checkpoint, port_number, positive_int, positive_seconds
 
-EXTRA_HINT = 'fastcomer serve needs Starlette, uvicorn, prometheus_client and python-multipart: pip install "fastcomer[serve]"'
+# python-multipart (Starlette's form parser) was the module `multipart` before 0.0.13
+SERVE_MODULES = ("starlette", "uvicorn", "prometheus_client", "python_multipart|multipart", "PIL")
 
 
 def add_parser(commands) -> None:
@@ -51,28 +51,15 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT: 0; 1 when the service cannot start; 2 for a usage error."""
-    import importlib.util
+    from ..extras import require
 
-    # python-multipart (Starlette's form parser; its module was `multipart` before 0.0.13), prometheus_client
-    needed = ("starlette", "uvicorn", "prometheus_client", "PIL")
-    if any(importlib.util.find_spec(name) is None for name in needed) or not (
-            importlib.util.find_spec("python_multipart") or importlib.util.find_spec("multipart")):
-        print(EXTRA_HINT, file=sys.stderr)
-        return 1
+    require("serve", *SERVE_MODULES, purpose="fastcomer serve")
     from ..serving.server import serve
     from ..serving.settings import ServeSettings
-    from ..checkpoint import CheckpointError, load_comer
     from ..search.images import available_cores
 
-    try:
-        model = load_comer(args.checkpoint, map_location=args.device)
-    except (CheckpointError, OSError) as err:
-        args.parser.error(f"--checkpoint: {err}")
-    positions = model.decoder.pos_enc.pe.shape[0]
-    if not 2 <= args.max_len <= positions:
-        args.parser.error(f"--max-len must be in 2..{positions}, got {args.max_len}")
-    if 2 * args.max_beam_size > model.config.vocab_size:
-        args.parser.error(f"--max-beam-size must be at most {model.config.vocab_size // 2}, got {args.max_beam_size}")
+    model = load_checkpoint(args.parser, args.checkpoint, args.device)
+    check_model_limits(args.parser, model, args.max_len, args.max_beam_size, "--max-beam-size")
     if args.beam_size is None:
         args.beam_size = min(10, args.max_beam_size)
     if args.beam_size > args.max_beam_size:

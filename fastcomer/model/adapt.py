@@ -34,7 +34,11 @@ def is_comer_like(module) -> bool:
 
 
 def comer_module(model) -> nn.Module:
-    """The CoMER-shaped module of `model`: the model itself, or a LitCoMER's `comer_model`."""
+    """The CoMER-shaped module of `model`: the model itself, or a LitCoMER's `comer_model`;
+    of a torch.compile'd module (its `_orig_mod`), the module compiled: the searches run
+    their own step, never the compiled graph."""
+    while isinstance(model, nn.Module) and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
     if is_comer_like(model):
         return model
     inner = getattr(model, "comer_model", None)

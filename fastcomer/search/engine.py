@@ -8,13 +8,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model.adapt import as_comer
+from ..ops.beam_scorer_step.finished_lists import length_penalty
 from ..ops.dispatch import BackendRequest
 from ..vocab import EOS_IDX, PAD_IDX, SOS_IDX
 from .decoding_state import DecodingState, prefix_window
 from .engine_options import EngineOptions
 from .first_pass import first_pass
 from .hypotheses import BeamSearchOutput, Hypothesis, no_images_output
-from .options import SearchOptions, check_search_args, search_directions
+from .options import check_search_args, search_directions
 from .rescoring import rescore, select_best
 from .threads import with_search_threads
 
@@ -64,8 +65,7 @@ def beam_search(
     """
     model = as_comer(model)  # fastcomer's CoMER, the public code's CoMER or LitCoMER
     engine = EngineOptions(next(model.parameters()).device, backend, graphs, threads)
-    check_search_args(model, img, img_mask, beam_size, max_len, temperature, alpha, early_stopping)
-    options = SearchOptions(beam_size, max_len, alpha, early_stopping, temperature, direction)
+    options = check_search_args(model, img, img_mask, beam_size, max_len, temperature, alpha, early_stopping, direction)
     if img.shape[0] == 0:
         return no_images_output(img, return_details, rescored=len(options.l2r) == 2)
     feature, mask = model.encoder(img, img_mask)
@@ -74,7 +74,7 @@ def beam_search(
     if len(options.l2r) == 1:
         best = select_best(hyps, scores, batch, beam_size, options.l2r)
         return BeamSearchOutput(best, hyps, scores, None) if return_details else best
-    reverse = rescore(model.decoder, feature, mask, hyps, beam_size, alpha, temperature)
+    reverse = rescore(model.decoder, feature, mask, hyps, beam_size, options.alpha, temperature)
     best = select_best(hyps, scores + reverse, batch, beam_size)
     return BeamSearchOutput(best, hyps, scores, reverse) if return_details else best
 
@@ -101,7 +101,7 @@ def greedy_search(
     """
     model = as_comer(model)  # fastcomer's CoMER, the public code's CoMER or LitCoMER
     engine = EngineOptions(next(model.parameters()).device, backend, threads=threads)
-    check_search_args(model, img, img_mask, 1, max_len, temperature, alpha)
+    alpha = check_search_args(model, img, img_mask, 1, max_len, temperature, alpha).alpha
     (forward,) = search_directions(direction, ("l2r", "r2l"))
     if img.shape[0] == 0:
         return []
@@ -129,5 +129,5 @@ def greedy_search(
     answers = []
     for row, (total, length) in enumerate(zip(sums.tolist(), lengths.tolist())):
         seq = state.tokens[row, 1:length].tolist()
-        answers.append(Hypothesis(seq if forward else seq[::-1], total / length**alpha))
+        answers.append(Hypothesis(seq if forward else seq[::-1], total / length_penalty(length, alpha)))
     return answers

@@ -1,7 +1,9 @@
 """Decoding many images of different sizes: batches of similar sizes, to cut padding, spread
 over worker processes on CPU."""
+import dataclasses
 import multiprocessing
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from typing import List, Optional, Sequence, Tuple
 
@@ -11,7 +13,11 @@ from torch import Tensor
 from ..allocator import keep_freed_memory, release_freed_memory
 from ..model.adapt import as_comer
 from .engine import beam_search
+from .engine_options import EngineOptions
 from .hypotheses import Hypothesis
+from .options import SearchOptions
+
+ENGINE_KNOBS = ("backend", "graphs", "threads")  # beam_search's arguments that go to EngineOptions
 
 
 def pad_images(images: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -51,6 +57,21 @@ def _decode_batch(img: Tensor, mask: Tensor, search_kwargs: dict) -> List[Hypoth
     return beam_search(_worker_model, img, mask, **search_kwargs)
 
 
+def check_decode_args(model, search_kwargs: dict) -> None:
+    """The checks of decode_images' search arguments, before any image is read or worker forked:
+    every option (`SearchOptions`, with the model's limits; `EngineOptions`), a TypeError for
+    an unknown one."""
+    search_kwargs = dict(search_kwargs)
+    if search_kwargs.pop("return_details", False):
+        raise ValueError("decode_images returns answers only; call beam_search for return_details")
+    engine = {key: search_kwargs.pop(key) for key in ENGINE_KNOBS if key in search_kwargs}
+    unknown = sorted(set(search_kwargs) - {field.name for field in dataclasses.fields(SearchOptions)})
+    if unknown:
+        raise TypeError(f"unknown search arguments {unknown}: see fastcomer.beam_search")
+    SearchOptions(**search_kwargs).check_model(model)
+    EngineOptions(next(model.parameters()).device, **engine)
+
+
 def decode_images(model: torch.nn.Module, images: Sequence[Tensor], batch_size: Optional[int] = None, workers: Optional[int] = None,
                   **search_kwargs) -> List[Hypothesis]:
     """Beam search (`fastcomer.beam_search`, with search_kwargs) over images [1, H, W] or
@@ -65,11 +86,14 @@ def decode_images(model: torch.nn.Module, images: Sequence[Tensor], batch_size: 
     search single-threaded (`beam_search`'s threads), so N images on N cores take about
     the time of one; None: the cores this process may use (`available_cores`), at most one
     per batch. The workers are forked, so the model is shared, not pickled; where fork is
-    unavailable, or for a CUDA model, batches run one after another in this process. The
-    workers keep freed memory for reuse (`fastcomer.allocator`; FASTCOMER_MALLOC=system: not).
+    unavailable, or for a CUDA model, batches run one after another in this process; so do
+    they, with a RuntimeWarning, inside a daemonic process (a multiprocessing.Pool or
+    DataLoader worker, which may not start processes): the same answers. The workers keep
+    freed memory for reuse (`fastcomer.allocator`; FASTCOMER_MALLOC=system: not).
 
     Floating-point images are converted to the model's dtype; other types raise TypeError
-    (integer pixels are not rescaled for you). Every image is checked before any search.
+    (integer pixels are not rescaled for you). Every argument and every image is checked
+    before any search or worker starts (`check_decode_args`); no images give [].
     """
     model = as_comer(model)  # fastcomer's CoMER, the public code's CoMER or LitCoMER
     param = next(model.parameters())
@@ -79,8 +103,9 @@ def decode_images(model: torch.nn.Module, images: Sequence[Tensor], batch_size: 
         raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__} {batch_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if search_kwargs.get("return_details"):
-        raise ValueError("decode_images returns answers only; call beam_search for return_details")
+    check_decode_args(model, search_kwargs)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
     prepared = []
     for i, im in enumerate(images):
         if not isinstance(im, Tensor) or not im.dtype.is_floating_point:
@@ -91,12 +116,17 @@ def decode_images(model: torch.nn.Module, images: Sequence[Tensor], batch_size: 
         if not bool(torch.isfinite(im).all()):
             raise ValueError(f"image {i} holds NaN or infinite pixels")
         prepared.append((im if im.dim() == 3 else im[None]).to(device=param.device, dtype=param.dtype))
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
+    if not prepared:
+        return []
     buckets = size_buckets([tuple(im.shape[1:]) for im in prepared], batch_size)
     batches = [pad_images([prepared[i] for i in bucket]) for bucket in buckets]
     processes = min(workers or available_cores(), len(batches))
     if param.device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+        processes = 1
+    elif processes > 1 and multiprocessing.current_process().daemon:
+        # A daemonic process (a multiprocessing.Pool or DataLoader worker) may not have children.
+        warnings.warn("decode_images runs in a daemonic process, which cannot start workers: decoding in this "
+                      "process (pass workers=1 to silence this)", RuntimeWarning, stacklevel=2)
         processes = 1
     if processes <= 1:
         results = [beam_search(model, img, mask, **search_kwargs) for img, mask in batches]

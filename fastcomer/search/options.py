@@ -21,8 +21,10 @@ def search_directions(direction: str, allowed: Sequence[str] = tuple(DIRECTIONS)
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """CoMER's beam-search settings (docs/function.md, 'Beam search'). Frozen and hashable: the
-    engine keys its kept static buffers (and CUDA graphs) on them."""
+    """CoMER's beam-search settings (docs/function.md, 'Beam search'), every field checked on
+    construction (TypeError for a wrong type, ValueError for a value out of range, each naming
+    the field); `check_model` adds the limits set by a model. Frozen and hashable: the engine
+    keys its kept static buffers (and CUDA graphs) on them."""
 
     beam_size: int = 10
     max_len: int = 200
@@ -32,7 +34,33 @@ class SearchOptions:
     direction: str = "both"
 
     def __post_init__(self) -> None:
+        _check_int("beam_size", self.beam_size)
+        _check_int("max_len", self.max_len)
+        _check_real("temperature", self.temperature)
+        _check_real("alpha", self.alpha)
+        if not isinstance(self.early_stopping, bool):
+            raise TypeError(f"early_stopping must be a bool, got {type(self.early_stopping).__name__} {self.early_stopping!r}")
         search_directions(self.direction)
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be at least 2 (the start token and one more), got {self.max_len}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        # A float: an int alpha would make length**alpha exact integer powers (2**63 never ends).
+        object.__setattr__(self, "alpha", float(self.alpha))
+
+    def check_model(self, model) -> None:
+        """The limits a model sets: eval mode, beam_size <= vocab/2 (a step keeps 2 x beam_size
+        candidates), max_len <= its positions."""
+        if model.training:
+            raise ValueError("beam search needs the model in eval mode: call model.eval() first")
+        vocab_size = model.config.vocab_size
+        if 2 * self.beam_size > vocab_size:
+            raise ValueError(f"beam_size must be in 1..{vocab_size // 2}, got {self.beam_size}")
+        positions = model.decoder.pos_enc.pe.shape[0]
+        if self.max_len > positions:
+            raise ValueError(f"max_len must be in 2..{positions}, got {self.max_len}")
 
     @property
     def l2r(self) -> Tuple[bool, ...]:
@@ -85,23 +113,10 @@ def _check_images(model, img: Any, img_mask: Any) -> None:
 
 
 def check_search_args(model, img: Tensor, img_mask: Tensor, beam_size: int, max_len: int, temperature: float,
-                      alpha: float = 1.0, early_stopping: bool = False) -> None:
-    """The checks every search (the reference's too) makes before any work: TypeError for
-    an argument of the wrong type, ValueError for a value out of range, each naming it."""
-    if model.training:
-        raise ValueError("beam search needs the model in eval mode: call model.eval() first")
-    _check_int("beam_size", beam_size)
-    _check_int("max_len", max_len)
-    _check_real("temperature", temperature)
-    _check_real("alpha", alpha)
-    if not isinstance(early_stopping, bool):
-        raise TypeError(f"early_stopping must be a bool, got {type(early_stopping).__name__} {early_stopping!r}")
-    vocab_size = model.config.vocab_size
-    if not 1 <= beam_size or 2 * beam_size > vocab_size:
-        raise ValueError(f"beam_size must be in 1..{vocab_size // 2}, got {beam_size}")
-    positions = model.decoder.pos_enc.pe.shape[0]
-    if not 2 <= max_len <= positions:
-        raise ValueError(f"max_len must be in 2..{positions}, got {max_len}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+                      alpha: float = 1.0, early_stopping: bool = False, direction: str = "both") -> SearchOptions:
+    """The checks every search (the reference's too) makes before any work: the options
+    (`SearchOptions`, with the model's limits) and the images; returns the options."""
+    options = SearchOptions(beam_size, max_len, alpha, early_stopping, temperature, direction)
+    options.check_model(model)
     _check_images(model, img, img_mask)
+    return options

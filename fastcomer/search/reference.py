@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.beam_scorer_step.finished_lists import length_penalty
 from ..vocab import EOS_IDX, PAD_IDX, SOS_IDX
 from .hypotheses import BeamSearchOutput, Hypothesis, no_images_output
 from .options import check_search_args
@@ -28,7 +29,7 @@ class FinishedHypotheses:
         self.worst_score = 1e9
 
     def add(self, tokens: List[int], sum_logprobs: float) -> None:
-        score = sum_logprobs / (len(tokens) ** self.alpha)
+        score = sum_logprobs / length_penalty(len(tokens), self.alpha)
         if len(self.beams) < self.beam_size or score > self.worst_score:
             self.beams.append((score, tokens))
             if len(self.beams) > self.beam_size:
@@ -43,7 +44,7 @@ class FinishedHypotheses:
             return False
         if self.early_stopping:
             return True
-        return self.worst_score >= best_running_sum / cur_len**self.alpha
+        return self.worst_score >= best_running_sum / length_penalty(cur_len, self.alpha)
 
 
 def _first_pass(decoder, feature, mask, beam_size, max_len, alpha, early_stopping, temperature):
@@ -123,7 +124,7 @@ def reference_beam_search(
     return_details a BeamSearchOutput that also holds the first pass and its rescoring.
     Arguments are checked as the engine's (a batch of 0 images returns []).
     """
-    check_search_args(model, img, img_mask, beam_size, max_len, temperature, alpha, early_stopping)
+    alpha = check_search_args(model, img, img_mask, beam_size, max_len, temperature, alpha, early_stopping).alpha
     if img.shape[0] == 0:
         return no_images_output(img, return_details)
     feature, mask = model.encoder(img, img_mask)

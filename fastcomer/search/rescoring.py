@@ -30,8 +30,10 @@ def teacher_forcing_batch(seqs: Sequence[Sequence[int]], l2r: Sequence[bool], de
 def sequence_scores(logits: Tensor, tgt: Tensor, out: Tensor, alpha: float, temperature: float) -> Tensor:
     """-(sum of token cross-entropies) / (non-PAD tokens of tgt) ** alpha, per row."""
     loss = F.cross_entropy((logits / temperature).flatten(0, 1), out.flatten(), ignore_index=PAD_IDX, reduction="none")
-    # CoMER raises an integer count to alpha, which yields the default float dtype.
+    # CoMER raises an integer count to alpha, which yields the default float dtype; kept above 0
+    # (as `length_penalty`) so that a large negative alpha never divides by zero.
     penalty = (tgt != PAD_IDX).sum(dim=1) ** alpha
+    penalty = penalty.clamp(min=torch.finfo(penalty.dtype).tiny)
     return -loss.view(out.shape).sum(dim=1) / penalty
 
 

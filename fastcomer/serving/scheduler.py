@@ -312,9 +312,9 @@ class Scheduler:
         if image.dim() != 3 or image.shape[0] != 1:
             raise ValueError(f"image must be [1, H, W] or [H, W], got {tuple(image.shape)}")
         img = image.to(device=self.device, dtype=self.dtype)[None]
-        check_search_args(self.model, img, torch.zeros(img.shape[0], *img.shape[2:], dtype=torch.bool, device=self.device),
-                          beam_size, max_len, temperature, alpha, early_stopping)
-        options = SearchOptions(beam_size, max_len, alpha, early_stopping, temperature, direction)
+        options = check_search_args(self.model, img, torch.zeros(img.shape[0], *img.shape[2:], dtype=torch.bool,
+                                                                 device=self.device),
+                                    beam_size, max_len, temperature, alpha, early_stopping, direction)
         request = Request(options, concurrent.futures.Future(), time.monotonic(), self, img)
         with self._lock:
             if self._closing or self._failure is not None:
@@ -386,7 +386,7 @@ class Scheduler:
             self._admit(request)
 
     def _key(self, options: SearchOptions) -> SearchOptions:
-        return dataclasses.replace(options, max_len=0)  # max_len is per search
+        return dataclasses.replace(options, max_len=2)  # max_len is per search: one key (the least valid) for all
 
     def _fits(self, request: Request) -> bool:
         if not self._sets:

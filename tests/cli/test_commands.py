@@ -48,11 +48,12 @@ def test_compare_prints_ratios_row_by_row(tmp_path, capsys):
     assert "| decode_step | images=1 L=256 | torch | 100 us | 100 us | 1.00x |" in out
 
 
-def test_compare_rejects_a_file_off_the_schema(tmp_path):
+def test_compare_rejects_a_file_off_the_schema(tmp_path, capsys):
     bad = tmp_path / "old.json"
     bad.write_text(json.dumps({"date": "2026-11-22", "results": []}))
-    with pytest.raises(ValueError, match="old.json"):
+    with pytest.raises(SystemExit) as exited:  # a usage error, before any work
         main(["compare", str(bad), str(QUIET[0])])
+    assert exited.value.code == 2 and "old.json: report lacks schema" in capsys.readouterr().err
 
 
 def test_table_regenerates_readme_blocks(tmp_path, capsys):

@@ -6,6 +6,8 @@ lists for all items at once with static shapes and no host sync (the step counte
 length penalty and the insertion clock live on the device), so that a whole beam step can
 be captured in a CUDA graph.
 """
+import math
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -14,6 +16,17 @@ from torch import Tensor
 from ...vocab import PAD_IDX
 
 FIELDS = ("score", "stamp", "length", "tokens", "count")
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """length**alpha as CoMER computes it (a float power: scores bitwise its), kept in
+    (0, inf] so that every finite alpha searches to the end: a large alpha overflows to inf
+    (the score is then -0.0) instead of raising, a large negative one stays above 0 (the score
+    is then very negative) instead of dividing by zero."""
+    try:
+        return max(length ** float(alpha), sys.float_info.min)
+    except OverflowError:
+        return math.inf
 
 
 class FinishedLists:
@@ -37,10 +50,9 @@ class FinishedLists:
         self.tokens = torch.zeros(items, slots, max_len, dtype=torch.long, device=device)
         self.count = torch.zeros(items, dtype=torch.long, device=device)
         self.clock = torch.zeros((), dtype=torch.long, device=device)  # the next insertion stamp
-        # length**alpha as CoMER computes it, a Python int ** float, so that scores are bitwise equal.
         # Index = length; a hypothesis holds its start token, so length 0 never occurs (and 0**alpha
         # would divide by zero for a negative alpha): its entry is a placeholder.
-        self.penalty = torch.tensor([1.0] + [n**alpha for n in range(1, max_len + 1)], dtype=torch.float64,
+        self.penalty = torch.tensor([1.0] + [length_penalty(n, alpha) for n in range(1, max_len + 1)], dtype=torch.float64,
                                     device=device)
         self.clear()
 
