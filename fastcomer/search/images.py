@@ -3,7 +3,7 @@ over worker processes on CPU."""
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -51,6 +51,27 @@ def _decode_batch(img: Tensor, mask: Tensor, search_kwargs: dict) -> List[Hypoth
     return beam_search(_worker_model, img, mask, **search_kwargs)
 
 
+def decode_batches(model: torch.nn.Module, batches: Sequence[Tuple[Tensor, Tensor]], workers: Optional[int] = None,
+                   **search_kwargs) -> Iterator[List[Hypothesis]]:
+    """`beam_search(model, img, mask, **search_kwargs)` of each padded batch (img, mask) on the
+    model's device, yielded in order as they finish; on CPU spread over `workers` forked
+    processes as `decode_images` describes (the pool lives while the generator runs)."""
+    model = as_comer(model)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
+    processes = min(workers or available_cores(), len(batches))
+    if next(model.parameters()).device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+        processes = 1
+    if processes <= 1:
+        for img, mask in batches:
+            yield beam_search(model, img, mask, **search_kwargs)
+        return
+    release_freed_memory()  # not inherited by the forked workers
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                             initializer=_start_worker, initargs=(model,)) as pool:
+        yield from pool.map(_decode_batch, *zip(*batches), [search_kwargs] * len(batches))
+
+
 def decode_images(model: torch.nn.Module, images: Sequence[Tensor], batch_size: Optional[int] = None, workers: Optional[int] = None,
                   **search_kwargs) -> List[Hypothesis]:
     """Beam search (`fastcomer.beam_search`, with search_kwargs) over images [1, H, W] or
@@ -91,22 +112,10 @@ def decode_images(model: torch.nn.Module, images: Sequence[Tensor], batch_size: 
         if not bool(torch.isfinite(im).all()):
             raise ValueError(f"image {i} holds NaN or infinite pixels")
         prepared.append((im if im.dim() == 3 else im[None]).to(device=param.device, dtype=param.dtype))
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
     buckets = size_buckets([tuple(im.shape[1:]) for im in prepared], batch_size)
     batches = [pad_images([prepared[i] for i in bucket]) for bucket in buckets]
-    processes = min(workers or available_cores(), len(batches))
-    if param.device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
-        processes = 1
-    if processes <= 1:
-        results = [beam_search(model, img, mask, **search_kwargs) for img, mask in batches]
-    else:
-        release_freed_memory()  # not inherited by the forked workers
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_start_worker, initargs=(model,)) as pool:
-            results = list(pool.map(_decode_batch, *zip(*batches), [search_kwargs] * len(batches)))
     answers: List[Hypothesis] = [None] * len(prepared)  # type: ignore[list-item]
-    for bucket, hyps in zip(buckets, results):
+    for bucket, hyps in zip(buckets, decode_batches(model, batches, workers, **search_kwargs)):
         for i, hyp in zip(bucket, hyps):
             answers[i] = hyp
     return answers
