@@ -1,7 +1,6 @@
 """fastcomer.evaluate on data sets in CoMER's layout that the tests write: CoMER's test batches
 (against the reference search over batches built here), metrics against an independent count,
 result.zip's format, failures reported and counted, resume after an interruption."""
-import io
 import json
 import zipfile
 from functools import lru_cache
@@ -17,33 +16,10 @@ from fastcomer.evaluation.batching import plan_batches  # noqa: E402
 from fastcomer.search.images import pad_images  # noqa: E402
 from fastcomer.vocab import vocab  # noqa: E402
 
+from support.comer_data import SPLIT_2014, SPLIT_2016, bmp, write_zip  # noqa: E402
 from support.images import strokes  # noqa: E402
 
 SEARCH = dict(beam_size=3, max_len=8)
-# (name, height, width, caption): sizes of several areas, one upscaled (height < 16); caption order != area order
-SPLIT_2014 = [
-    ("a", 24, 60, "x + 1"), ("b", 20, 40, "x"), ("c", 10, 30, "\\frac { 1 } { 2 }"), ("d", 32, 96, "a ^ { 2 }"),
-    ("e", 20, 40, "y = x"), ("f", 28, 48, "1"),
-]
-SPLIT_2016 = [("g", 22, 50, "2 x"), ("h", 18, 36, "x - y")]
-
-
-def bmp(height, width, seed):
-    buffer = io.BytesIO()
-    PIL.fromarray(strokes(height, width, seed)).save(buffer, format="BMP")
-    return buffer.getvalue()
-
-
-def write_zip(path, splits, extra=()):
-    """A data.zip in CoMER's layout; extra: (member, bytes) added as they are."""
-    with zipfile.ZipFile(path, "w") as archive:
-        for split, rows in splits.items():
-            archive.writestr(f"data/{split}/caption.txt", "".join(f"{n}\t{c}\n" for n, *_, c in rows))
-            for seed, (name, height, width, _) in enumerate(rows):
-                archive.writestr(f"data/{split}/img/{name}.bmp", bmp(height, width, seed))
-        for member, data in extra:
-            archive.writestr(member, data)
-    return path
 
 
 @pytest.fixture()
@@ -222,3 +198,8 @@ def test_checkpoint_search_settings_are_used(golden_model, data_zip, tmp_path):
     assert from_checkpoint.settings == {"beam_size": 2, "max_len": 6, "alpha": 0.5, "early_stopping": False, "temperature": 1.0}
     assert from_checkpoint.records == evaluate(golden_model, data_zip, "2016", beam_size=2, max_len=6, alpha=0.5).records
     assert evaluate(path, data_zip, "2016", max_len=7).settings["max_len"] == 7
+
+
+def test_worker_processes_answer_as_one(golden_model, data_zip):
+    one = evaluate(golden_model, data_zip, "2014", workers=1, **SEARCH)
+    assert evaluate(golden_model, data_zip, "2014", workers=2, **SEARCH).records == one.records
