@@ -139,6 +139,7 @@ setup(
         "bench": ["pytest", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "plot": ["matplotlib"],
         "images": ["pillow"],  # fastcomer.recognize / `fastcomer recognize` on image files
+        "evaluate": ["pillow", "tqdm"],  # `fastcomer evaluate`: image files, and its progress bar
         # `fastcomer serve` (fastcomer.serving.app): the ASGI stack, metrics, multipart bodies, images
         "serve": ["starlette>=0.40", "uvicorn>=0.30", "prometheus_client", "python-multipart", "pillow"],
         # the documentation site: `python -m mkdocs build --strict` (mkdocs.yml, docs/)
