@@ -140,12 +140,11 @@ setup(
         "plot": ["matplotlib"],
         "images": ["pillow"],  # fastcomer.recognize / `fastcomer recognize` on image files
         "onnx": ["onnx", "onnxscript", "onnxruntime"],  # fastcomer.export's ONNX graphs, `fastcomer export-onnx`
+        "evaluate": ["pillow", "tqdm"],  # `fastcomer evaluate`: image files, and its progress bar
         # `fastcomer serve` (fastcomer.serving.app): the ASGI stack, metrics, multipart bodies, images
         "serve": ["starlette>=0.40", "uvicorn>=0.30", "prometheus_client", "python-multipart", "pillow"],
         # the documentation site: `python -m mkdocs build --strict` (mkdocs.yml, docs/)
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
-        # `fastcomer export-onnx` and fastcomer.export.onnx_greedy_search
-        "onnx": ["onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={"console_scripts": ["fastcomer = fastcomer.cli:main"]},
 )

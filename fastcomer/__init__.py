@@ -5,6 +5,7 @@ from .checkpoint import CheckpointError, load_comer
 from .model.comer import CoMER, CoMERConfig
 from .patch import patch, unpatch
 from .recognize import Recognition, RecognitionError, prepare_image, recognize
+from .evaluation import CaptionError, Evaluation, evaluate
 from .search.engine import beam_search, greedy_search
 from .search.hypotheses import BeamSearchOutput, Hypothesis
 from .search.images import decode_images

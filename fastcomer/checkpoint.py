@@ -313,3 +313,10 @@ def load_comer(
     model = model.to(dtype=reference.dtype, device=device)
     model.load_state_dict(state)
     return model.eval()
+
+
+def read_checkpoint(source: Union[str, os.PathLike, BinaryIO, Mapping[str, Any]], map_location=None,
+                    weights_only: bool = True) -> Mapping[str, Any]:
+    """The checkpoint object as stored (read as `load_comer` reads it, weights_only alike), for
+    what it holds besides the model, such as the search settings in 'hyper_parameters'."""
+    return _read(source, map_location, weights_only)

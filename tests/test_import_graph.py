@@ -98,7 +98,7 @@ FLOORS = [
     ("fastcomer.ops", "fastcomer.checkpoint"),
     ("fastcomer.search", "fastcomer.modules", "fastcomer.kernel_report"),
     ("fastcomer.patch", "fastcomer.export", "fastcomer.flop_floor", "fastcomer.recognize"),
-    ("fastcomer.benchmarking", "fastcomer.serving"),
+    ("fastcomer.benchmarking", "fastcomer.serving", "fastcomer.evaluation"),
     ("fastcomer.cli", "fastcomer.__main__", "fastcomer"),
 ]
 

@@ -9,9 +9,9 @@ from typing import List, Optional
 
 from ..allocator import keep_freed_memory
 from ..extras import MissingExtra
-from . import bench, compare, env, export_onnx, kernels, plot, recognize, serve, table
+from . import bench, compare, env, evaluate, export_onnx, kernels, plot, recognize, serve, table
 
-COMMANDS = (bench, recognize, serve, env, compare, table, plot, kernels, export_onnx)
+COMMANDS = (bench, recognize, evaluate, serve, env, compare, table, plot, kernels, export_onnx)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -5,7 +5,7 @@ import multiprocessing
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -72,6 +72,32 @@ def check_decode_args(model, search_kwargs: dict) -> None:
     EngineOptions(next(model.parameters()).device, **engine)
 
 
+def decode_batches(model: torch.nn.Module, batches: Sequence[Tuple[Tensor, Tensor]], workers: Optional[int] = None,
+                   **search_kwargs) -> Iterator[List[Hypothesis]]:
+    """`beam_search(model, img, mask, **search_kwargs)` of each padded batch (img, mask) on the
+    model's device, yielded in order as they finish; on CPU spread over `workers` forked
+    processes as `decode_images` describes (the pool lives while the generator runs)."""
+    model = as_comer(model)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
+    processes = min(workers or available_cores(), len(batches))
+    if next(model.parameters()).device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+        processes = 1
+    elif processes > 1 and multiprocessing.current_process().daemon:
+        # A daemonic process (a multiprocessing.Pool or DataLoader worker) may not have children.
+        warnings.warn("decoding runs in a daemonic process, which cannot start workers: decoding in this "
+                      "process (pass workers=1 to silence this)", RuntimeWarning, stacklevel=3)
+        processes = 1
+    if processes <= 1:
+        for img, mask in batches:
+            yield beam_search(model, img, mask, **search_kwargs)
+        return
+    release_freed_memory()  # not inherited by the forked workers
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                             initializer=_start_worker, initargs=(model,)) as pool:
+        yield from pool.map(_decode_batch, *zip(*batches), [search_kwargs] * len(batches))
+
+
 def decode_images(model: torch.nn.Module, images: Sequence[Tensor], batch_size: Optional[int] = None, workers: Optional[int] = None,
                   **search_kwargs) -> List[Hypothesis]:
     """Beam search (`fastcomer.beam_search`, with search_kwargs) over images [1, H, W] or
@@ -120,23 +146,8 @@ def decode_images(model: torch.nn.Module, images: Sequence[Tensor], batch_size: 
         return []
     buckets = size_buckets([tuple(im.shape[1:]) for im in prepared], batch_size)
     batches = [pad_images([prepared[i] for i in bucket]) for bucket in buckets]
-    processes = min(workers or available_cores(), len(batches))
-    if param.device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
-        processes = 1
-    elif processes > 1 and multiprocessing.current_process().daemon:
-        # A daemonic process (a multiprocessing.Pool or DataLoader worker) may not have children.
-        warnings.warn("decode_images runs in a daemonic process, which cannot start workers: decoding in this "
-                      "process (pass workers=1 to silence this)", RuntimeWarning, stacklevel=2)
-        processes = 1
-    if processes <= 1:
-        results = [beam_search(model, img, mask, **search_kwargs) for img, mask in batches]
-    else:
-        release_freed_memory()  # not inherited by the forked workers
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_start_worker, initargs=(model,)) as pool:
-            results = list(pool.map(_decode_batch, *zip(*batches), [search_kwargs] * len(batches)))
     answers: List[Hypothesis] = [None] * len(prepared)  # type: ignore[list-item]
-    for bucket, hyps in zip(buckets, results):
+    for bucket, hyps in zip(buckets, decode_batches(model, batches, workers, **search_kwargs)):
         for i, hyp in zip(bucket, hyps):
             answers[i] = hyp
     return answers
