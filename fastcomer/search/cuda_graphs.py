@@ -6,6 +6,10 @@ call of a window runs eagerly on a side stream (lazy initialisation, Triton comp
 and cuBLAS workspaces happen there, outside any capture); the second captures and
 replays. If a capture fails, a warning says why and the steps run eagerly: the same
 kernels in the same order, so the same results.
+
+Captures are thread-local: searches run concurrently (one per thread), and in CUDA's default
+"global" mode another thread's host sync or cudaMalloc during a capture would fail (or
+invalidate) it.
 """
 import warnings
 from typing import Callable, Dict
@@ -36,7 +40,7 @@ class StepGraphs:
         else:
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, pool=self.pool):
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                     self.step(window)
             except RuntimeError as err:  # capture records, it does not run: the state is untouched
                 warnings.warn(f"fastcomer: CUDA graph capture failed, decoding eagerly instead: {err}")

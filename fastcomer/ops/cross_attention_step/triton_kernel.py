@@ -205,19 +205,22 @@ def _pow2_at_least(n: int, floor: int) -> int:
 
 
 def _zero_padded(t: Tensor, dim: int, size: int) -> Tensor:
-    """A new contiguous copy of t, extended with zeros along dim to size."""
-    padded = t.new_zeros(t.shape[:dim] + (size,) + t.shape[dim + 1:])
+    """A new contiguous float32 copy of t, extended with zeros along dim to size."""
+    padded = t.new_zeros(t.shape[:dim] + (size,) + t.shape[dim + 1:], dtype=torch.float32)
     padded.narrow(dim, 0, t.shape[dim]).copy_(t)
     return padded
 
 
 def _dot_ready(arm: FoldedARM) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The ARM's weights as the kernel reads them. The conv's output channels are the operand of
-    tl.dot: a power of two >= 16; zero filters with zero bias and zero projection columns add
-    nothing to R."""
+    """The ARM's weights as the kernel reads them: float32 whatever the model's dtype (the
+    refinement computes in float32, and tl.dot takes operands of one dtype: the float32 ReLU
+    output with the projection). The conv's output channels are the operand of tl.dot: a
+    power of two >= 16; zero filters with zero bias and zero projection columns add nothing
+    to R."""
     dc = _pow2_at_least(arm.conv_weight.shape[0], MIN_DOT)
     return (_zero_padded(arm.conv_weight, 0, dc), _zero_padded(arm.conv_bias, 0, dc),
-            _zero_padded(arm.proj_weight, 1, dc), arm.shift.clone(memory_format=torch.contiguous_format))
+            _zero_padded(arm.proj_weight, 1, dc),
+            arm.shift.to(torch.float32, memory_format=torch.contiguous_format, copy=True))
 
 
 _dot_ready_weights = PreparedARMWeights(_dot_ready)
