@@ -147,3 +147,19 @@ def test_cuda_graphs_warm_up_and_capture_on_the_search_device(fake_devices, monk
     for _ in range(3):  # warm-up on a side stream, capture, replay
         graphs(4)
     assert steps_on == [("step", 1), ("step", 1), ("replay", 1), ("replay", 1)] and current == [0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_layer_on_the_second_gpu_runs_there():
+    """With cuda:0 current, the Triton feed-forward step of a layer on cuda:1 matches torch's."""
+    from fastcomer.model.decoder import TransformerDecoderLayer
+    from fastcomer.ops.feed_forward_step import feed_forward_step
+
+    torch.manual_seed(0)
+    layer = TransformerDecoderLayer(256, 8, 1024, 0.0).to("cuda:1").eval()
+    x, attended = torch.randn(2, 20, 256, device="cuda:1").unbind(0)
+    with torch.cuda.device(0), torch.no_grad():
+        fused = feed_forward_step(x, attended, layer, backend="triton")
+        torch.cuda.synchronize(1)
+        reference = feed_forward_step(x, attended, layer, backend="torch")
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
