@@ -34,6 +34,8 @@ class Specialisation(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class TritonLaunch:
+    """One launch, `kernel[grid](*args, **options)`, as a value: run it, or record it."""
+
     kernel: Any  # a @triton.jit function
     grid: Tuple[int, ...]
     args: Tuple[Any, ...]
@@ -58,6 +60,8 @@ class TritonLaunch:
         from triton.compiler import make_backend
         from triton.runtime.jit import create_function_from_signature
 
+        # Triton's own (internal) binder and packing, not a copy of its rules: the report then
+        # follows whatever this Triton specialises on
         kernel = self.kernel
         backend = make_backend(GPUTarget("cuda", arch, 32))
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
