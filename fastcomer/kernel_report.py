@@ -13,9 +13,11 @@ bytes / memory bandwidth), the compute peak being the tensor-core one of the var
 operand type when its SASS has tensor-core instructions, else the FP32 FMA peak. An estimate,
 never a measurement: it ignores occupancy, latency, launch overhead and cache reuse.
 
-Each variant is a `fastcomer.ops.registry.KernelVariant`: the kernel with the signature,
-constexprs, warps and stages its launcher uses, the grid, the launches per op call, FLOPs and
-bytes per launch, and the scalar arguments Triton specialises on (a multiple of 16).
+Each variant is a `fastcomer.ops.registry.KernelVariant`: a launch its launcher made (run on
+meta tensors, recorded by `fastcomer.ops.triton_launch`), the launches per op call, FLOPs and
+bytes per launch. It is compiled with what Triton derives from that launch's arguments on a
+GPU: pointer and integer divisibility by 16, integers equal to 1 as constants, the launcher's
+constexprs, num_warps and num_stages (Triton's default where the launcher sets none).
 """
 import dataclasses
 import os
@@ -143,21 +145,22 @@ def _estimate(arch: int, dtype: str, tensor_core: int, flops: float, bytes_: flo
 
 def compile_variant(variant: KernelVariant, arch: int):
     """Compile one variant for compute capability `arch` (80, 90) with Triton's compiler, as its
-    launcher would: pointers (and scalars in int_values that are multiples of 16) marked 16-divisible."""
+    launch compiles on a GPU: the signature, constexprs, divisibility attributes and options
+    (num_warps, num_stages) Triton derives from the recorded launch's arguments."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = variant.kernel
-    signature = dict(variant.signature)
-    attrs = {}
-    for index, name in enumerate(kernel.arg_names):
-        kind = signature[name]
-        if kind.startswith("*") or (name in variant.int_values and variant.int_values[name] % 16 == 0):
-            attrs[(index,)] = [["tt.divisibility", 16]]  # torch's allocations are 16-byte aligned
-    source = ASTSource(fn=kernel, signature=signature, constexprs=dict(variant.constexprs), attrs=attrs)
-    options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    spec = variant.launch.specialised(arch)
+    source = ASTSource(fn=variant.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=spec.options.__dict__)
+
+
+def _compile_key(variant: KernelVariant, arch: int) -> tuple:
+    """Variants that compile to the same binary share a key."""
+    spec = variant.launch.specialised(arch)
+    return (variant.kernel.cache_key, repr(spec.signature), repr(sorted(spec.constexprs.items())),
+            repr(sorted(spec.attrs.items())), repr(sorted(spec.options.__dict__.items())))
 
 
 def _stats_of(variant: KernelVariant, arch: int, compiled) -> KernelStats:
@@ -240,27 +243,34 @@ def report(arch: str = "sm_90", shapes: str = "published", select: Optional[Call
            cuda: bool = True) -> dict:
     """Compile every variant of every op for `arch` at the shape set `shapes` (keeping those
     `select` accepts) and return {"arch", "peaks", "providers" (per op: "ok" or "not
-    provided"), "kernels": [KernelStats as dicts], "cuda_extension": rows or a reason}.
+    provided"), "kernels": [KernelStats as dicts], "failed": [variants Triton's compiler
+    rejects, with the error], "cuda_extension": rows or a reason}.
     Identical compiles are done once (and Triton's cache keeps them across runs)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the static report compiles kernels: unset TRITON_INTERPRET")
+    from triton.compiler.errors import CompilationError
     capability = ARCHS[arch]
-    providers, kernels, compiled = {}, [], {}
+    providers, kernels, failed, compiled = {}, [], [], {}
     for op in OPS.values():
         variants = _variants_of(op, shapes, capability)
         providers[op.name] = "not provided" if variants is None else "ok"
         for variant in variants or []:
             if select is not None and not select(variant):
                 continue
-            key = (variant.kernel.cache_key, repr(sorted(variant.signature.items())),
-                   repr(sorted(variant.constexprs.items())), variant.num_warps, variant.num_stages,
-                   repr(sorted((k, v % 16 == 0) for k, v in variant.int_values.items())))
+            key = _compile_key(variant, capability)
             if key not in compiled:
-                compiled[key] = compile_variant(variant, capability)
-            kernels.append(dataclasses.asdict(_stats_of(variant, capability, compiled[key])))
-    result = {"arch": arch, "shapes": shapes, "peaks": PEAKS[capability], "providers": providers, "kernels": kernels}
+                try:
+                    compiled[key] = compile_variant(variant, capability)
+                except CompilationError as err:  # a launch the GPU would refuse: reported, not fatal
+                    compiled[key] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"
+            if isinstance(compiled[key], str):
+                failed.append({"op": variant.op, "name": variant.name, "dtype": variant.dtype, "error": compiled[key]})
+            else:
+                kernels.append(dataclasses.asdict(_stats_of(variant, capability, compiled[key])))
+    result = {"arch": arch, "shapes": shapes, "peaks": PEAKS[capability], "providers": providers, "kernels": kernels,
+              "failed": failed}
     if cuda:
         try:
             result["cuda_extension"] = cuda_extension_stats(capability)
@@ -279,6 +289,8 @@ def format_report(result: dict) -> str:
     for module, state in result["providers"].items():
         if state != "ok":
             lines.append(f"{module}: {state}")
+    for k in result.get("failed", []):
+        lines.append(f"DOES NOT COMPILE: {k['name']}: {k['error']}")
     header = ("kernel", "regs", "spill st/ld B", "smem KB", "warps", "warps/SM", "TC instr", "FFMA", "CTAs",
               "GFLOP", "MB", "est. us", "bound")
     rows = [header]

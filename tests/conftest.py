@@ -30,7 +30,7 @@ def graph_policy(monkeypatch):
 
     monkeypatch.setattr(dispatch, "use_cuda_graphs", lambda device, explicit=None: True)
     monkeypatch.setattr(engine_options, "use_cuda_graphs", lambda device, explicit=None: True)
-    monkeypatch.setattr(search_slots, "StepGraphs", lambda step, enabled: step)
+    monkeypatch.setattr(search_slots, "StepGraphs", lambda step, enabled, device=None: step)
 
 
 @pytest.fixture(scope="session")

@@ -12,11 +12,11 @@ Every op is a package `fastcomer/ops/<name>/` with the same files:
 - `custom_op.py`: the op as `torch.ops.fastcomer.<name>`, so that torch.compile and torch.export
   trace a kernel call as one node;
 - `variants.py`: `kernel_variants(shapes, arch)`, the Triton launches the static report compiles,
-  as `KernelVariant`s built from the launcher's own configuration.
+  as `KernelVariant`s: the launcher's own launches (`ops.triton_launch`), recorded on meta tensors.
 """
 import dataclasses
 import importlib
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 # Each backend's module in an op package.
 BACKEND_MODULES = {"cuda": "cuda_kernel", "triton": "triton_kernel", "torch": "reference"}
@@ -24,22 +24,26 @@ BACKEND_MODULES = {"cuda": "cuda_kernel", "triton": "triton_kernel", "torch": "r
 
 @dataclasses.dataclass(frozen=True)
 class KernelVariant:
-    """One Triton kernel launch as the static report compiles and rates it: the kernel with the
-    launcher's signature, constexprs, warps and stages, its grid, and its costs per launch."""
+    """One Triton kernel launch as the static report compiles and rates it: the launch its
+    launcher made (`ops.triton_launch.TritonLaunch`, recorded on meta tensors: the kernel, grid,
+    arguments, constexprs, warps and stages), and its costs per launch."""
 
     op: str
     name: str
-    kernel: Any  # the @triton.jit function
-    signature: Mapping[str, str]  # argument -> Triton type ("*fp32", "i32", ...), "constexpr" for constexprs
-    constexprs: Mapping[str, Any]
-    num_warps: int
-    num_stages: int
-    grid: Tuple[int, int, int]  # CTAs per launch
+    launch: Any  # ops.triton_launch.TritonLaunch
     launches: int  # per call of the op
     flops: float  # per launch
     bytes: float  # unique global bytes per launch
     dtype: str  # "fp32", "bf16", ... (the report's dtype mode)
-    int_values: Mapping[str, int] = dataclasses.field(default_factory=dict)  # scalars Triton specialises on (% 16)
+
+    @property
+    def kernel(self) -> Any:
+        return self.launch.kernel
+
+    @property
+    def grid(self) -> Tuple[int, int, int]:
+        """CTAs per launch, as (x, y, z)."""
+        return tuple(self.launch.grid) + (1,) * (3 - len(self.launch.grid))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,15 +12,21 @@ Captures are thread-local: searches run concurrently (one per thread), and in CU
 invalidate) it.
 """
 import warnings
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
+from ..ops.triton_launch import on_device
+
 
 class StepGraphs:
-    def __init__(self, step: Callable[[int], None], enabled: bool):
+    """`device`: the search's; the side stream, the capture stream and the capture are made
+    on it, not on the current device."""
+
+    def __init__(self, step: Callable[[int], None], enabled: bool, device: Optional[torch.device] = None):
         self.step = step
         self.enabled = enabled
+        self.device = device
         self.graphs: Dict[int, "torch.cuda.CUDAGraph"] = {}
         self.warm = set()
         self.pool = torch.cuda.graph_pool_handle() if enabled else None  # the windows' graphs run one at a time
@@ -28,7 +34,12 @@ class StepGraphs:
     def __call__(self, window: int) -> None:
         if not self.enabled:
             self.step(window)
-        elif window in self.graphs:
+            return
+        with on_device(self.device):
+            self._run(window)
+
+    def _run(self, window: int) -> None:
+        if window in self.graphs:
             self.graphs[window].replay()
         elif window not in self.warm:
             side = torch.cuda.Stream()

@@ -49,7 +49,7 @@ class SearchSlots:
         # CoMER starts the beam scores as float32 zeros; adding the log-probabilities promotes them.
         self.beam_scores = torch.zeros(items, options.beam_size, dtype=torch.promote_types(dtype, torch.float32), device=device)
         self.done = torch.ones(items, dtype=torch.bool, device=device)
-        self.run = StepGraphs(self.step, features.plan.graphs)
+        self.run = StepGraphs(self.step, features.plan.graphs, device=device)
 
     def start(self, feature: Tensor, mask: Tensor) -> None:
         """A new search of every image of feature [batch, h, w, d] in each direction: item

@@ -59,6 +59,7 @@ from torch import Tensor
 
 from ...backends import triton_interpreter
 from ...model.arm import CONV_PADDING, CONV_TAPS, KERNEL_SIZE
+from ..triton_launch import launch_kernel
 from .inputs import ARMWeights
 
 # The conv's geometry as compile-time constants of the kernels.
@@ -581,7 +582,7 @@ def _attention_rows(q, k, v, mask_u8, nhead, z, scale, shift, out, attn, seed, r
     grid = (BH, triton.cdiv(T, blocks["BLOCK_T"]))
     has_r = z is not None
     dummy = attn  # never read when the matching constexpr flag is off
-    attention_rows_kernel[grid](
+    launch_kernel(attention_rows_kernel, grid,
         q, k, v, z if has_r else dummy, scale if has_r else dummy, shift if has_r else dummy, mask_u8,
         out if out is not None else dummy, attn, lse if lse is not None else dummy,
         T, L, D, nhead, seed, rng_offset, p_drop,
@@ -623,7 +624,7 @@ def _coverage_projection(prev, curr, mask_u8, nhead, height, width, arm: ARMWeig
     z = torch.empty(b * nhead, T, L, device=mask_u8.device, dtype=torch.float32)
     partial = torch.empty(b, tiles, 2, blocks["BLOCK_H"], device=z.device, dtype=torch.float32) if stats else z
     relu = torch.empty(b, T, L, device=z.device, dtype=torch.int32) if relu_bits else z
-    coverage_projection_kernel[(b, tiles)](
+    launch_kernel(coverage_projection_kernel, (b, tiles),
         prev if prev is not None else curr, curr if curr is not None else prev, mask_u8,
         arm.conv_weight.float().contiguous(), arm.conv_bias.float().contiguous(),
         arm.proj_weight.float().reshape(nhead, dc).contiguous(), z, partial, relu,
@@ -754,7 +755,7 @@ def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu,
     dq = torch.empty(BH, T, D, device=device, dtype=torch.float32)
     stats = torch.empty(BH, t_tiles, 2, device=device, dtype=torch.float32) if has_r else dummy
     mean_f = mean.float().contiguous() if has_r else dummy
-    attention_backward_rows_kernel[(BH, t_tiles)](
+    launch_kernel(attention_backward_rows_kernel, (BH, t_tiles),
         q, k, v, z if has_r else dummy, scale if has_r else dummy, shift if has_r else dummy, mean_f, mask_u8, grad_out,
         grad_attn, lse, ds, dq, stats,
         T, L, D, nhead, seed, BH * T * L if has_r else 0, p_drop,
@@ -789,14 +790,14 @@ def _attention_backward(q, k, v, key_padding_mask, height, width, prev, z, relu,
         del curr
         grads_arm = (grad_conv_w, grad_conv_b, grad_proj, grad_bn_weight, grad_bn_bias)
         if grad_curr is not None:
-            unrefined_backward_rows_kernel[(BH, t_tiles)](
+            launch_kernel(unrefined_backward_rows_kernel, (BH, t_tiles),
                 q, k, mask_u8, grad_curr, lse_a, ds, dq, T, L, D, nhead, seed, p_drop,
                 DROPOUT=p_drop > 0, PRECISION=precision, num_warps=ROW_NUM_WARPS, **blocks,
             )
             del grad_curr
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    attention_backward_keys_kernel[(BH, triton.cdiv(L, blocks["BLOCK_L"]))](
+    launch_kernel(attention_backward_keys_kernel, (BH, triton.cdiv(L, blocks["BLOCK_L"])),
         q, grad_out, attn, ds, dk, dv, T, L, D, PRECISION=precision, **blocks,
     )
     return (dq, dk, dv, grad_prev) + tuple(grads_arm)
@@ -825,13 +826,13 @@ def _arm_backward(prev, curr, mask_u8, height, width, ds, z, coef_dz, relu, arm,
     second = curr if curr is not None else first
     proj_w = proj_weight.float().reshape(nhead, dc).contiguous()
     sizes = (T, L, width, height, nhead, dc, cin, nhead if prev is not None else 0)
-    arm_backward_kernel[(b, tiles)](
+    launch_kernel(arm_backward_kernel, (b, tiles),
         first, second, mask_u8, conv_weight.float().contiguous(), conv_bias.float().contiguous(), proj_w,
         ds, z, coef_dz, relu, grad_prev if grad_prev is not None else grad_curr,
         grad_curr if grad_curr is not None else grad_prev, part_b, part_proj, *sizes,
         PRECISION=precision, num_warps=ARM_NUM_WARPS, **blocks,
     )
-    arm_weight_grad_kernel[(CONV_TAPS, b, tiles)](
+    launch_kernel(arm_weight_grad_kernel, (CONV_TAPS, b, tiles),
         first, second, mask_u8, proj_w, ds, z, coef_dz, relu, part_w, *sizes, PRECISION=precision,
         num_warps=ARM_NUM_WARPS, **blocks,
     )

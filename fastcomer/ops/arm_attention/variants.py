@@ -3,9 +3,10 @@
 
 `kernel_variants(shapes, arch)` lists every kernel variant that one CoMER decoder layer with
 ARM ('both' coverage, BatchNorm in training, attention dropout) launches in its forward and
-backward, per dtype mode, with the launch's grid, its FLOPs and its unique global bytes:
-what the report compiles and costs. The tile sizes and flags come from the launchers
-(`triton_kernel`), so the report compiles what the library launches.
+backward, per dtype mode, with its FLOPs and its unique global bytes: what the report
+compiles and costs. The launches are the launcher's own (`triton_kernel.arm_attention` run on
+meta tensors, its launches recorded by `ops.triton_launch`), so the report compiles what the
+library launches.
 
 Shape sets: 'published' is CoMER's training batch (16 images x 8 heads, head dim 32, dc 32,
 target length up to 200, feature maps of 32x32 and 50x50 = 2500 positions, not a multiple of
@@ -15,10 +16,11 @@ from typing import Dict, List, NamedTuple
 
 import torch
 
-from ...model.arm import CONV_TAPS, CoverageMode
+from ...model.arm import CONV_TAPS, KERNEL_SIZE, CoverageMode
 from ..registry import KernelVariant
+from ..triton_launch import recorded
 from . import triton_kernel as K
-from .triton_kernel import ARM_NUM_WARPS, ROW_NUM_WARPS, arm_blocks, arm_dot_precision, attention_blocks
+from .inputs import ARMWeights
 
 __all__ = ["ArmShape", "DTYPE_MODES", "SHAPES", "kernel_variants"]
 
@@ -53,90 +55,69 @@ DTYPE_MODES = {"fp32": ("fp32", "ieee", "tf32"), "fp32-ieee": ("fp32", "ieee", "
 COVERAGE = CoverageMode.BOTH
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Training's attention dropout and a seed that Triton specialises on nothing (not 1, not a
+# multiple of 16): the report's launches are those of a typical step.
+DROPOUT_P, SEED = 0.1, 12345
 
 
-def _signature(kernel, pointers: Dict[str, str], constexprs: dict) -> dict:
-    """Argument types as triton.compiler.ASTSource takes them: pointers as given, the RNG offset
-    int64, the dropout probability fp32, other scalars int32, constexprs marked."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
-        else:
-            signature[name] = "i64" if name == "rng_offset" else "fp32" if name == "p_drop" else "i32"
-    return signature
-
-
-def _variant(op, name, kernel, pointers, constexprs, grid, flops, bytes_, dtype, ints, num_warps=4,
-             num_stages=3) -> KernelVariant:
-    return KernelVariant(op, name, kernel, _signature(kernel, pointers, constexprs), constexprs, num_warps, num_stages,
-                         grid, 1, float(flops), float(bytes_), dtype, ints)
+def _recorded_launches(shape: ArmShape, mode: str):
+    """The launches of one layer call's forward and backward, made by the launcher itself
+    (`triton_kernel.arm_attention`) on meta tensors: recorded, not run."""
+    dtype, precision, conv_policy = DTYPE_MODES[mode]
+    b, H, D, dc, T, L = shape.images, shape.nhead, shape.head_dim, shape.dc, shape.steps, shape.keys
+    cin = COVERAGE.channels(H)
+    meta = lambda *size, dtype=torch.float32, grad=True: torch.empty(*size, device="meta", dtype=dtype,
+                                                                     requires_grad=grad)
+    half = _TORCH_DTYPES[dtype]
+    arm = ARMWeights(meta(dc, cin, KERNEL_SIZE, KERNEL_SIZE), meta(dc), meta(H, dc, 1, 1), meta(H), meta(H),
+                     meta(H, grad=False), meta(H, grad=False), torch.zeros((), dtype=torch.long, device="meta"),
+                     0.1, 1e-5, COVERAGE)
+    q, k, v = meta(b * H, T, D, dtype=half), meta(b * H, L, D, dtype=half), meta(b * H, L, D, dtype=half)
+    prev = meta(b * H, T, L, dtype=half)
+    mask = torch.zeros(b, L, dtype=torch.bool, device="meta")
+    with recorded() as launches:
+        out, attn = K.arm_attention(q, k, v, mask, shape.height, shape.width, prev, arm, True, DROPOUT_P, SEED,
+                                    precision, conv_policy)
+        torch.autograd.backward((out, attn), (torch.empty_like(out), torch.empty_like(attn)))
+    return launches
 
 
 def _layer_variants(shape: ArmShape, mode: str) -> List[KernelVariant]:
-    dtype, precision, conv_policy = DTYPE_MODES[mode]
+    dtype = DTYPE_MODES[mode][0]
     e = _BYTES[dtype]
     b, H, D, dc, T, L = shape.images, shape.nhead, shape.head_dim, shape.dc, shape.steps, shape.keys
     BH = b * H
     cin = COVERAGE.channels(H)
-    conv_precision = arm_dot_precision(_TORCH_DTYPES[dtype], conv_policy)
-    blocks = attention_blocks(D, L)
-    arm = arm_blocks(H, dc, cin, L)
     tag = f"{mode} T={T} L={L}"
-    ints = {"T": T, "L": L, "D": D, "H": H, "WIDTH": shape.width, "HEIGHT": shape.height, "DC": dc, "CIN": cin,
-            "N_CROSS": H}
-    row_grid = (BH, -(-T // blocks["BLOCK_T"]), 1)
-    key_grid = (BH, -(-L // blocks["BLOCK_L"]), 1)
-    arm_grid = (b, -(-L // arm["BLOCK_L"]), 1)
     qkd = BH * T * L * D  # one [T, D] x [D, L] product per head row: 2 qkd FLOPs
     attn = BH * T * L  # elements of one attention-shaped tensor
     td, ld = BH * T * D, BH * L * D
-    ptr = {n: "*" + dtype for n in ("Q", "K", "V", "Out", "Attn", "DOut", "DAttn", "DK", "DV", "Prev")}
-    ptr.update({n: "*fp32" for n in ("Z", "Scale", "Shift", "Mean", "Lse", "DS", "DQ", "Stats", "DA", "Curr", "ConvW",
-                                      "ConvB", "ProjW", "CoefDZ", "DPrev", "DCurr", "DConvW", "DConvB", "DProjW")})
-    ptr.update(Mask="*u8", Relu="*i32")
     conv = 2 * dc * cin * CONV_TAPS * b * L * max(T - 1, 0)  # conv5x5 of every step's attention
     proj = 2 * H * dc * b * L * T
-    arm_warps = dict(num_warps=ARM_NUM_WARPS)
-    row_warps = dict(num_warps=ROW_NUM_WARPS)
-    out = []
-    flags = dict(DROPOUT=True, PRECISION=precision, **blocks)
-    # forward
-    out.append(_variant("arm_attention.forward", f"attention_rows unrefined {tag}", K.attention_rows_kernel,
-                        dict(ptr, Attn="*fp32"), dict(HAS_R=False, WRITE_OUT=False, WRITE_LSE=False, **flags),
-                        row_grid, 4 * qkd, td * e + ld * e + attn * 4 + b * L, mode, ints, **row_warps))
-    arm_flags = dict(PRECISION=conv_precision, **arm)
-    out.append(_variant("arm_attention.forward", f"coverage_projection {tag}", K.coverage_projection_kernel, ptr,
-                        dict(STATS=True, WRITE_RELU=True, **arm_flags), arm_grid, conv + proj,
-                        attn * (e + 4 + 4) + b * T * L * 4 + b * L, mode, ints, **arm_warps))
-    out.append(_variant("arm_attention.forward", f"attention_rows refined {tag}", K.attention_rows_kernel, ptr,
-                        dict(HAS_R=True, WRITE_OUT=True, WRITE_LSE=True, **flags), row_grid, 6 * qkd,
-                        2 * td * e + 2 * ld * e + attn * (4 + e) + BH * T * 4 + b * L, mode, ints, **row_warps))
-    # backward
-    out.append(_variant("arm_attention.backward", f"attention_backward_rows {tag}", K.attention_backward_rows_kernel,
-                        ptr, dict(HAS_R=True, HAS_DATTN=True, **flags), row_grid, 10 * qkd,
-                        2 * td * e + 2 * ld * e + attn * (4 + e + 4) + td * 4 + b * L, mode, ints, **row_warps))
-    out.append(_variant("arm_attention.backward", f"attention_rows unrefined+lse {tag}", K.attention_rows_kernel,
-                        dict(ptr, Attn="*fp32"), dict(HAS_R=False, WRITE_OUT=False, WRITE_LSE=True, **flags),
-                        row_grid, 4 * qkd, td * e + ld * e + attn * 4 + BH * T * 4 + b * L, mode, ints, **row_warps))
-    # the conv twice (the sum over steps, then removed step by step) and conv^T; d proj and
-    # proj^T dZ at the tile and its 25 neighbours
-    out.append(_variant("arm_attention.backward", f"arm_backward {tag}", K.arm_backward_kernel, ptr, arm_flags,
-                        arm_grid, 3 * conv + proj * (2 + CONV_TAPS),
-                        attn * (e + 4 + 4 + 4 + 4 + 4) + b * T * L * 4 + b * L, mode, ints, **arm_warps))
-    # per tap: G_t X_t^T, and proj^T dZ rebuilt at the tile (25 times over; reads shared in L2)
-    out.append(_variant("arm_attention.backward", f"arm_weight_grad {tag}", K.arm_weight_grad_kernel, ptr,
-                        arm_flags, (CONV_TAPS, arm_grid[0], arm_grid[1]), conv + CONV_TAPS * proj,
-                        attn * (e + 4 + 4 + 4) + b * T * L * 4 + b * L, mode, ints, **arm_warps))
-    out.append(_variant("arm_attention.backward", f"unrefined_backward_rows {tag}",
-                        K.unrefined_backward_rows_kernel, ptr, dict(DROPOUT=True, PRECISION=precision, **blocks),
-                        row_grid, 6 * qkd, td * e + ld * e + attn * (4 + 4 + 4) + td * 4 * 2 + b * L, mode, ints, **row_warps))
-    out.append(_variant("arm_attention.backward", f"attention_backward_keys {tag}",
-                        K.attention_backward_keys_kernel, ptr, dict(PRECISION=precision, **blocks), key_grid,
-                        4 * qkd, 2 * td * e + attn * (e + 4) + 2 * ld * e, mode, ints))
-    return out
+    forward, backward = "arm_attention.forward", "arm_attention.backward"
+    # (op, name, FLOPs, unique bytes) of each launch, in the launcher's order
+    costs = [
+        (forward, "attention_rows unrefined", 4 * qkd, td * e + ld * e + attn * 4 + b * L),
+        (forward, "coverage_projection", conv + proj, attn * (e + 4 + 4) + b * T * L * 4 + b * L),
+        (forward, "attention_rows refined", 6 * qkd, 2 * td * e + 2 * ld * e + attn * (4 + e) + BH * T * 4 + b * L),
+        (backward, "attention_backward_rows", 10 * qkd, 2 * td * e + 2 * ld * e + attn * (4 + e + 4) + td * 4 + b * L),
+        (backward, "attention_rows unrefined+lse", 4 * qkd, td * e + ld * e + attn * 4 + BH * T * 4 + b * L),
+        # the conv twice (the sum over steps, then removed step by step) and conv^T; d proj and
+        # proj^T dZ at the tile and its 25 neighbours
+        (backward, "arm_backward", 3 * conv + proj * (2 + CONV_TAPS),
+         attn * (e + 4 + 4 + 4 + 4 + 4) + b * T * L * 4 + b * L),
+        # per tap: G_t X_t^T, and proj^T dZ rebuilt at the tile (25 times over; reads shared in L2)
+        (backward, "arm_weight_grad", conv + CONV_TAPS * proj, attn * (e + 4 + 4 + 4) + b * T * L * 4 + b * L),
+        (backward, "unrefined_backward_rows", 6 * qkd, td * e + ld * e + attn * (4 + 4 + 4) + td * 4 * 2 + b * L),
+        (backward, "attention_backward_keys", 4 * qkd, 2 * td * e + attn * (e + 4) + 2 * ld * e),
+    ]
+    launches = _recorded_launches(shape, mode)
+    kernels = [launch.kernel.__name__ for launch in launches]
+    expected = [name.split()[0] + "_kernel" for _, name, _, _ in costs]
+    if kernels != expected:
+        raise RuntimeError(f"the ARM launcher's launches changed: {kernels}, costed: {expected}")
+    return [KernelVariant(op, f"{name} {tag}", launch, 1, float(flops), float(bytes_), mode)
+            for (op, name, flops, bytes_), launch in zip(costs, launches)]
 
 
 def kernel_variants(shapes: str, arch: int) -> List[KernelVariant]:

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..triton_launch import launch_kernel
 from .finished_lists import FinishedLists
 
 # Flat candidate index of padding lanes: above every real one, so never picked first.
@@ -154,7 +155,7 @@ def beam_scorer_step(logits: Tensor, temperature: float, beam_scores: Tensor, do
     parents = torch.empty(rows, dtype=torch.long, device=logits.device)
     next_tokens = torch.empty(rows, dtype=torch.long, device=logits.device)
     max_len = tokens.shape[1]
-    _beam_scorer_kernel[(items,)](
+    launch_kernel(_beam_scorer_kernel, (items,),
         logits, beam_scores, done.view(torch.int8), end_token, tokens, position,
         finished.score, finished.stamp, finished.length, finished.tokens, finished.count, finished.clock,
         finished.penalty, _arrivals_counter(logits.device), parents, next_tokens,

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ...model.arm import CONV_PADDING, CONV_TAPS, KERNEL_SIZE, FoldedARM
+from ..triton_launch import launch_kernel
 from .inputs import CoverageFlags, CrossAttentionStepShape, coverage_flags
 from .launch import MIN_DOT, LaunchPlan, PreparedARMWeights, launch_plan
 
@@ -274,14 +275,14 @@ def cross_attention_step(q, k, v, key_padding_mask, image_index, height, arm, co
     refine_grid, attention_grid, merge_grid = launch.grids(shape.rows, shape.nhead, flags.refine)
     if flags.refine:
         conv_weight, conv_bias, proj_weight, shift = _dot_ready_weights(arm)
-        _refinement_kernel[refine_grid](
+        launch_kernel(_refinement_kernel, refine_grid,
             key_padding_mask.view(torch.uint8), image_index, coverage, conv_weight, conv_bias, proj_weight, shift,
             returned,
             shape.length, shape.height, shape.width, shape.nhead, shape.channels,
             key_padding_mask.stride(0), coverage.stride(0),
             **constants.refinement, num_warps=num_warps,
         )
-    _partial_attention_kernel[attention_grid](
+    launch_kernel(_partial_attention_kernel, attention_grid,
         q, k, v, key_padding_mask.view(torch.uint8), image_index, scratch, returned, stats, partial,
         shape.rows, shape.length, shape.nhead, shape.head_dim, launch.rows_per_slot, launch.splits,
         q.stride(0), q.stride(1),
@@ -290,7 +291,7 @@ def cross_attention_step(q, k, v, key_padding_mask, image_index, height, arm, co
         key_padding_mask.stride(0),
         **constants.partial_attention, num_warps=num_warps,
     )
-    _merge_kernel[merge_grid](
+    launch_kernel(_merge_kernel, merge_grid,
         image_index, coverage if flags.refine else dummy, prev_attn.contiguous() if flags.update_cross else dummy,
         scratch, returned, stats, partial, out,
         shape.length, shape.nhead, shape.head_dim, shape.channels, launch.splits,

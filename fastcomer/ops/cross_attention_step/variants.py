@@ -1,19 +1,23 @@
 """The cross-attention step's Triton kernels at the shapes the static kernel report covers: what to
-compile (kernel, signature, constexprs, warps) and what one launch does (grid, FLOPs, unique
-global bytes), without a GPU.
+compile (the launcher's own launches, recorded on meta tensors by `ops.triton_launch`) and what
+one launch does (FLOPs, unique global bytes), without a GPU.
 
 Shapes "published": CoMER's decoder (nhead 8, head_dim 32, dc 32, coverage cross + self) at 1
 and 16 images of 2 directions x 10 beams (20 rows per image), L = 256 and 1024, in float32,
 bfloat16 and float16: the call of a refining layer, whose three kernels each launch once per
 layer step. Shapes "small": one image, L = 64, float32 and bfloat16, for CI.
 """
-from typing import Dict, List
+import math
+from typing import List
 
-from ...model.arm import CONV_TAPS
+import torch
+
+from ...model.arm import CONV_TAPS, KERNEL_SIZE, CoverageMode, FoldedARM
 from ..registry import KernelVariant
-from .inputs import CoverageFlags, CrossAttentionStepShape
+from ..triton_launch import recorded
+from .inputs import CrossAttentionStepShape
 from .launch import launch_plan
-from .triton_kernel import STATS, _merge_kernel, _partial_attention_kernel, _refinement_kernel, kernel_constants
+from .triton_kernel import STATS, cross_attention_step
 
 __all__ = ["kernel_variants", "PUBLISHED", "ROWS_PER_IMAGE"]
 
@@ -27,19 +31,27 @@ SHAPES = {
 }
 PUBLISHED = SHAPES["published"]
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 F32 = 4
 
 
-def _signature(kernel, pointers: Dict[str, str], constexprs: Dict[str, object]) -> Dict[str, str]:
-    """ASTSource's signature: the given pointer types, "constexpr" for the constexprs, i32 for
-    the sizes and strides (all < 2**31 at these shapes)."""
-    return {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in kernel.arg_names}
-
-
-def _variant(kernel, role: str, label: str, pointers, constexprs, grid, flops: float, nbytes: float, dtype: str,
-             num_warps: int = 4) -> KernelVariant:
-    return KernelVariant("cross_attention_step", f"{role}[{label}]", kernel, _signature(kernel, pointers, constexprs),
-                         constexprs, num_warps, 1, grid, 1, float(flops), float(nbytes), dtype)
+def _recorded_launches(images: int, length: int, dtype: str, shape: CrossAttentionStepShape):
+    """The launches of one refining layer's call (coverage cross + self), made by the launcher
+    itself (`triton_kernel.cross_attention_step`) on meta tensors: recorded, not run. The model's
+    tensors (q, K/V, the folded ARM) in `dtype`; the coverage and prev_attn float32, as the
+    engine keeps them for the fused kernels."""
+    meta = lambda *size, dtype=torch.float32: torch.empty(*size, device="meta", dtype=dtype)
+    model = TORCH_DTYPES[dtype]
+    rows = shape.rows
+    arm = FoldedARM(meta(DC, CHANNELS, KERNEL_SIZE, KERNEL_SIZE, dtype=model), meta(DC, dtype=model),
+                    meta(NHEAD, DC, dtype=model), meta(NHEAD, dtype=model), CoverageMode.BOTH)
+    with recorded() as launches:
+        cross_attention_step(
+            meta(rows, NHEAD, HEAD_DIM, dtype=model), meta(shape.images, NHEAD, length, HEAD_DIM, dtype=model),
+            meta(shape.images, NHEAD, length, HEAD_DIM, dtype=model), meta(shape.images, length, dtype=torch.bool),
+            meta(rows, dtype=torch.int32), shape.height, arm, meta(rows, CHANNELS, length), meta(rows, NHEAD, length),
+            shape, rows_per_image=BEAMS)
+    return launches
 
 
 def _call_variants(images: int, length: int, dtype: str) -> List[KernelVariant]:
@@ -47,48 +59,30 @@ def _call_variants(images: int, length: int, dtype: str) -> List[KernelVariant]:
     rows = images * ROWS_PER_IMAGE
     kv_images = rows // BEAMS  # the engine keeps one K/V copy per direction
     plan = launch_plan(rows, NHEAD, length, BEAMS)
-    refine_grid, attention_grid, merge_grid = plan.grids(rows, NHEAD, refine=True)
-    shape = CrossAttentionStepShape(rows, kv_images, NHEAD, HEAD_DIM, length, 1, length, CHANNELS, DC)
-    constants = kernel_constants(shape, CoverageFlags(refine=True, update_cross=True, update_self=True), plan)
+    side = math.isqrt(length)  # a square feature map (16 x 16, 32 x 32, 8 x 8)
+    shape = CrossAttentionStepShape(rows, kv_images, NHEAD, HEAD_DIM, length, side, length // side, CHANNELS, DC)
     label = f"images={images},L={length},{dtype}"
     element = ELEMENT_BYTES[dtype]
     attention_map = rows * NHEAD * length * F32  # one float32 [rows, nhead, L] tensor
     split_stats = rows * NHEAD * plan.splits * (STATS + HEAD_DIM) * F32
     mask_bytes = kv_images * length
-    pointer_types = {"mask_ptr": "*u8", "image_index_ptr": "*i32"}
-    f32_pointers = lambda names: {name: "*fp32" for name in names}
-
-    refinement = _variant(
-        _refinement_kernel, "refinement", label,
-        {**pointer_types, **f32_pointers(("coverage_ptr", "conv_weight_ptr", "conv_bias_ptr", "proj_weight_ptr",
-                                          "shift_ptr", "refinement_ptr"))},
-        constants.refinement,
-        refine_grid,
-        flops=rows * length * 2 * (CONV_TAPS * CHANNELS * DC + DC * NHEAD),
-        nbytes=rows * CHANNELS * length * F32 + DC * CHANNELS * CONV_TAPS * F32 + mask_bytes + attention_map,
-        dtype="fp32")
-    attention = _variant(
-        _partial_attention_kernel, "partial_attention", label,
-        {**pointer_types, **{name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr")},
-         **f32_pointers(("scratch_ptr", "returned_ptr", "stats_ptr", "partial_ptr"))},
-        constants.partial_attention,
-        attention_grid,
-        flops=rows * NHEAD * length * 2 * 2 * HEAD_DIM,  # S = q.K and P.V
-        nbytes=(2 * kv_images * NHEAD * length * HEAD_DIM + rows * NHEAD * HEAD_DIM) * element + mask_bytes
-        + 3 * attention_map + split_stats,  # R read; S - R and S written
-        dtype=dtype)
-    merge = _variant(
-        _merge_kernel, "merge", label,
-        {"image_index_ptr": "*i32", "out_ptr": f"*{dtype}",
-         **f32_pointers(("coverage_ptr", "prev_attn_ptr", "scratch_ptr", "returned_ptr", "stats_ptr", "partial_ptr"))},
-        constants.merge,
-        merge_grid,
-        flops=rows * NHEAD * (length * 6 + plan.splits * HEAD_DIM * 2),
+    costs = [
+        ("refinement", rows * length * 2 * (CONV_TAPS * CHANNELS * DC + DC * NHEAD),
+         rows * CHANNELS * length * F32 + DC * CHANNELS * CONV_TAPS * element + mask_bytes + attention_map),
+        ("partial_attention", rows * NHEAD * length * 2 * 2 * HEAD_DIM,  # S = q.K and P.V
+         (2 * kv_images * NHEAD * length * HEAD_DIM + rows * NHEAD * HEAD_DIM) * element + mask_bytes
+         + 3 * attention_map + split_stats),  # R read; S - R and S written
         # returned and the coverage read and written, prev_attn and S read, every tile reading the statistics
-        nbytes=2 * attention_map + 2 * rows * CHANNELS * length * F32 + 2 * attention_map
-        + plan.tiles * rows * NHEAD * plan.splits * STATS * F32 + split_stats + rows * NHEAD * HEAD_DIM * element,
-        dtype=dtype)
-    return [refinement, attention, merge]
+        ("merge", rows * NHEAD * (length * 6 + plan.splits * HEAD_DIM * 2),
+         2 * attention_map + 2 * rows * CHANNELS * length * F32 + 2 * attention_map
+         + plan.tiles * rows * NHEAD * plan.splits * STATS * F32 + split_stats + rows * NHEAD * HEAD_DIM * element),
+    ]
+    launches = _recorded_launches(images, length, dtype, shape)
+    kernels = [launch.kernel.__name__ for launch in launches]
+    if kernels != [f"_{role}_kernel" for role, _, _ in costs]:
+        raise RuntimeError(f"the cross-attention step's launches changed: {kernels}")
+    return [KernelVariant("cross_attention_step", f"{role}[{label}]", launch, 1, float(flops), float(nbytes), dtype)
+            for (role, flops, nbytes), launch in zip(costs, launches)]
 
 
 def kernel_variants(shapes: str, arch: int) -> List[KernelVariant]:

@@ -7,6 +7,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..triton_launch import launch_kernel
+
 
 @triton.jit
 def _layer_norm(y, col_ok, d, weight_ptr, bias_ptr, cols, eps):
@@ -68,7 +70,7 @@ def feed_forward_step(x: Tensor, attended: Tensor, layer, block_f: int = 32, num
     hidden = layer.linear1.out_features
     x, attended = x.contiguous(), attended.contiguous()
     x_out = torch.empty_like(x)
-    _feed_forward_step_kernel[(rows,)](
+    launch_kernel(_feed_forward_step_kernel, (rows,),
         x, attended, layer.multihead_attn.out_proj.weight, layer.multihead_attn.out_proj.bias,
         layer.norm2.weight, layer.norm2.bias, layer.linear1.weight, layer.linear1.bias,
         layer.linear2.weight, layer.linear2.bias, layer.norm3.weight, layer.norm3.bias,

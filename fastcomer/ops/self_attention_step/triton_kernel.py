@@ -13,6 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...vocab import PAD_IDX
+from ..triton_launch import launch_kernel
 
 
 @triton.jit
@@ -110,7 +111,7 @@ def self_attention_step(x: Tensor, layer, keys: Tensor, values: Tensor, tokens: 
         raise ValueError("self-attention step: the layer's attentions and norm1 must match x's width")
     x = x.contiguous()
     x_out, query = torch.empty_like(x), torch.empty_like(x)
-    _self_attention_step_kernel[(rows,)](
+    launch_kernel(_self_attention_step_kernel, (rows,),
         x, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
         layer.norm1.weight, layer.norm1.bias, cross.in_proj_weight, cross.in_proj_bias, keys, values, tokens, position,
         x_out, query, d, nhead, head_dim, window, layer.norm1.eps, head_dim**-0.5, PAD_IDX,
