@@ -33,11 +33,10 @@ from .ops.dispatch import BackendRequest, parse_request, use_cuda_graphs
 from .search.engine import beam_search
 from .search.images import decode_images
 from .search.reference import reference_beam_search
+from .shapes import BEAM_SIZE, MAX_LEN
 from .vocab import EOS_IDX, SOS_IDX
 
 SCHEMA = "fastcomer.benchmark/1"
-FULL_SHAPES = ((128, 512), (256, 1024))
-QUICK_SHAPES = ((128, 512),)
 ENGINE_MODEL = "CoMER() published config, seeded random weights (fastcomer.benchmarking.bench_model), float32"
 
 
@@ -305,8 +304,8 @@ def engine_row(
     model: CoMER,
     shape: Tuple[int, int],
     images: int,
-    beam_size: int = 10,
-    max_len: int = 200,
+    beam_size: int = BEAM_SIZE,
+    max_len: int = MAX_LEN,
     seed: int = 0,
     batch: int = 1,
     backend: BackendRequest = None,

@@ -7,15 +7,16 @@ backward, per dtype mode, with the launch's grid, its FLOPs and its unique globa
 what the report compiles and costs. The tile sizes and flags come from the launchers
 (`triton_kernel`), so the report compiles what the library launches.
 
-Shape sets: 'published' is CoMER's training batch (16 images x 8 heads, head dim 32, dc 32,
-target length up to 200, feature maps of 32x32 and 50x50 = 2500 positions, not a multiple of
-16); 'small' is a CI-sized one (2 images, 5x10 map, 8 steps) with the same tile sizes.
+Shape sets: 'published' is CoMER's training batch (`fastcomer.shapes`: 16 images x 8 heads, head
+dim 32, dc 32, target length up to 200, feature maps of 32x32 and 50x50 = 2500 positions, not a
+multiple of 16); 'small' is a CI-sized one (2 images, 5x10 map, 8 steps) with the same tile sizes.
 """
 from typing import Dict, List, NamedTuple
 
 import torch
 
 from ...model.arm import CONV_TAPS, CoverageMode
+from ...shapes import DC, HEAD_DIM, MAX_LEN, NHEAD, TRAIN_BATCH, TRAIN_FEATURE_MAPS
 from ..registry import KernelVariant
 from . import triton_kernel as K
 from .triton_kernel import ARM_NUM_WARPS, ROW_NUM_WARPS, arm_blocks, arm_dot_precision, attention_blocks
@@ -40,8 +41,8 @@ class ArmShape(NamedTuple):
 
 
 SHAPES: Dict[str, List[ArmShape]] = {
-    "published": [ArmShape(16, 8, 32, 32, 200, 32, 32), ArmShape(16, 8, 32, 32, 200, 50, 50)],
-    "small": [ArmShape(2, 8, 32, 32, 8, 5, 10)],
+    "published": [ArmShape(TRAIN_BATCH, NHEAD, HEAD_DIM, DC, MAX_LEN, h, w) for h, w in TRAIN_FEATURE_MAPS],
+    "small": [ArmShape(2, NHEAD, HEAD_DIM, DC, 8, 5, 10)],
 }
 
 # dtype mode -> (Triton element type of q, k, v and the returned attention, precision of the
