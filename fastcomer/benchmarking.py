@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypedDict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
@@ -238,15 +238,79 @@ def copy_bandwidth(device: torch.device, megabytes: int) -> float:
     return 2 * src.numel() * src.element_size() / seconds
 
 
+def synchronized_clock() -> float:
+    """time.perf_counter once the CUDA device has finished the work queued on it (when CUDA is in
+    use): the timer of the benchmark suite under pytest-benchmark. pytest-benchmark reads its
+    timer before and after each round, a block of calls, so a round times the kernels it
+    launched, not their launches, with one synchronisation per block rather than per call (as
+    torch.utils.benchmark's blocked_autorange does)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def timed(fn: Callable[[], Any]) -> Tuple[Any, float]:
-    """fn's result and its wall-clock seconds, CUDA synchronised around it (as
-    torch.utils.benchmark does): one call, such as a whole search whose answer is kept."""
-    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    synchronize()
-    start = time.perf_counter()
+    """fn's result and its wall-clock seconds, CUDA synchronised around it: one call, such as a
+    whole search whose answer is kept."""
+    start = synchronized_clock()
     result = fn()
-    synchronize()
-    return result, time.perf_counter() - start
+    return result, synchronized_clock() - start
+
+
+# --- rows from pytest-benchmark's measurements ---------------------------------------------------
+
+class Measured(TypedDict):
+    """What a test of the suite measured with pytest-benchmark's fixture, kept in the fixture's
+    `extra_info["fastcomer"]`: one variant of one row's case. The row's subject is the first of
+    `subjects` that was measured (a variant this machine cannot run is skipped); its params are
+    the first measurement's, its checks and details those of all its measurements merged."""
+
+    benchmark: str
+    name: str
+    variant: str
+    subjects: List[str]
+    params: Dict[str, Any]
+    checks: Dict[str, Any]
+    details: Dict[str, Any]
+
+
+def _merge(into: Dict[str, Any], more: Dict[str, Any]) -> None:
+    """Merge `more` into `into`; dictionaries (per variant values) are merged key by key."""
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            into[key] = {**into[key], **value}
+        else:
+            into.setdefault(key, value)
+
+
+def rows_from_measurements(measurements: Iterable[Tuple[Union[Measured, Dict[str, Row]], float]]) -> List[Row]:
+    """One row per (benchmark, name) of (what a test measured, its median seconds per call)
+    pairs, rows in the order of their first measurement. A measurement {"row": row} is a whole
+    row, timed by its test (the end-to-end benchmark), kept as it is."""
+    cases: Dict[Tuple[str, str], Any] = {}
+    for measured, median in measurements:
+        if "row" in measured:
+            row = measured["row"]
+            cases[row["benchmark"], row["name"]] = row
+        else:
+            cases.setdefault((measured["benchmark"], measured["name"]), []).append((measured, median))
+    rows = []
+    for (benchmark, name), entries in cases.items():
+        if isinstance(entries, dict):
+            rows.append(entries)
+            continue
+        medians = {measured["variant"]: median for measured, median in entries}
+        first = entries[0][0]
+        subject = next((v for v in first["subjects"] if v in medians), None)
+        if subject is None:
+            raise ValueError(f"{benchmark} {name!r}: none of the subjects {first['subjects']} was measured")
+        checks: Dict[str, Any] = {}
+        details: Dict[str, Any] = {}
+        for measured, _ in entries:
+            _merge(checks, measured["checks"])
+            _merge(details, measured["details"])
+        rows.append(make_row(benchmark, name, dict(first["params"]), subject, medians, checks, details))
+    return rows
 
 
 # --- the decoding benchmark's workload -----------------------------------------------------------
