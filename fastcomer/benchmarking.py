@@ -4,8 +4,9 @@ seeded random weights: `python -m fastcomer bench`), and the tables and comparis
 from result files.
 
 A result file is a `Report`: when and where it was measured (`Environment`) and one `Row` per
-measured case. A row names its benchmark ("engine", "decode_step", "beam_step",
-"arm_attention") and its case (`name`, unique within the benchmark: `compare` matches rows of
+measured case. A row names its benchmark ("engine", "cross_attention_step", "beam_step",
+"arm_attention"; a file's rows of "decode_step", the cross-attention step's former name, are read
+as "cross_attention_step") and its case (`name`, unique within the benchmark: `compare` matches rows of
 two files by both), the case's shapes and settings (`params`), the median seconds per call
 of every variant measured in the same run (`medians_s`: the `subject` and its baselines), the
 subject's speed-up over each baseline (`speedups`: baseline median / subject median), checks
@@ -194,39 +195,40 @@ def write_report(report: Report, out: Optional[Path]) -> Optional[Path]:
     return path
 
 
+# Benchmarks renamed since a result file was written: old name -> new (files are records, never rewritten).
+RENAMED_BENCHMARKS = {"decode_step": "cross_attention_step"}
+
+
 def load_report(path: Path) -> Report:
-    """A result file, checked against the schema (ValueError naming the file otherwise)."""
+    """A result file, checked against the schema (ValueError naming the file otherwise): a report,
+    or pytest-benchmark's JSON of a run of the suite (`--benchmark-json`, `--benchmark-save`),
+    which holds the report under "fastcomer". Rows of a renamed benchmark get its current name."""
     try:
-        return check_report(json.loads(Path(path).read_text()))
+        data = json.loads(Path(path).read_text())
+        if isinstance(data, dict) and "machine_info" in data and "benchmarks" in data:  # pytest-benchmark's
+            if "fastcomer" not in data:
+                raise ValueError("a pytest-benchmark file without the suite's report (not written by benchmarks/)")
+            data = data["fastcomer"]
+        report = check_report(data)
     except (ValueError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: {err}") from None
+    for row in report["rows"]:
+        row["benchmark"] = RENAMED_BENCHMARKS.get(row["benchmark"], row["benchmark"])
+    return report
 
 
 # --- timing ------------------------------------------------------------------------------------
 
-def measure(fn: Callable[[], Any], calls: Optional[int] = None, warmup: int = 0, min_run_time: float = 0.2) -> Tuple[float, List[float]]:
-    """Median seconds per call of `fn` and the samples.
+def measure(fn: Callable[[], Any], min_run_time: float = 0.2) -> float:
+    """Median seconds per call of `fn`, by torch.utils.benchmark.Timer.blocked_autorange (blocks
+    of calls for at least `min_run_time` seconds, the device synchronised around each block, a
+    fixed torch thread count): the rates a benchmark measures beside its cases (a copy's
+    bandwidth, a matmul's peak). The cases themselves are timed by pytest-benchmark, with
+    `synchronized_clock`."""
+    from torch.utils import benchmark
 
-    Default: torch.utils.benchmark.Timer.blocked_autorange, blocks of calls for at least
-    `min_run_time` seconds, one sample per block. torch.utils.benchmark rather than
-    pytest-benchmark's timer, because these are CUDA kernels of microseconds: it synchronises
-    the device around each block of calls (so a block times the kernels, not their launches,
-    without a synchronisation per call), runs with a fixed torch thread count, and times CPU
-    and CUDA alike, so every row of a report is measured the same way.
-
-    With `calls`: after `warmup` calls, exactly `calls` samples of one call each, the device
-    synchronised around each (for work whose state advances with each call, such as a beam
-    step, where the Timer's own warm-up calls would be counted against its bound)."""
-    if calls is None:
-        from torch.utils import benchmark
-
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        measurement = timer.blocked_autorange(min_run_time=min_run_time)
-        return measurement.median, list(measurement.times)
-    for _ in range(warmup):
-        fn()
-    samples = [timed(fn)[1] for _ in range(calls)]
-    return statistics.median(samples), samples
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def copy_bandwidth(device: torch.device, megabytes: int) -> float:
@@ -234,7 +236,7 @@ def copy_bandwidth(device: torch.device, megabytes: int) -> float:
     rate that turns the bytes a kernel must move into its floor."""
     src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    seconds, _ = measure(lambda: dst.copy_(src), min_run_time=0.05)
+    seconds = measure(lambda: dst.copy_(src), min_run_time=0.05)
     return 2 * src.numel() * src.element_size() / seconds
 
 
