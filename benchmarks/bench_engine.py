@@ -36,5 +36,5 @@ def test_engine(case, smoke, model, benchmark, record):
     benchmark.group = f"engine {engine_row_name(shape, max_len, 1)}"
     row = benchmark.pedantic(engine_row, args=(model, shape), rounds=1,
                              kwargs=dict(images=1, beam_size=2 if smoke else BEAM_SIZE, max_len=max_len, log=lambda line: None))
-    record.row(row)
+    record.rows([row])
     assert row["checks"]["identical"], "the engine and the reference answered differently"

@@ -11,7 +11,7 @@ and `plot` read either file).
 The timer is `fastcomer.benchmarking.synchronized_clock` unless --benchmark-timer names another:
 it synchronises the CUDA device at the start and end of each round, a block of calls."""
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import pytest
 import torch
@@ -37,6 +37,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    if not config.pluginmanager.hasplugin("benchmark"):
+        raise pytest.UsageError('the benchmark suite runs on pytest-benchmark: pip install "fastcomer[bench]"')
     # before pytest-benchmark's own pytest_configure (trylast), which reads its options
     if config.getoption("benchmark_timer", None) in (PERF_COUNTER, None):
         config.option.benchmark_timer = "fastcomer.benchmarking.synchronized_clock"
@@ -74,8 +76,8 @@ def bandwidth(device, smoke) -> float:
 class Recorder:
     """`record(benchmark, name, variant, subjects, params, checks, details)`: what this test timed
     with pytest-benchmark's fixture (see `fastcomer.benchmarking.Measured`);
-    `record.row(row)`: a whole row, for a test that times its variants itself (the end-to-end
-    benchmark: pytest-benchmark's figure is then the whole case);
+    `record.rows(rows)`: whole rows, for a test that times its variants itself (the end-to-end and
+    serving benchmarks: pytest-benchmark's figure is then the whole case);
     `record.unavailable(benchmark, name, variant, reason)`: skip a variant this machine cannot
     run, noted in its row's details."""
 
@@ -89,9 +91,8 @@ class Recorder:
                                                         subjects=list(subjects), params=params, checks=checks or {},
                                                         details=details or {})
 
-    def row(self, row: Row) -> None:
-        self.fixture.group = f"{row['benchmark']} {row['name']}"
-        self.fixture.extra_info["fastcomer"] = {"row": row}
+    def rows(self, rows: List[Row]) -> None:
+        self.fixture.extra_info["fastcomer"] = {"rows": list(rows)}
 
     def unavailable(self, benchmark: str, name: str, variant: str, reason: str) -> None:
         self.config.stash[UNAVAILABLE].setdefault((benchmark, name), {})[variant] = reason

@@ -285,16 +285,15 @@ def _merge(into: Dict[str, Any], more: Dict[str, Any]) -> None:
             into.setdefault(key, value)
 
 
-def rows_from_measurements(measurements: Iterable[Tuple[Union[Measured, Dict[str, Row]], float]]) -> List[Row]:
+def rows_from_measurements(measurements: Iterable[Tuple[Union[Measured, Dict[str, List[Row]]], float]]) -> List[Row]:
     """One row per (benchmark, name) of (what a test measured, its median seconds per call)
-    pairs, rows in the order of their first measurement. A measurement {"row": row} is a whole
-    row, timed by its test (the end-to-end benchmark), kept as it is."""
+    pairs, rows in the order of their first measurement. A measurement {"rows": [row, ...]}
+    holds whole rows, timed by their test (the end-to-end and serving benchmarks), kept as they are."""
     cases: Dict[Tuple[str, str], Any] = {}
     for measured, median in measurements:
-        if "row" in measured:
-            row = measured["row"]
+        for row in measured.get("rows", []):
             cases[row["benchmark"], row["name"]] = row
-        else:
+        if "rows" not in measured:
             cases.setdefault((measured["benchmark"], measured["name"]), []).append((measured, median))
     rows = []
     for (benchmark, name), entries in cases.items():

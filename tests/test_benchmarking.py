@@ -171,7 +171,7 @@ def test_rows_from_measurements_one_row_per_case():
         measured("a", "torch", 4e-5, details={"bytes": 10, "tflops": {"torch": 1.0}}),
         measured("b", "torch", 1e-4),
         measured("a", "triton", 1e-5, details={"bytes": 10, "tflops": {"triton": 4.0}}, checks={"err": {"triton": 0.0}}),
-        ({"row": make_row("engine", "32x64", {}, "engine", {"engine": 1.0, "reference": 3.0})}, 9.0),
+        ({"rows": [make_row("engine", "32x64", {}, "engine", {"engine": 1.0, "reference": 3.0})]}, 9.0),
     ])
     assert [(row["benchmark"], row["name"]) for row in rows] == [("cross_attention_step", "a"), ("cross_attention_step", "b"),
                                                                  ("engine", "32x64")]
