@@ -129,14 +129,15 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
-        # matplotlib: the test of `fastcomer plot`; hypothesis: the property-based search tests;
+        # pytest-benchmark: the smoke run of the benchmark suite; matplotlib: the test of `fastcomer plot`;
+        # hypothesis: the property-based search tests;
         # pillow: the tests of `fastcomer recognize`; onnx, onnxruntime, onnxscript: the ONNX export tests;
         # starlette ... python-multipart: the tests of `fastcomer serve`
-        "test": ["pytest", "hypothesis", "pybind11>=2.10", "matplotlib", "pillow", "onnx", "onnxruntime", "onnxscript",
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "pybind11>=2.10", "matplotlib", "pillow", "onnx", "onnxruntime", "onnxscript",
                  "starlette", "uvicorn", "prometheus_client", "python-multipart",
                  "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-        # the suite under benchmarks/ runs under pytest, timed by torch.utils.benchmark
-        "bench": ["pytest", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        # the suite under benchmarks/ runs under pytest, timed by pytest-benchmark (histogram: --benchmark-histogram)
+        "bench": ["pytest", "pytest-benchmark[histogram]", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "plot": ["matplotlib"],
         "images": ["pillow"],  # fastcomer.recognize / `fastcomer recognize` on image files
         "onnx": ["onnx", "onnxscript", "onnxruntime"],  # fastcomer.export's ONNX graphs, `fastcomer export-onnx`

@@ -1,8 +1,9 @@
 """Benchmark of the fused ARM cross-attention (fastcomer.ops.arm_attention).
 
 One ARM cross-attention layer (a layer j > 0: refined by the ARM with both coverages) and the
-whole CoMER decoder (3 layers), published config (d_model 256, nhead 8, dc 32), 16 sequences,
-T in {32, 64, 128}, (h, w) in {(8, 32), (16, 64), (16, 78)}, forward and forward+backward;
+whole CoMER decoder (3 layers), published config (`fastcomer.shapes`: d_model 256, nhead 8, dc 32),
+16 sequences, T in {32, 64, 128}, (h, w) in {(8, 32), (16, 64), (16, 78)} (the published images'
+feature maps, and one whose width is no multiple of 16), forward and forward+backward;
 the subject `fused` (the Triton kernels, fastcomer.patch) against:
   eager     the plain path (fastcomer.model), PyTorch eager
   compiled  torch.compile of the plain path (not in --smoke: compiling is slow and not the point)
@@ -13,7 +14,8 @@ Each row's checks hold every variant's largest error relative to eager (forward 
 mode, where all compute the same function); its details the peak memory (CUDA), the achieved
 TFLOP/s (useful FLOPs of the cross-attention: QK^T twice, PV, the 5x5 conv and the 1x1
 projection per ARM layer; the decoder's other layers are not counted; backward counted as
-twice the forward) and the measured peak of a large matmul in the same dtype.
+twice the forward) and the measured peak of a large matmul in the same dtype. Each variant is a
+test of its own, timed by pytest-benchmark (`benchmarks/conftest.py`).
 
     python -m pytest benchmarks/bench_arm_attention.py --bench-out arm.json [--train] [--dtype bfloat16]   # GPU
     TRITON_INTERPRET=1 python -m pytest benchmarks/bench_arm_attention.py --device cpu --smoke -k layer    # CPU check
@@ -24,17 +26,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcomer.benchmarking import make_row, measure
+from fastcomer.benchmarking import measure
 from fastcomer.model.arm import KERNEL_SIZE, AttentionRefinementModule
 from fastcomer.model.attention import MultiheadAttention, masked_softmax
 from fastcomer.model.decoder import Decoder
 from fastcomer.modules import FusedARMAttention
 from fastcomer.patch import patch
+from fastcomer.shapes import D_MODEL, DC, DECODER_LAYERS as LAYERS, FEATURE_MAPS, FEEDFORWARD as FFN, NHEAD
+from fastcomer.shapes import TRAIN_BATCH as BATCH
 
-D_MODEL, NHEAD, DC, FFN, LAYERS, BATCH = 256, 8, 32, 1024, 3, 16
-CASES = [(t, h, w) for t in (32, 64, 128) for h, w in ((8, 32), (16, 64), (16, 78))]
+BENCHMARK = "arm_attention"
+CASES = [(t, h, w) for t in (32, 64, 128) for h, w in (*FEATURE_MAPS, (16, 78))]
 SMOKE_BATCH, SMOKE_CASES = 2, [(3, 3, 5)]
 MODES = ("forward", "forward_backward")
+VARIANTS = ("fused", "eager", "composite", "compiled")  # the subject first
 
 
 def pytest_generate_tests(metafunc):
@@ -133,54 +138,58 @@ def peak_tflops(device, dtype):
         return None
     n = 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / measure(lambda: a @ b)[0] / 1e12
+    return 2 * n**3 / measure(lambda: a @ b) / 1e12
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("level", ["layer", "decoder"])
-def test_arm_attention(level, mode, case, device, dtype, smoke, pytestconfig, peak_tflops, add_row):
+def test_arm_attention(level, mode, variant, case, device, dtype, smoke, pytestconfig, peak_tflops, benchmark, record):
+    if variant == "composite" and level != "layer":
+        pytest.skip("the SDPA composite is one layer's")
+    if variant == "compiled" and smoke:
+        pytest.skip("not in --smoke: compiling is slow and not the point")
     t, h, w = case
     batch, train, grad = SMOKE_BATCH if smoke else BATCH, pytestconfig.getoption("train"), mode == "forward_backward"
     bench = (LayerCase if level == "layer" else DecoderCase)(batch, t, h, w, device, dtype, grad)
     for module in bench.modules:
         module.train(train)
-    calls = {"fused": bench.fused_call, "eager": bench.eager}
-    if level == "layer":
-        calls["composite"] = bench.composite
-    if not smoke:
-        calls["compiled"] = torch.compile(bench.eager)
-    errors = {}
+    call = {"fused": bench.fused_call, "eager": bench.eager, "composite": getattr(bench, "composite", None),
+            "compiled": torch.compile(bench.eager) if variant == "compiled" else None}[variant]
+    checks = {}
     if not grad and not train:  # in eval mode every variant computes the same function: checked before timing
         with torch.no_grad():
             expected = bench.eager().double()
-            for name, call in calls.items():
-                errors[name] = ((call().double() - expected).abs().max() / expected.abs().max()).item()
+            error = ((call().double() - expected).abs().max() / expected.abs().max()).item()
         exact = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-        assert max(errors.values()) < (1e-4 if exact else 2e-2), errors  # float32, else tf32/half rounding
+        assert error < (1e-4 if exact else 2e-2), error  # float32, else tf32/half rounding
+        checks["max_rel_err_vs_eager"] = {variant: error}
 
-    def timed_call(call):
-        def run():
-            out = call()
-            if grad:
-                out.float().square().mean().backward()
-        return run
+    def run():
+        out = call()
+        if grad:
+            out.float().square().mean().backward()
 
     flops = layer_flops(batch, t, h * w)
     if level == "decoder":  # layer 0 has no ARM: QK^T and PV once
         flops = (LAYERS - 1) * flops + 2 * 2 * batch * NHEAD * t * h * w * (D_MODEL // NHEAD)
     flops *= 3 if grad else 1
-    medians, peak_memory = {}, {}
-    with torch.enable_grad() if grad else torch.no_grad():
-        for name, call in calls.items():
-            medians[name], _ = measure(timed_call(call), calls=1 if smoke else None, min_run_time=0.5)
-            peak_memory[name] = peak_mib(timed_call(call), device)
-    tflops = {name: flops / seconds / 1e12 for name, seconds in medians.items()}
+    name = f"{level} {mode} T={t} {h}x{w} batch={batch}{' train' if train else ''}"
     params = dict(level=level, mode=mode, batch=batch, T=t, h=h, w=w, L=h * w, d_model=D_MODEL, nhead=NHEAD, dc=DC,
                   decoder_layers=LAYERS, dtype=str(dtype).replace("torch.", ""), tf32=torch.backends.cuda.matmul.allow_tf32,
                   train=train)
-    add_row(make_row("arm_attention", f"{level} {mode} T={t} {h}x{w} batch={batch}{' train' if train else ''}", params,
-                     "fused", medians, checks={"max_rel_err_vs_eager": errors} if errors else {},
-                     details=dict(flops=flops, tflops=tflops, peak_mib=peak_memory, measured_peak_tflops=peak_tflops,
-                                  fraction_of_peak={n: f / peak_tflops for n, f in tflops.items()} if peak_tflops else None,
-                                  flops_note="useful FLOPs: QK^T twice, PV, 5x5 conv, 1x1 projection per ARM layer; "
-                                             "backward = 2x forward")))
+    record(BENCHMARK, name, variant, VARIANTS, params, checks)  # the group, before timing
+    with torch.enable_grad() if grad else torch.no_grad():
+        if smoke:  # one call (pytest-benchmark's calibration takes three): the interpreter is slow
+            benchmark.pedantic(run, rounds=1)
+        else:
+            benchmark(run)
+        peak_memory = peak_mib(run, device)
+    if benchmark.stats:  # None under --benchmark-disable
+        tflops = flops / benchmark.stats.stats.median / 1e12
+        record(BENCHMARK, name, variant, VARIANTS, params, checks,
+               details=dict(flops=flops, tflops={variant: tflops}, peak_mib={variant: peak_memory},
+                            measured_peak_tflops=peak_tflops,
+                            fraction_of_peak={variant: tflops / peak_tflops} if peak_tflops else None,
+                            flops_note="useful FLOPs: QK^T twice, PV, 5x5 conv, 1x1 projection per ARM layer; "
+                                       "backward = 2x forward"))

@@ -3,10 +3,12 @@ cross-attention + ARM step, logits, log-softmax, top-k, finished lists, reorder)
 CUDA graphs (the subject, on CUDA) and launched eagerly (the baseline), on the published CoMER
 configuration with seeded random weights.
 
-For each (images, L): a SearchSlots of `images` images x 20 rows (beam 10, both directions)
-is started on random images whose feature map is 16 x L/16, then timed one step per sample
-over steps whose prefix window is 64 positions (the steps of a mid-length expression; the
-timed steps share that window, so their count is bounded). In each row's details: the floor
+For each (images, image shape): a SearchSlots of `images` images x 20 rows (beam 10, both
+directions) is started on random images of a published shape (`fastcomer.shapes`: 128x512, whose
+feature map holds L = 256 positions, and 256x1024, L = 1024), then timed one step per round
+(pytest-benchmark's pedantic mode: a step advances the search's state) over steps whose prefix
+window is 64 positions (the steps of a mid-length expression; the timed steps share that
+window, so their count is bounded). Each mode is a test of its own. In each row's details: the floor
 set by the bytes a step must move (decoder weights, every image's K/V per layer, every row's
 coverage sums read and written, the self-attention cache's window) over the device's
 measured copy bandwidth.
@@ -17,21 +19,26 @@ measured copy bandwidth.
 import pytest
 import torch
 
-from fastcomer.benchmarking import bench_model, make_row, measure
+from fastcomer.benchmarking import bench_model
 from fastcomer.ops.dispatch import decoding_plan
 from fastcomer.search.options import SearchOptions
 from fastcomer.search.search_slots import FeatureLayout, SearchSlots
+from fastcomer.shapes import BEAM_SIZE, DIRECTIONS, IMAGE_SHAPES, MAX_LEN, PUBLISHED, feature_map
 
-WINDOW, HEIGHT, BEAM_SIZE, MAX_LEN = 64, 16, 10, 200
+BENCHMARK = "beam_step"
+MODES = ("graphs", "eager")  # the first measured is the subject; graphs need CUDA
+WINDOW = 64
 WARMUP, CALLS = 5, 40  # below WINDOW - 1 together: the timed steps share one window
-CASES = [(images, length) for length in (256, 1024) for images in (1, 8, 32)]
-SMOKE_CASES = [(1, 64)]
+CASES = [(images, shape) for shape in IMAGE_SHAPES for images in (1, 8, 32)]
+SMOKE_CASES = [(1, (64, 256))]
+MODEL = (f"CoMER() published config (d {PUBLISHED.d_model}, {PUBLISHED.nhead} heads, {PUBLISHED.num_decoder_layers} "
+         f"layers, dc {PUBLISHED.dc}), seeded random weights")
 
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         cases = SMOKE_CASES if metafunc.config.getoption("smoke") else CASES
-        metafunc.parametrize("case", cases, ids=[f"images{i}-L{length}" for i, length in cases])
+        metafunc.parametrize("case", cases, ids=[f"images{i}-L{h * w // 256}" for i, (h, w) in cases])
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -51,23 +58,24 @@ def model(device):
     return bench_model(0, str(device))
 
 
+@pytest.mark.parametrize("mode", MODES)
 @torch.inference_mode()
-def test_beam_step(case, device, smoke, model, bandwidth, add_row):
-    images, length = case
-    width = length // HEIGHT
-    img = torch.rand(images, 1, HEIGHT * 16, width * 16, device=device)
-    feature, mask = model.encoder(img, torch.zeros(images, HEIGHT * 16, width * 16, dtype=torch.bool, device=device))
-    modes = ("graphs", "eager") if device.type == "cuda" else ("eager",)  # graphs need CUDA
-    medians = {}
-    for mode in modes:
-        plan = decoding_plan(model.decoder, feature, graphs=mode == "graphs")
-        layout = FeatureLayout(HEIGHT, width, feature.dtype, device, plan)
-        batch = SearchSlots(model.decoder, 2 * images, SearchOptions(BEAM_SIZE, MAX_LEN), layout)
-        batch.start(feature, mask)
-        medians[mode], _ = measure(lambda: batch.run(WINDOW), calls=2 if smoke else CALLS, warmup=1 if smoke else WARMUP)
-    params = dict(images=images, rows=batch.state.rows, length=length, height=HEIGHT, width=width, beam_size=BEAM_SIZE,
-                  directions=2, max_len=MAX_LEN, window=WINDOW, kernels=dict(plan.backends), dtype="float32",
-                  model="CoMER() published config (d 256, 8 heads, 3 layers, dc 32), seeded random weights")
-    add_row(make_row("beam_step", f"images={images} L={length}", params, modes[0], medians,
-                     details=dict(floor_bytes=floor_bytes(batch), copy_bandwidth_gb_s=bandwidth / 1e9,
-                                  bytes_floor_s=floor_bytes(batch) / bandwidth)))
+def test_beam_step(case, mode, device, smoke, model, bandwidth, benchmark, record):
+    images, shape = case
+    height, width = feature_map(shape)
+    name = f"images={images} L={height * width}"
+    if mode == "graphs" and device.type != "cuda":
+        record.unavailable(BENCHMARK, name, mode, "CUDA graphs need a CUDA device")
+    img = torch.rand(images, 1, *shape, device=device)
+    feature, mask = model.encoder(img, torch.zeros(images, *shape, dtype=torch.bool, device=device))
+    plan = decoding_plan(model.decoder, feature, graphs=mode == "graphs")
+    layout = FeatureLayout(height, width, feature.dtype, device, plan)
+    batch = SearchSlots(model.decoder, DIRECTIONS * images, SearchOptions(BEAM_SIZE, MAX_LEN), layout)
+    batch.start(feature, mask)
+    params = dict(images=images, rows=batch.state.rows, length=height * width, height=height, width=width,
+                  beam_size=BEAM_SIZE, directions=DIRECTIONS, max_len=MAX_LEN, window=WINDOW,
+                  kernels=dict(plan.backends), dtype="float32", model=MODEL)
+    record(BENCHMARK, name, mode, MODES, params,
+           details=dict(floor_bytes=floor_bytes(batch), copy_bandwidth_gb_s=bandwidth / 1e9,
+                        bytes_floor_s=floor_bytes(batch) / bandwidth))
+    benchmark.pedantic(batch.run, args=(WINDOW,), rounds=2 if smoke else CALLS, warmup_rounds=1 if smoke else WARMUP)

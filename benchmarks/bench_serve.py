@@ -39,6 +39,7 @@ import torch
 
 from fastcomer import CoMER, recognize
 from fastcomer.benchmarking import bench_model, make_row, new_report, render_table, scale_weights, write_report
+from fastcomer.shapes import BEAM_SIZE, QUICK_IMAGE_SHAPES, QUICK_MAX_LEN
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"  # loopback only
@@ -48,9 +49,9 @@ HOST = "127.0.0.1"  # loopback only
 class LoadSettings:
     """One run's workload and bounds."""
 
-    shape: Tuple[int, int] = (128, 512)
-    beam_size: int = 10
-    max_len: int = 60
+    shape: Tuple[int, int] = QUICK_IMAGE_SHAPES[0]
+    beam_size: int = BEAM_SIZE
+    max_len: int = QUICK_MAX_LEN
     workers: int = 2
     concurrency: Sequence[int] = (1, 4, 8, 16)
     requests: int = 48  # per level at most (at least 2 per client)
@@ -352,11 +353,12 @@ def run(settings: LoadSettings, log=print) -> List[dict]:
     return rows
 
 
-def test_serve(smoke, add_row):
-    """The suite's entry (`python -m pytest benchmarks/bench_serve.py [--smoke]`)."""
-    rows = run(LoadSettings.smoke_settings() if smoke else LoadSettings(), log=lambda line: None)
-    for row in rows:
-        add_row(row)
+def test_serve(smoke, benchmark, record):
+    """The suite's entry (`python -m pytest benchmarks/bench_serve.py [--smoke]`): the whole load
+    test is one pytest-benchmark round; its rows are timed by `run`."""
+    rows = benchmark.pedantic(run, args=(LoadSettings.smoke_settings() if smoke else LoadSettings(),),
+                              kwargs=dict(log=lambda line: None), rounds=1)
+    record.rows(rows)
     assert all(row["checks"]["identical"] for row in rows if row["benchmark"] == "serve")
     soaked = rows[-1]["checks"]
     assert soaked == {"lost": 0, "wrong": 0, "clean_exit": True}, rows[-1]["details"]

@@ -1,34 +1,55 @@
-"""The benchmark suite runs under pytest: `python -m pytest benchmarks/ [options]` (the files
-are bench_*.py, collected as tests; `-k` picks cases). Each benchmark adds rows to the
-session's report (fastcomer.benchmarking's schema), printed as tables at the end and written
-as JSON to --bench-out. Timings use torch.utils.benchmark (see fastcomer.benchmarking.measure
-for why), the end-to-end engine benchmark the wall clock of whole searches."""
+"""The benchmark suite runs under pytest with pytest-benchmark: `python -m pytest benchmarks/
+[options]` (the files are bench_*.py, collected as tests; `-k` picks cases). Every test times one
+variant of one case with pytest-benchmark's `benchmark` fixture, so its options work as usual
+(`--benchmark-json`, `--benchmark-save`, `--benchmark-compare`, `--benchmark-histogram`,
+`--benchmark-min-time`, ...), and records what it measured (`record`). From the same run the
+session's report in the project's schema (`fastcomer.benchmarking.Report`, one row per case,
+its variants' medians side by side) is printed as tables at the end, written to --bench-out,
+and added under the key "fastcomer" to pytest-benchmark's JSON (`fastcomer table`, `compare`
+and `plot` read either file).
+
+The timer is `fastcomer.benchmarking.synchronized_clock` unless --benchmark-timer names another:
+it synchronises the CUDA device at the start and end of each round, a block of calls."""
 from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 import pytest
 import torch
 
-from fastcomer.benchmarking import Report, copy_bandwidth, new_report, render_table, write_report
+from fastcomer.benchmarking import (Measured, Report, Row, copy_bandwidth, new_report, render_table, rows_from_measurements,
+                                    write_report)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPORT = pytest.StashKey[Report]()
+UNAVAILABLE = pytest.StashKey[Dict[tuple, Dict[str, str]]]()
+PERF_COUNTER = "time.perf_counter"  # pytest-benchmark's default timer
+SMOKE_TIMING = dict(benchmark_max_time="0.01", benchmark_min_rounds=1)  # --smoke: checks that the suite runs
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("fastcomer benchmarks")
     group.addoption("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:n]")
     group.addoption("--smoke", action="store_true", help="tiny shapes and short timings: checks that the suite runs (seconds on CPU)")
-    group.addoption("--bench-out", type=Path, help="write the report as JSON to this file, or into this directory")
+    group.addoption("--bench-out", type=Path, help="write the report (fastcomer's schema) as JSON to this file, or into this directory")
     group.addoption("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the kernel benchmarks")
     group.addoption("--tf32", action="store_true", help="allow tf32 in float32 matmuls (every variant)")
     group.addoption("--train", action="store_true", help="ARM attention in training mode (BatchNorm batch statistics)")
 
 
 def pytest_configure(config):
+    if not config.pluginmanager.hasplugin("benchmark"):
+        raise pytest.UsageError('the benchmark suite runs on pytest-benchmark: pip install "fastcomer[bench]"')
+    # before pytest-benchmark's own pytest_configure (trylast), which reads its options
+    if config.getoption("benchmark_timer", None) in (PERF_COUNTER, None):
+        config.option.benchmark_timer = "fastcomer.benchmarking.synchronized_clock"
+    if config.getoption("smoke", False):
+        for name, value in SMOKE_TIMING.items():
+            setattr(config.option, name, type(getattr(config.option, name))(value))
     device = torch.device(config.getoption("device", "cpu"))
     torch.backends.cuda.matmul.allow_tf32 = config.getoption("tf32", False)
     torch.backends.cudnn.allow_tf32 = config.getoption("tf32", False)
     config.stash[REPORT] = new_report(device, "pytest " + " ".join(config.invocation_params.args))
+    config.stash[UNAVAILABLE] = {}
 
 
 @pytest.fixture(scope="session")
@@ -52,21 +73,64 @@ def bandwidth(device, smoke) -> float:
     return copy_bandwidth(device, 4 if smoke else 256 if device.type == "cuda" else 32)
 
 
-@pytest.fixture(scope="session")
-def add_row(pytestconfig):
-    """add_row(row): record a measured row in the session's report."""
-    return pytestconfig.stash[REPORT]["rows"].append
+class Recorder:
+    """`record(benchmark, name, variant, subjects, params, checks, details)`: what this test timed
+    with pytest-benchmark's fixture (see `fastcomer.benchmarking.Measured`);
+    `record.rows(rows)`: whole rows, for a test that times its variants itself (the end-to-end and
+    serving benchmarks: pytest-benchmark's figure is then the whole case);
+    `record.unavailable(benchmark, name, variant, reason)`: skip a variant this machine cannot
+    run, noted in its row's details."""
+
+    def __init__(self, fixture, config):
+        self.fixture, self.config = fixture, config
+
+    def __call__(self, benchmark: str, name: str, variant: str, subjects: Sequence[str], params: Dict[str, Any],
+                 checks: Optional[Dict[str, Any]] = None, details: Optional[Dict[str, Any]] = None) -> None:
+        self.fixture.group = f"{benchmark} {name}"
+        self.fixture.extra_info["fastcomer"] = Measured(benchmark=benchmark, name=name, variant=variant,
+                                                        subjects=list(subjects), params=params, checks=checks or {},
+                                                        details=details or {})
+
+    def rows(self, rows: List[Row]) -> None:
+        self.fixture.extra_info["fastcomer"] = {"rows": list(rows)}
+
+    def unavailable(self, benchmark: str, name: str, variant: str, reason: str) -> None:
+        self.config.stash[UNAVAILABLE].setdefault((benchmark, name), {})[variant] = reason
+        pytest.skip(f"{variant} cannot run here: {reason}")
+
+
+@pytest.fixture
+def record(benchmark, pytestconfig) -> Recorder:
+    return Recorder(benchmark, pytestconfig)
+
+
+def session_report(config) -> Report:
+    """The report of what pytest-benchmark measured so far (rows in the order they were measured)."""
+    measured = [(bench.extra_info["fastcomer"], bench.stats.median) for bench in config._benchmarksession.benchmarks
+                if bench and not bench.has_error and "fastcomer" in bench.extra_info]
+    rows = rows_from_measurements(measured)
+    for row in rows:
+        unavailable = config.stash[UNAVAILABLE].get((row["benchmark"], row["name"]))
+        if unavailable:
+            row["details"]["unavailable"] = unavailable
+    return Report(**{**config.stash[REPORT], "rows": rows})
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """pytest-benchmark's JSON (--benchmark-json, --benchmark-save) carries the report too."""
+    report = session_report(config)
+    if report["rows"]:
+        output_json["fastcomer"] = report
 
 
 def pytest_sessionfinish(session):
-    report = session.config.stash[REPORT]
+    report = session_report(session.config)
     if report["rows"]:
         write_report(report, session.config.getoption("bench_out"))
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    report = config.stash[REPORT]
+    report = session_report(config)
     if report["rows"]:
         terminalreporter.section("fastcomer benchmarks")
         terminalreporter.write_line(render_table([(str(config.getoption("bench_out") or "not written"), report)]))
-

@@ -4,6 +4,7 @@
 # Results land in $OUT (the device tool brings back at most 8 files): JSON per benchmark, one log.
 #
 #   mkdir -p .carry && cp -r ../shared/golden .carry/     # once, here; .carry/ is git-ignored
+#   pip download -d .carry/wheels pytest-benchmark        # once, here: the suite's timer, installed there offline
 #   device run, carry [".carry"], command: bash benchmarks/gpu_run.sh [tests|decode|arm|engine|quick|all]
 # A device command may run 10 minutes: each part but `all` stops its commands at PART_BUDGET_S
 # (7.5 minutes; a command cut short is logged as FAILED with 124) and writes at most 8 files
@@ -34,15 +35,17 @@ run() {  # run CMD... within what is left of the part's budget, appending its ou
 run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 # No network there: build with the image's setuptools, pybind11 and ninja.
 run env FASTCOMER_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps -e .
+python3 -c "import pytest_benchmark" 2>/dev/null ||
+  run python3 -m pip install -q --no-index --find-links .carry/wheels pytest-benchmark
 run python3 -m fastcomer env  # into the log: one file fewer
 # The suite with CUDA present: the GPU tests run instead of skipping.
 case "$what" in all|tests|quick) run python3 -m pytest tests --ignore=tests/interpreter -q -rs ;; esac
 if [ "$what" = quick ]; then
-  run python3 -m pytest benchmarks/bench_decode_step.py benchmarks/bench_beam_step.py -k "L256 and (images1 or images8)" --bench-out "$OUT/steps.json"
+  run python3 -m pytest benchmarks/bench_cross_attention_step.py benchmarks/bench_beam_step.py -k "L256 and (images1 or images8)" --bench-out "$OUT/steps.json"
   run python3 -m fastcomer bench --device cuda --quick --out "$OUT/engine_1image.json"
 fi
 if [ "$what" = all ] || [ "$what" = decode ]; then
-  run python3 -m pytest benchmarks/bench_decode_step.py benchmarks/bench_beam_step.py --bench-out "$OUT/steps.json"
+  run python3 -m pytest benchmarks/bench_cross_attention_step.py benchmarks/bench_beam_step.py --bench-out "$OUT/steps.json"
 fi
 if [ "$what" = all ] || [ "$what" = arm ]; then
   run python3 -m pytest benchmarks/bench_arm_attention.py --bench-out "$OUT/arm_attention.json"

@@ -4,8 +4,9 @@ seeded random weights: `python -m fastcomer bench`), and the tables and comparis
 from result files.
 
 A result file is a `Report`: when and where it was measured (`Environment`) and one `Row` per
-measured case. A row names its benchmark ("engine", "decode_step", "beam_step",
-"arm_attention") and its case (`name`, unique within the benchmark: `compare` matches rows of
+measured case. A row names its benchmark ("engine", "cross_attention_step", "beam_step",
+"arm_attention"; a file's rows of "decode_step", the cross-attention step's former name, are read
+as "cross_attention_step") and its case (`name`, unique within the benchmark: `compare` matches rows of
 two files by both), the case's shapes and settings (`params`), the median seconds per call
 of every variant measured in the same run (`medians_s`: the `subject` and its baselines), the
 subject's speed-up over each baseline (`speedups`: baseline median / subject median), checks
@@ -21,7 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypedDict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
@@ -33,11 +34,10 @@ from .ops.dispatch import BackendRequest, parse_request, use_cuda_graphs
 from .search.engine import beam_search
 from .search.images import decode_images
 from .search.reference import reference_beam_search
+from .shapes import BEAM_SIZE, MAX_LEN
 from .vocab import EOS_IDX, SOS_IDX
 
 SCHEMA = "fastcomer.benchmark/1"
-FULL_SHAPES = ((128, 512), (256, 1024))
-QUICK_SHAPES = ((128, 512),)
 ENGINE_MODEL = "CoMER() published config, seeded random weights (fastcomer.benchmarking.bench_model), float32"
 
 
@@ -195,39 +195,40 @@ def write_report(report: Report, out: Optional[Path]) -> Optional[Path]:
     return path
 
 
+# Benchmarks renamed since a result file was written: old name -> new (files are records, never rewritten).
+RENAMED_BENCHMARKS = {"decode_step": "cross_attention_step"}
+
+
 def load_report(path: Path) -> Report:
-    """A result file, checked against the schema (ValueError naming the file otherwise)."""
+    """A result file, checked against the schema (ValueError naming the file otherwise): a report,
+    or pytest-benchmark's JSON of a run of the suite (`--benchmark-json`, `--benchmark-save`),
+    which holds the report under "fastcomer". Rows of a renamed benchmark get its current name."""
     try:
-        return check_report(json.loads(Path(path).read_text()))
+        data = json.loads(Path(path).read_text())
+        if isinstance(data, dict) and "machine_info" in data and "benchmarks" in data:  # pytest-benchmark's
+            if "fastcomer" not in data:
+                raise ValueError("a pytest-benchmark file without the suite's report (not written by benchmarks/)")
+            data = data["fastcomer"]
+        report = check_report(data)
     except (ValueError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: {err}") from None
+    for row in report["rows"]:
+        row["benchmark"] = RENAMED_BENCHMARKS.get(row["benchmark"], row["benchmark"])
+    return report
 
 
 # --- timing ------------------------------------------------------------------------------------
 
-def measure(fn: Callable[[], Any], calls: Optional[int] = None, warmup: int = 0, min_run_time: float = 0.2) -> Tuple[float, List[float]]:
-    """Median seconds per call of `fn` and the samples.
+def measure(fn: Callable[[], Any], min_run_time: float = 0.2) -> float:
+    """Median seconds per call of `fn`, by torch.utils.benchmark.Timer.blocked_autorange (blocks
+    of calls for at least `min_run_time` seconds, the device synchronised around each block, a
+    fixed torch thread count): the rates a benchmark measures beside its cases (a copy's
+    bandwidth, a matmul's peak). The cases themselves are timed by pytest-benchmark, with
+    `synchronized_clock`."""
+    from torch.utils import benchmark
 
-    Default: torch.utils.benchmark.Timer.blocked_autorange, blocks of calls for at least
-    `min_run_time` seconds, one sample per block. torch.utils.benchmark rather than
-    pytest-benchmark's timer, because these are CUDA kernels of microseconds: it synchronises
-    the device around each block of calls (so a block times the kernels, not their launches,
-    without a synchronisation per call), runs with a fixed torch thread count, and times CPU
-    and CUDA alike, so every row of a report is measured the same way.
-
-    With `calls`: after `warmup` calls, exactly `calls` samples of one call each, the device
-    synchronised around each (for work whose state advances with each call, such as a beam
-    step, where the Timer's own warm-up calls would be counted against its bound)."""
-    if calls is None:
-        from torch.utils import benchmark
-
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        measurement = timer.blocked_autorange(min_run_time=min_run_time)
-        return measurement.median, list(measurement.times)
-    for _ in range(warmup):
-        fn()
-    samples = [timed(fn)[1] for _ in range(calls)]
-    return statistics.median(samples), samples
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def copy_bandwidth(device: torch.device, megabytes: int) -> float:
@@ -235,19 +236,82 @@ def copy_bandwidth(device: torch.device, megabytes: int) -> float:
     rate that turns the bytes a kernel must move into its floor."""
     src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    seconds, _ = measure(lambda: dst.copy_(src), min_run_time=0.05)
+    seconds = measure(lambda: dst.copy_(src), min_run_time=0.05)
     return 2 * src.numel() * src.element_size() / seconds
 
 
+def synchronized_clock() -> float:
+    """time.perf_counter once the CUDA device has finished the work queued on it (when CUDA is in
+    use): the timer of the benchmark suite under pytest-benchmark. pytest-benchmark reads its
+    timer before and after each round, a block of calls, so a round times the kernels it
+    launched, not their launches, with one synchronisation per block rather than per call (as
+    torch.utils.benchmark's blocked_autorange does)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def timed(fn: Callable[[], Any]) -> Tuple[Any, float]:
-    """fn's result and its wall-clock seconds, CUDA synchronised around it (as
-    torch.utils.benchmark does): one call, such as a whole search whose answer is kept."""
-    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    synchronize()
-    start = time.perf_counter()
+    """fn's result and its wall-clock seconds, CUDA synchronised around it: one call, such as a
+    whole search whose answer is kept."""
+    start = synchronized_clock()
     result = fn()
-    synchronize()
-    return result, time.perf_counter() - start
+    return result, synchronized_clock() - start
+
+
+# --- rows from pytest-benchmark's measurements ---------------------------------------------------
+
+class Measured(TypedDict):
+    """What a test of the suite measured with pytest-benchmark's fixture, kept in the fixture's
+    `extra_info["fastcomer"]`: one variant of one row's case. The row's subject is the first of
+    `subjects` that was measured (a variant this machine cannot run is skipped); its params are
+    the first measurement's, its checks and details those of all its measurements merged."""
+
+    benchmark: str
+    name: str
+    variant: str
+    subjects: List[str]
+    params: Dict[str, Any]
+    checks: Dict[str, Any]
+    details: Dict[str, Any]
+
+
+def _merge(into: Dict[str, Any], more: Dict[str, Any]) -> None:
+    """Merge `more` into `into`; dictionaries (per variant values) are merged key by key."""
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            into[key] = {**into[key], **value}
+        else:
+            into.setdefault(key, value)
+
+
+def rows_from_measurements(measurements: Iterable[Tuple[Union[Measured, Dict[str, List[Row]]], float]]) -> List[Row]:
+    """One row per (benchmark, name) of (what a test measured, its median seconds per call)
+    pairs, rows in the order of their first measurement. A measurement {"rows": [row, ...]}
+    holds whole rows, timed by their test (the end-to-end and serving benchmarks), kept as they are."""
+    cases: Dict[Tuple[str, str], Any] = {}
+    for measured, median in measurements:
+        for row in measured.get("rows", []):
+            cases[row["benchmark"], row["name"]] = row
+        if "rows" not in measured:
+            cases.setdefault((measured["benchmark"], measured["name"]), []).append((measured, median))
+    rows = []
+    for (benchmark, name), entries in cases.items():
+        if isinstance(entries, dict):
+            rows.append(entries)
+            continue
+        medians = {measured["variant"]: median for measured, median in entries}
+        first = entries[0][0]
+        subject = next((v for v in first["subjects"] if v in medians), None)
+        if subject is None:
+            raise ValueError(f"{benchmark} {name!r}: none of the subjects {first['subjects']} was measured")
+        checks: Dict[str, Any] = {}
+        details: Dict[str, Any] = {}
+        for measured, _ in entries:
+            _merge(checks, measured["checks"])
+            _merge(details, measured["details"])
+        rows.append(make_row(benchmark, name, dict(first["params"]), subject, medians, checks, details))
+    return rows
 
 
 # --- the decoding benchmark's workload -----------------------------------------------------------
@@ -305,8 +369,8 @@ def engine_row(
     model: CoMER,
     shape: Tuple[int, int],
     images: int,
-    beam_size: int = 10,
-    max_len: int = 200,
+    beam_size: int = BEAM_SIZE,
+    max_len: int = MAX_LEN,
     seed: int = 0,
     batch: int = 1,
     backend: BackendRequest = None,

@@ -14,6 +14,8 @@ from fastcomer.benchmarking import (
     load_report,
     make_row,
     measure,
+    rows_from_measurements,
+    synchronized_clock,
     new_report,
     render_table,
     unmatched_rows,
@@ -28,18 +30,18 @@ RESULTS = sorted((REPO / "benchmarks" / "results").glob("*.json"))
 def small_report():
     report = new_report(torch.device("cpu"), "test")
     report["rows"] += [
-        make_row("decode_step", "images=1 L=64", {"images": 1}, "triton", {"triton": 2e-5, "torch": 1e-4}),
+        make_row("cross_attention_step", "images=1 L=64", {"images": 1}, "triton", {"triton": 2e-5, "torch": 1e-4}),
         make_row("beam_step", "images=1 L=256", {"images": 1}, "eager", {"eager": 3e-3}),
     ]
     return report
 
 
 def test_make_row_speedups_are_baseline_over_subject():
-    row = make_row("decode_step", "x", {}, "cuda", {"cuda": 1e-5, "triton": 2e-5, "torch": 8e-5})
+    row = make_row("cross_attention_step", "x", {}, "cuda", {"cuda": 1e-5, "triton": 2e-5, "torch": 8e-5})
     assert row["speedups"] == pytest.approx({"triton": 2.0, "torch": 8.0})
     assert row["floor"] is None
     with pytest.raises(ValueError, match="subject"):
-        make_row("decode_step", "x", {}, "cuda", {"torch": 1.0})
+        make_row("cross_attention_step", "x", {}, "cuda", {"torch": 1.0})
 
 
 def test_new_report_records_the_environment():
@@ -130,7 +132,7 @@ def test_readme_table_regeneration_replaces_a_stale_table():
 def test_render_table_one_table_per_benchmark():
     table = render_table([("a.json", small_report())])
     decode, beam = table.split("\n\n")
-    assert decode.splitlines()[0].startswith("| decode_step | triton | torch | speed-up vs torch |")
+    assert decode.splitlines()[0].startswith("| cross_attention_step | triton | torch | speed-up vs torch |")
     assert "| images=1 L=64 (triton) | 20 us | 100 us | 5.00x |" in decode
     assert beam.splitlines()[2].startswith("| images=1 L=256 (eager) | 3 ms |")
 
@@ -151,14 +153,48 @@ def test_compare_reports_row_by_row():
     after["rows"][0]["medians_s"]["triton"] = 1e-5
     after["rows"].append(make_row("engine", "only after", {}, "engine", {"engine": 1.0}))
     entries = {(e["benchmark"], e["variant"]): e["ratio"] for e in compare_reports(before, after)}
-    assert entries == pytest.approx({("decode_step", "triton"): 2.0, ("decode_step", "torch"): 1.0,
+    assert entries == pytest.approx({("cross_attention_step", "triton"): 2.0, ("cross_attention_step", "torch"): 1.0,
                                      ("beam_step", "eager"): 1.0})
     assert unmatched_rows(before, after) == ([], ["engine only after"])
 
 
-def test_measure_samples_calls():
-    calls = []
-    median, samples = measure(lambda: calls.append(1), calls=3, warmup=2)
-    assert len(calls) == 5 and len(samples) == 3 and median > 0
-    median, samples = measure(lambda: sum(range(100)), min_run_time=0.01)
-    assert samples and median > 0
+def test_measure_times_blocks():
+    assert measure(lambda: sum(range(100)), min_run_time=0.01) > 0
+    assert synchronized_clock() <= synchronized_clock()
+
+
+def measured(name, variant, median, **extra):
+    entry = dict(benchmark="cross_attention_step", name=name, variant=variant, subjects=["cuda", "triton", "torch"],
+                 params={"L": 64}, checks={}, details={})
+    return {**entry, **extra}, median
+
+
+def test_rows_from_measurements_one_row_per_case():
+    rows = rows_from_measurements([
+        measured("a", "torch", 4e-5, details={"bytes": 10, "tflops": {"torch": 1.0}}),
+        measured("b", "torch", 1e-4),
+        measured("a", "triton", 1e-5, details={"bytes": 10, "tflops": {"triton": 4.0}}, checks={"err": {"triton": 0.0}}),
+        ({"rows": [make_row("engine", "32x64", {}, "engine", {"engine": 1.0, "reference": 3.0})]}, 9.0),
+    ])
+    assert [(row["benchmark"], row["name"]) for row in rows] == [("cross_attention_step", "a"), ("cross_attention_step", "b"),
+                                                                 ("engine", "32x64")]
+    first = rows[0]
+    assert first["subject"] == "triton" and first["medians_s"] == {"torch": 4e-5, "triton": 1e-5}  # the first subject measured
+    assert first["speedups"] == pytest.approx({"torch": 4.0}) and first["params"] == {"L": 64}
+    assert first["details"] == {"bytes": 10, "tflops": {"torch": 1.0, "triton": 4.0}} and first["checks"] == {"err": {"triton": 0.0}}
+    assert rows[1]["subject"] == "torch" and rows[2]["speedups"] == {"reference": 3.0}
+    with pytest.raises(ValueError, match="none of the subjects"):
+        rows_from_measurements([measured("c", "other", 1.0)])
+
+
+def test_old_and_pytest_benchmark_files_load(tmp_path):
+    report = small_report()
+    report["rows"][0]["benchmark"] = "decode_step"  # the cross-attention step's name in files written before
+    old = write_report(report, tmp_path / "old.json")
+    assert load_report(old)["rows"][0]["benchmark"] == "cross_attention_step"
+    wrapped = tmp_path / "pytest-benchmark.json"
+    wrapped.write_text(json.dumps({"machine_info": {}, "benchmarks": [], "fastcomer": small_report()}))
+    assert load_report(wrapped)["rows"] == small_report()["rows"]
+    wrapped.write_text(json.dumps({"machine_info": {}, "benchmarks": []}))
+    with pytest.raises(ValueError, match="without the suite's report"):
+        load_report(wrapped)

@@ -94,7 +94,7 @@ def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:
 FLOORS = [
     ("fastcomer._version", "fastcomer.vocab", "fastcomer.tensor_cache", "fastcomer.allocator", "fastcomer.backends",
      "fastcomer.extras"),
-    ("fastcomer.model",),
+    ("fastcomer.model", "fastcomer.shapes"),
     ("fastcomer.ops", "fastcomer.checkpoint"),
     ("fastcomer.search", "fastcomer.modules", "fastcomer.kernel_report"),
     ("fastcomer.patch", "fastcomer.export", "fastcomer.flop_floor", "fastcomer.recognize"),

@@ -2,7 +2,11 @@
 import argparse
 import os
 
+from ..shapes import BEAM_SIZE, IMAGE_SHAPES, MAX_LEN, QUICK_IMAGE_SHAPES, QUICK_MAX_LEN
 from .arguments import check_model_limits, device, image_shape, max_len, output_path, positive_int
+
+SHAPES = " and ".join(f"{h}x{w}" for h, w in IMAGE_SHAPES)
+QUICK = " and ".join(f"{h}x{w}" for h, w in QUICK_IMAGE_SHAPES)
 
 
 def add_parser(commands) -> None:
@@ -12,19 +16,19 @@ def add_parser(commands) -> None:
         description="Decode random images with the published CoMER configuration (seeded random weights scaled so "
         "that beams end at various lengths), one image per call, with the engine and with the reference beam "
         "search; check that they answer identically; print the time per image of each and the ratio. Default: "
-        "one image of 128x512 and one of 256x1024 (--images for more), beam 10, max_len 200; on 2 CPU cores the "
-        "reference needs minutes per image. --quick: 128x512 only, max_len 60 (under a minute on 2 idle CPU "
+        f"one image of each of {SHAPES} (--images for more), beam {BEAM_SIZE}, max_len {MAX_LEN}; on 2 CPU cores the "
+        f"reference needs minutes per image. --quick: {QUICK} only, max_len {QUICK_MAX_LEN} (under a minute on 2 idle CPU "
         "cores; the ratio grows with the decoded length, so it understates the full run's).",
     )
-    timing.add_argument("--quick", action="store_true", help="128x512 only, max_len 60")
-    timing.add_argument("--shape", type=image_shape, action="append", help="HEIGHTxWIDTH, repeatable (default: 128x512 and 256x1024)")
+    timing.add_argument("--quick", action="store_true", help=f"{QUICK} only, max_len {QUICK_MAX_LEN}")
+    timing.add_argument("--shape", type=image_shape, action="append", help=f"HEIGHTxWIDTH, repeatable (default: {SHAPES})")
     timing.add_argument("--images", type=positive_int, default=1, help="images per shape (default: %(default)s)")
     timing.add_argument("--batch", type=positive_int, default=1, help="images per call, --images is a multiple of it (default: %(default)s)")
     timing.add_argument("--backend", choices=["auto", "cuda", "triton", "torch"], help="the engine's cross-attention step (default: $FASTCOMER_BACKEND, else auto)")
     timing.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
                         help="replay the engine's steps as CUDA graphs (default: $FASTCOMER_CUDA_GRAPHS, else on for CUDA)")
-    timing.add_argument("--max-len", type=max_len, help="default: 200, or 60 with --quick")
-    timing.add_argument("--beam-size", type=positive_int, default=10)
+    timing.add_argument("--max-len", type=max_len, help=f"default: {MAX_LEN}, or {QUICK_MAX_LEN} with --quick")
+    timing.add_argument("--beam-size", type=positive_int, default=BEAM_SIZE)
     timing.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:n] (default: %(default)s)")
     timing.add_argument("--seed", type=int, default=0)
     timing.add_argument("--threads", type=positive_int, help="torch CPU threads of both searches (default: the "
@@ -40,13 +44,13 @@ def run(args: argparse.Namespace) -> int:
     """Time the engine against the reference beam search; fail if they answer differently."""
     import torch
 
-    from ..benchmarking import FULL_SHAPES, QUICK_SHAPES, bench_model, engine_row, new_report, render_table, write_report
+    from ..benchmarking import bench_model, engine_row, new_report, render_table, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["FASTCOMER_THREADS"] = str(args.threads)  # the engine's searches read it
-    shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
-    max_len = args.max_len or (60 if args.quick else 200)
+    shapes = args.shape or (QUICK_IMAGE_SHAPES if args.quick else IMAGE_SHAPES)
+    max_len = args.max_len or (QUICK_MAX_LEN if args.quick else MAX_LEN)
     model = bench_model(args.seed, args.device)
     check_model_limits(args.parser, model, max_len, args.beam_size)
     print(f"decoding {args.images} image(s) of each of {', '.join(f'{h}x{w}' for h, w in shapes)}, beam {args.beam_size}, "

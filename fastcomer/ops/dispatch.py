@@ -22,6 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 
 from ..backends import cuda_extension_status, cuda_extension_usable, triton_interpreter, triton_status
+from ..shapes import DC, HEAD_DIM, NHEAD
 from .registry import DECODING_OPS, OPS
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
@@ -190,7 +191,7 @@ def decoding_plan(decoder, feature: torch.Tensor, request: BackendRequest = None
 
 
 # The plan `env_report` shows: CoMER's published attention sizes, float32.
-PUBLISHED_ATTENTION = dict(nhead=8, head_dim=32, dc=32)
+PUBLISHED_ATTENTION = dict(nhead=NHEAD, head_dim=HEAD_DIM, dc=DC)
 
 
 def env_report(request: BackendRequest = None) -> Dict[str, Any]:

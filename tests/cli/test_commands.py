@@ -19,7 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def kernel_report(tmp_path, name="kernels.json", triton_s=2e-5):
     report = new_report(torch.device("cpu"), "test")
-    report["rows"] += [make_row("decode_step", f"images={i} L=256", {"images": i}, "triton", {"triton": i * triton_s, "torch": i * 1e-4})
+    report["rows"] += [make_row("cross_attention_step", f"images={i} L=256", {"images": i}, "triton", {"triton": i * triton_s, "torch": i * 1e-4})
                        for i in (1, 8)]
     return write_report(report, tmp_path / name)
 
@@ -44,8 +44,8 @@ def test_compare_prints_ratios_row_by_row(tmp_path, capsys):
     before, after = kernel_report(tmp_path, "a.json"), kernel_report(tmp_path, "b.json", triton_s=1e-5)
     assert main(["compare", str(before), str(after)]) == 0
     out = capsys.readouterr().out
-    assert "| decode_step | images=8 L=256 | triton | 160 us | 80 us | 2.00x |" in out
-    assert "| decode_step | images=1 L=256 | torch | 100 us | 100 us | 1.00x |" in out
+    assert "| cross_attention_step | images=8 L=256 | triton | 160 us | 80 us | 2.00x |" in out
+    assert "| cross_attention_step | images=1 L=256 | torch | 100 us | 100 us | 1.00x |" in out
 
 
 def test_compare_rejects_a_file_off_the_schema(tmp_path, capsys):
@@ -91,11 +91,11 @@ def test_plot_points_from_the_committed_results():
 def test_plot_draws_every_figure(tmp_path):
     out = tmp_path / "plots"
     kernels = kernel_report(tmp_path)
-    cases, variants = kernel_times([load_report(kernels)])["decode_step"]
+    cases, variants = kernel_times([load_report(kernels)])["cross_attention_step"]
     assert cases == ["images=1 L=256", "images=8 L=256"] and set(variants) == {"triton (subject)", "torch"}
     assert main(["plot", *map(str, QUIET), str(kernels), "--out", str(out)]) == 0
     names = sorted(path.name for path in out.iterdir())
-    assert names == ["decode_step_time.png", "engine_speedup_vs_image_size.png", "engine_speedup_vs_length.png"]
+    assert names == ["cross_attention_step_time.png", "engine_speedup_vs_image_size.png", "engine_speedup_vs_length.png"]
     assert all((out / name).read_bytes().startswith(PNG_MAGIC) for name in names)
 
 

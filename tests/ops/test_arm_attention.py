@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastcomer.shapes import DC, HEAD_DIM, NHEAD, TRAIN_BATCH as BATCH
 from support.asserts import assert_close_rel, assert_gradients_close
 from support.tolerances import GRADIENT_FLOOR, RTOL, RTOL_FLOAT32_CHAIN, RTOL_FLOAT32_GOLDEN
 
@@ -24,7 +25,6 @@ def exact_float32():
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
-NHEAD, HEAD_DIM, DC, BATCH = 8, 32, 32, 16
 
 
 @pytest.mark.parametrize("coverage", ["cross", "self", "both"])

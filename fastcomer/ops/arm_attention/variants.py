@@ -8,15 +8,16 @@ compiles and costs. The launches are the launcher's own (`triton_kernel.arm_atte
 meta tensors, its launches recorded by `ops.triton_launch`), so the report compiles what the
 library launches.
 
-Shape sets: 'published' is CoMER's training batch (16 images x 8 heads, head dim 32, dc 32,
-target length up to 200, feature maps of 32x32 and 50x50 = 2500 positions, not a multiple of
-16); 'small' is a CI-sized one (2 images, 5x10 map, 8 steps) with the same tile sizes.
+Shape sets: 'published' is CoMER's training batch (`fastcomer.shapes`: 16 images x 8 heads, head
+dim 32, dc 32, target length up to 200, feature maps of 32x32 and 50x50 = 2500 positions, not a
+multiple of 16); 'small' is a CI-sized one (2 images, 5x10 map, 8 steps) with the same tile sizes.
 """
 from typing import Dict, List, NamedTuple
 
 import torch
 
 from ...model.arm import CONV_TAPS, KERNEL_SIZE, CoverageMode
+from ...shapes import DC, HEAD_DIM, MAX_LEN, NHEAD, TRAIN_BATCH, TRAIN_FEATURE_MAPS
 from ..registry import KernelVariant
 from ..triton_launch import recorded
 from . import triton_kernel as K
@@ -42,8 +43,8 @@ class ArmShape(NamedTuple):
 
 
 SHAPES: Dict[str, List[ArmShape]] = {
-    "published": [ArmShape(16, 8, 32, 32, 200, 32, 32), ArmShape(16, 8, 32, 32, 200, 50, 50)],
-    "small": [ArmShape(2, 8, 32, 32, 8, 5, 10)],
+    "published": [ArmShape(TRAIN_BATCH, NHEAD, HEAD_DIM, DC, MAX_LEN, h, w) for h, w in TRAIN_FEATURE_MAPS],
+    "small": [ArmShape(2, NHEAD, HEAD_DIM, DC, 8, 5, 10)],
 }
 
 # dtype mode -> (Triton element type of q, k, v and the returned attention, precision of the

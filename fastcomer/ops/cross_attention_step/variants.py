@@ -2,8 +2,9 @@
 compile (the launcher's own launches, recorded on meta tensors by `ops.triton_launch`) and what
 one launch does (FLOPs, unique global bytes), without a GPU.
 
-Shapes "published": CoMER's decoder (nhead 8, head_dim 32, dc 32, coverage cross + self) at 1
-and 16 images of 2 directions x 10 beams (20 rows per image), L = 256 and 1024, in float32,
+Shapes "published" (`fastcomer.shapes`): CoMER's decoder (nhead 8, head_dim 32, dc 32, coverage
+cross + self) at 1 and 16 images of 2 directions x 10 beams (20 rows per image), L = 256 and 1024
+(the feature maps of the 128x512 and 256x1024 images), in float32,
 bfloat16 and float16: the call of a refining layer, whose three kernels each launch once per
 layer step. Shapes "small": one image, L = 64, float32 and bfloat16, for CI.
 """
@@ -13,6 +14,7 @@ from typing import List
 import torch
 
 from ...model.arm import CONV_TAPS, KERNEL_SIZE, CoverageMode, FoldedARM
+from ...shapes import BEAM_SIZE, DC, FEATURE_LENGTHS, HEAD_DIM, NHEAD, ROWS_PER_IMAGE
 from ..registry import KernelVariant
 from ..triton_launch import recorded
 from .inputs import CrossAttentionStepShape
@@ -21,12 +23,10 @@ from .triton_kernel import STATS, cross_attention_step
 
 __all__ = ["kernel_variants", "PUBLISHED", "ROWS_PER_IMAGE"]
 
-NHEAD, HEAD_DIM, DC = 8, 32, 32
 CHANNELS = 2 * NHEAD  # coverage cross + self
-ROWS_PER_IMAGE = 20  # 2 directions x 10 beams
-BEAMS = 10  # the engine's G: a direction's beams read one copy of the image's K/V
+BEAMS = BEAM_SIZE  # the engine's G: a direction's beams read one copy of the image's K/V
 SHAPES = {
-    "published": dict(images=(1, 16), lengths=(256, 1024), dtypes=("fp32", "bf16", "fp16")),
+    "published": dict(images=(1, 16), lengths=FEATURE_LENGTHS, dtypes=("fp32", "bf16", "fp16")),
     "small": dict(images=(1,), lengths=(64,), dtypes=("fp32", "bf16")),
 }
 PUBLISHED = SHAPES["published"]
