@@ -1,5 +1,6 @@
 """`fastcomer evaluate`: score a checkpoint on data in CoMER's layout, as CoMER's test loop does."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -62,12 +63,29 @@ def table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def _join_torchrun(device: str) -> tuple:
+    """Under torchrun (WORLD_SIZE > 1): join its process group (nccl on GPUs, one per local
+    rank; gloo on CPUs). Returns (the device of this process, whether this is process 0)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, True
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device, dist.get_rank() == 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the table; exit status 1 when some image was not scored, 2 for a usage error."""
     from ..checkpoint import CheckpointError
     from ..evaluation import CaptionError, evaluate
 
-    progress, close = _progress(not args.no_progress and sys.stderr.isatty())
+    args.device, first = _join_torchrun(args.device)
+    progress, close = _progress(first and not args.no_progress and sys.stderr.isatty())
     try:
         result = evaluate(args.checkpoint, args.data, args.split, args.out, batching=args.batching,
                           beam_size=args.beam_size, max_len=args.max_len, alpha=args.alpha, device=args.device,
@@ -78,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error(str(err))
     finally:
         close()
+    if not first:  # process 0 reports
+        return 1 if any(r["error"] is not None for r in result.records) else 0
     for record in result.records:
         if record["error"] is not None:
             print(f"fastcomer evaluate: {record['split']}/{record['name']}: {record['error']}", file=sys.stderr)
