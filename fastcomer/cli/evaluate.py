@@ -30,6 +30,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--workers", type=positive_int, help="CPU worker processes (default: the cores available)")
     parser.add_argument("--limit", type=positive_int, metavar="N", help="only the first N captions of each split")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in DIR")
+    parser.add_argument("--compare", type=Path, metavar="OTHER.jsonl",
+                        help="also list the images whose answer differs from another run's predictions.jsonl")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(run=run, parser=parser)
 
@@ -83,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
     """Print the table; exit status 1 when some image was not scored, 2 for a usage error."""
     from ..checkpoint import CheckpointError
     from ..evaluation import CaptionError, evaluate
+    from ..evaluation.outputs import changed_predictions
 
+    if args.compare is not None and not args.compare.is_file():
+        args.parser.error(f"--compare: no such file {str(args.compare)!r}")
     args.device, first = _join_torchrun(args.device)
     progress, close = _progress(first and not args.no_progress and sys.stderr.isatty())
     try:
@@ -102,5 +107,13 @@ def run(args: argparse.Namespace) -> int:
         if record["error"] is not None:
             print(f"fastcomer evaluate: {record['split']}/{record['name']}: {record['error']}", file=sys.stderr)
     print(table(result.metrics))
+    if args.compare is not None:
+        try:
+            changes = changed_predictions(result.records, args.compare)
+        except ValueError as err:
+            args.parser.error(f"--compare: {err}")
+        print(f"\n{len(changes)} answer(s) differ from {args.compare}")
+        for split, name, theirs, ours in changes:
+            print(f"{split}/{name}: {theirs} -> {ours}")
     print(f"\nwrote {args.out}: predictions.jsonl, metrics.json, result.zip")
     return 1 if any(r["error"] is not None for r in result.records) else 0

@@ -74,3 +74,18 @@ def test_torchrun_two_processes_write_what_one_writes(checkpoint, tmp_path, caps
     assert done.stdout.count("| 2014 |") == 1  # one table, from process 0
     for name in ("predictions.jsonl", "metrics.json", "2014/result.zip", "2016/result.zip"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_compare_lists_the_changed_answers(checkpoint, tmp_path, capsys):
+    data = write_zip(tmp_path / "data.zip", {"2016": SPLIT_2016})
+    assert main(["evaluate", str(data), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "a")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()]
+    rows[1]["latex"] = "x"
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(["evaluate", str(data), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"),
+                 "--compare", str(other)]) == 0
+    printed = capsys.readouterr().out
+    assert f"1 answer(s) differ from {other}" in printed
+    assert f"2016/h: x -> {json.loads((tmp_path / 'b' / 'predictions.jsonl').read_text().splitlines()[1])['latex']}" in printed
