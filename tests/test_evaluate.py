@@ -217,3 +217,13 @@ def test_cuda_gives_the_cpu_answers(golden_model, data_zip):
     cuda = evaluate(golden_model.cuda(), data_zip, "2014", **SEARCH)
     assert [r["latex"] for r in cuda.records] == [r["latex"] for r in cpu.records]
     assert [r["score"] for r in cuda.records] == pytest.approx([r["score"] for r in cpu.records], rel=1e-9)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(beam_size=0), "beam_size"), (dict(max_len=1), "max_len"), (dict(batching="pairs"), "batching"),
+    (dict(limit=0), "limit"),
+])
+def test_bad_settings_fail_before_anything_is_written(golden_model, data_zip, tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate(golden_model, data_zip, "2014", tmp_path / "out", **settings)
+    assert not (tmp_path / "out").exists()

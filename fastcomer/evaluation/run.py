@@ -12,9 +12,10 @@ from ..checkpoint import load_comer, read_checkpoint
 from ..model.adapt import as_comer
 from ..recognize import limit_range_scale, prepare_image
 from ..search.images import available_cores, decode_batches, pad_images
+from ..search.options import check_search_args
 from ..vocab import vocab
 from . import outputs
-from .batching import plan_batches
+from .batching import check_batching, plan_batches
 from .data import Dataset, Sample, open_dataset, read_pixels, split_names
 from .metrics import edit_distance, split_metrics
 
@@ -53,9 +54,8 @@ def _model_and_hparams(model, device) -> Tuple[nn.Module, Optional[Mapping]]:
     return load_comer(raw, map_location=device), hparams if isinstance(hparams, Mapping) else None
 
 
-def _load_split(dataset: Dataset, split: str, limit: Optional[int]):
-    """The split's samples, their PIL images (None where the image failed), and each failure."""
-    samples = dataset.samples(split)[:limit]
+def _load_split(dataset: Dataset, samples: List[Sample]):
+    """The samples, their PIL images (None where the image failed), and each failure by index."""
     images, errors = [], {}
     for i, sample in enumerate(samples):
         image = None
@@ -69,6 +69,17 @@ def _load_split(dataset: Dataset, split: str, limit: Optional[int]):
                 errors[i], image = f"unreadable image: {err or type(err).__name__}", None
         images.append(image)
     return samples, images, errors
+
+
+def _check_request(model: nn.Module, settings: dict, batching: str, limit) -> None:
+    """Settings the search and the batching refuse, refused before anything is read or written."""
+    check_batching(batching)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    param = next(model.parameters())
+    img = torch.zeros(1, 1, 16, 16, dtype=param.dtype, device=param.device)  # an image the checks accept
+    check_search_args(model, img, torch.zeros(1, 16, 16, dtype=torch.bool, device=param.device), settings["beam_size"],
+                      settings["max_len"], settings["temperature"], settings["alpha"], settings["early_stopping"])
 
 
 def _record(sample: Sample, latex=None, distance=None, score=None, error=None) -> dict:
@@ -175,15 +186,15 @@ def evaluate(
     model, hparams = _model_and_hparams(model, device)
     settings = search_settings(hparams, {"beam_size": beam_size, "max_len": max_len, "alpha": alpha,
                                          "early_stopping": early_stopping, "temperature": temperature})
+    _check_request(model, settings, batching, limit)
     dataset = open_dataset(data)
     try:
         splits = split_names([split] if isinstance(split, str) else split, dataset)
-        for name in splits:
-            dataset.samples(name)  # every caption file parses, before any decoding
+        captions = {name: dataset.samples(name)[:limit] for name in splits}  # every one parses, before any decoding
         plan = {"data": os.path.abspath(os.fspath(data)), "splits": list(splits), "batching": batching,
                 "limit": limit, "search": settings}
         folder, done = _on_rank_zero(lambda: _open_output(out, plan, resume))
-        loaded = {name: _load_split(dataset, name, limit) for name in splits}
+        loaded = {name: _load_split(dataset, samples) for name, samples in captions.items()}
     finally:
         dataset.close()
     records: Dict[Tuple[str, str], dict] = {}
