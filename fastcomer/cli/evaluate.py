@@ -115,5 +115,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n{len(changes)} answer(s) differ from {args.compare}")
         for split, name, theirs, ours in changes:
             print(f"{split}/{name}: {theirs} -> {ours}")
-    print(f"\nwrote {args.out}: predictions.jsonl, metrics.json, result.zip")
+    zips = "result.zip" if len(result.metrics) == 1 else ", ".join(f"{split}/result.zip" for split in result.metrics)
+    print(f"\nwrote {args.out}: predictions.jsonl, metrics.json, {zips}")
     return 1 if any(r["error"] is not None for r in result.records) else 0
