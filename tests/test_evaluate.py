@@ -18,6 +18,7 @@ from fastcomer.vocab import vocab  # noqa: E402
 
 from support.comer_data import SPLIT_2014, SPLIT_2016, bmp, write_zip  # noqa: E402
 from support.images import strokes  # noqa: E402
+from support.markers import requires_gpu  # noqa: E402
 
 SEARCH = dict(beam_size=3, max_len=8)
 
@@ -203,3 +204,26 @@ def test_checkpoint_search_settings_are_used(golden_model, data_zip, tmp_path):
 def test_worker_processes_answer_as_one(golden_model, data_zip):
     one = evaluate(golden_model, data_zip, "2014", workers=1, **SEARCH)
     assert evaluate(golden_model, data_zip, "2014", workers=2, **SEARCH).records == one.records
+
+
+def test_limit_takes_the_first_captions(golden_model, data_zip):
+    result = evaluate(golden_model, data_zip, ["2014", "2016"], limit=2, **SEARCH)
+    assert [(r["split"], r["name"]) for r in result.records] == [("2014", "a"), ("2014", "b"), ("2016", "g"), ("2016", "h")]
+
+
+@requires_gpu
+def test_cuda_gives_the_cpu_answers(golden_model, data_zip):
+    cpu = evaluate(golden_model, data_zip, "2014", **SEARCH)
+    cuda = evaluate(golden_model.cuda(), data_zip, "2014", **SEARCH)
+    assert [r["latex"] for r in cuda.records] == [r["latex"] for r in cpu.records]
+    assert [r["score"] for r in cuda.records] == pytest.approx([r["score"] for r in cpu.records], rel=1e-9)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(beam_size=0), "beam_size"), (dict(max_len=1), "max_len"), (dict(batching="pairs"), "batching"),
+    (dict(limit=0), "limit"),
+])
+def test_bad_settings_fail_before_anything_is_written(golden_model, data_zip, tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate(golden_model, data_zip, "2014", tmp_path / "out", **settings)
+    assert not (tmp_path / "out").exists()

@@ -1,5 +1,6 @@
 """`fastcomer evaluate`: score a checkpoint on data in CoMER's layout, as CoMER's test loop does."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--workers", type=positive_int, help="CPU worker processes (default: the cores available)")
     parser.add_argument("--limit", type=positive_int, metavar="N", help="only the first N captions of each split")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in DIR")
+    parser.add_argument("--compare", type=Path, metavar="OTHER.jsonl",
+                        help="also list the images whose answer differs from another run's predictions.jsonl")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(run=run, parser=parser)
 
@@ -62,12 +65,32 @@ def table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def _join_torchrun(device: str) -> tuple:
+    """Under torchrun (WORLD_SIZE > 1): join its process group (nccl on GPUs, one per local
+    rank; gloo on CPUs). Returns (the device of this process, whether this is process 0)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, True
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device, dist.get_rank() == 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the table; exit status 1 when some image was not scored, 2 for a usage error."""
     from ..checkpoint import CheckpointError
     from ..evaluation import CaptionError, evaluate
+    from ..evaluation.outputs import changed_predictions
 
-    progress, close = _progress(not args.no_progress and sys.stderr.isatty())
+    if args.compare is not None and not args.compare.is_file():
+        args.parser.error(f"--compare: no such file {str(args.compare)!r}")
+    args.device, first = _join_torchrun(args.device)
+    progress, close = _progress(first and not args.no_progress and sys.stderr.isatty())
     try:
         result = evaluate(args.checkpoint, args.data, args.split, args.out, batching=args.batching,
                           beam_size=args.beam_size, max_len=args.max_len, alpha=args.alpha, device=args.device,
@@ -78,9 +101,20 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error(str(err))
     finally:
         close()
+    if not first:  # process 0 reports
+        return 1 if any(r["error"] is not None for r in result.records) else 0
     for record in result.records:
         if record["error"] is not None:
             print(f"fastcomer evaluate: {record['split']}/{record['name']}: {record['error']}", file=sys.stderr)
     print(table(result.metrics))
-    print(f"\nwrote {args.out}: predictions.jsonl, metrics.json, result.zip")
+    if args.compare is not None:
+        try:
+            changes = changed_predictions(result.records, args.compare)
+        except ValueError as err:
+            args.parser.error(f"--compare: {err}")
+        print(f"\n{len(changes)} answer(s) differ from {args.compare}")
+        for split, name, theirs, ours in changes:
+            print(f"{split}/{name}: {theirs} -> {ours}")
+    zips = "result.zip" if len(result.metrics) == 1 else ", ".join(f"{split}/result.zip" for split in result.metrics)
+    print(f"\nwrote {args.out}: predictions.jsonl, metrics.json, {zips}")
     return 1 if any(r["error"] is not None for r in result.records) else 0

@@ -16,11 +16,15 @@ MAX_CAPTION = 200  # CoMER's maxlen: longer captions are left out
 BATCHINGS = ("comer", "alone")
 
 
+def check_batching(batching: str) -> None:
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching must be one of {', '.join(map(repr, BATCHINGS))}, got {batching!r}")
+
+
 def plan_batches(areas: Sequence[int], caption_lengths: Sequence[int], batching: str = "comer"
                  ) -> Tuple[List[List[int]], Dict[int, str]]:
     """(batches as lists of indices in decoding order, index -> why it is left out)."""
-    if batching not in BATCHINGS:
-        raise ValueError(f"batching must be one of {', '.join(map(repr, BATCHINGS))}, got {batching!r}")
+    check_batching(batching)
     order = sorted(range(len(areas)), key=lambda i: areas[i])
     batches: List[List[int]] = []
     left_out: Dict[int, str] = {}

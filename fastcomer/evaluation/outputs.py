@@ -5,7 +5,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -60,3 +60,18 @@ def read_log(path: Path) -> Dict[Tuple[str, str], dict]:
         if record.get("latex") is not None:
             done[(record["split"], record["name"])] = record
     return done
+
+
+def changed_predictions(records: Iterable[dict], other: Path) -> List[Tuple[str, str, Optional[str], Optional[str]]]:
+    """(split, name, latex in `other`, latex here) of each image whose answer differs from the one
+    in another run's predictions.jsonl (an image missing from either side counts as None there)."""
+    theirs = {}
+    for number, line in enumerate(Path(other).read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+            theirs[(record["split"], record["name"])] = record.get("latex")
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{other}, line {number}: not a predictions.jsonl record") from None
+    ours = {(r["split"], r["name"]): r["latex"] for r in records}
+    keys = list(ours) + [key for key in theirs if key not in ours]
+    return [(*key, theirs.get(key), ours.get(key)) for key in keys if theirs.get(key) != ours.get(key)]

@@ -3,7 +3,7 @@ scores it (docs/evaluate.md)."""
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -11,10 +11,11 @@ import torch.nn as nn
 from ..checkpoint import load_comer, read_checkpoint
 from ..model.adapt import as_comer
 from ..recognize import limit_range_scale, prepare_image
-from ..search.images import decode_batches, pad_images
+from ..search.images import available_cores, decode_batches, pad_images
+from ..search.options import check_search_args
 from ..vocab import vocab
 from . import outputs
-from .batching import plan_batches
+from .batching import check_batching, plan_batches
 from .data import Dataset, Sample, open_dataset, read_pixels, split_names
 from .metrics import edit_distance, split_metrics
 
@@ -53,9 +54,8 @@ def _model_and_hparams(model, device) -> Tuple[nn.Module, Optional[Mapping]]:
     return load_comer(raw, map_location=device), hparams if isinstance(hparams, Mapping) else None
 
 
-def _load_split(dataset: Dataset, split: str, limit: Optional[int]):
-    """The split's samples, their PIL images (None where the image failed), and each failure."""
-    samples = dataset.samples(split)[:limit]
+def _load_split(dataset: Dataset, samples: List[Sample]):
+    """The samples, their PIL images (None where the image failed), and each failure by index."""
     images, errors = [], {}
     for i, sample in enumerate(samples):
         image = None
@@ -71,11 +71,77 @@ def _load_split(dataset: Dataset, split: str, limit: Optional[int]):
     return samples, images, errors
 
 
+def _check_request(model: nn.Module, settings: dict, batching: str, limit) -> None:
+    """Settings the search and the batching refuse, refused before anything is read or written."""
+    check_batching(batching)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    param = next(model.parameters())
+    img = torch.zeros(1, 1, 16, 16, dtype=param.dtype, device=param.device)  # an image the checks accept
+    check_search_args(model, img, torch.zeros(1, 16, 16, dtype=torch.bool, device=param.device), settings["beam_size"],
+                      settings["max_len"], settings["temperature"], settings["alpha"], settings["early_stopping"])
+
+
 def _record(sample: Sample, latex=None, distance=None, score=None, error=None) -> dict:
     if error is None and sample.unknown:
         error = f"unknown tokens: {' '.join(sample.unknown)}"  # decoded, not scored
     return {"name": sample.name, "split": sample.split, "latex": latex, "truth": " ".join(sample.tokens),
             "distance": distance, "score": score, "error": error}
+
+
+def _world() -> Tuple[int, int]:
+    """(this process's rank, the number of processes): torch.distributed's group when initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _on_rank_zero(action: Callable[[], Tuple[Optional[Path], dict]]) -> Tuple[Optional[Path], dict]:
+    """action() in process 0 only (the one that writes the files); the others get its records, no
+    folder, and its exception if it raised one."""
+    rank, world = _world()
+    if world == 1:
+        return action()
+    outcome: List = [None]
+    if rank == 0:
+        try:
+            outcome[0] = action()
+        except Exception as err:  # noqa: BLE001 - raised again in every process
+            outcome[0] = err
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return (outcome[0][0] if rank == 0 else None), outcome[0][1]
+
+
+def _decoded(model, work, loaded, workers, search: dict) -> Iterator[List[dict]]:
+    """Each batch's records, in the order of `work`, as batches finish. Under torch.distributed
+    each process decodes every world-th batch of a chunk and the chunk's records are gathered by all."""
+    rank, world = _world()
+    param = next(model.parameters())
+    if workers is None and world > 1:
+        workers = max(1, available_cores() // world)  # the processes of one machine share its cores
+    step = CHUNK_BATCHES * world
+    for start in range(0, len(work), step):
+        chunk = work[start : start + step]
+        mine = chunk[rank::world]
+        padded = [pad_images([prepare_image(loaded[name][1][i], invert=False).to(param.device, param.dtype)
+                              for i in batch]) for name, batch in mine]
+        answers = decode_batches(model, padded, workers, **search)
+        decoded = ([_answer(loaded[name][0][i], hyp) for i, hyp in zip(batch, hyps)]
+                   for (name, batch), hyps in zip(mine, answers))
+        if world == 1:
+            yield from decoded
+            continue
+        shards: List[List[List[dict]]] = [None] * world  # type: ignore[list-item]
+        torch.distributed.all_gather_object(shards, list(decoded))
+        for j in range(len(chunk)):
+            yield shards[j % world][j // world]
+
+
+def _answer(sample: Sample, hyp) -> dict:
+    tokens = vocab.indices2words(hyp.seq)
+    return _record(sample, " ".join(tokens), edit_distance(tokens, sample.tokens), hyp.score)
 
 
 def evaluate(
@@ -106,6 +172,8 @@ def evaluate(
     answers); "alone": each image on its own. Search settings: beam_size ... temperature,
     None = the checkpoint's, else CoMER's (beam 10, max_len 200, alpha 1.0); engine_kwargs go
     to `beam_search` (backend, graphs, threads). workers: CPU processes (`decode_batches`).
+    Under torch.distributed (torchrun) every process decodes a share of the batches and process 0
+    writes the files; each returns the whole evaluation, the same as one process's.
     limit: the first N captions of each split. progress(done, total): after each batch.
 
     out: a folder for predictions.jsonl (appended as batches finish), metrics.json, run.json and
@@ -118,18 +186,17 @@ def evaluate(
     model, hparams = _model_and_hparams(model, device)
     settings = search_settings(hparams, {"beam_size": beam_size, "max_len": max_len, "alpha": alpha,
                                          "early_stopping": early_stopping, "temperature": temperature})
+    _check_request(model, settings, batching, limit)
     dataset = open_dataset(data)
     try:
         splits = split_names([split] if isinstance(split, str) else split, dataset)
-        for name in splits:
-            dataset.samples(name)  # every caption file parses, before any decoding
+        captions = {name: dataset.samples(name)[:limit] for name in splits}  # every one parses, before any decoding
         plan = {"data": os.path.abspath(os.fspath(data)), "splits": list(splits), "batching": batching,
                 "limit": limit, "search": settings}
-        folder, done = _open_output(out, plan, resume)
-        loaded = {name: _load_split(dataset, name, limit) for name in splits}
+        folder, done = _on_rank_zero(lambda: _open_output(out, plan, resume))
+        loaded = {name: _load_split(dataset, samples) for name, samples in captions.items()}
     finally:
         dataset.close()
-    param = next(model.parameters())
     records: Dict[Tuple[str, str], dict] = {}
     batches_per_split = {}
     for name, (samples, images, errors) in loaded.items():
@@ -153,25 +220,14 @@ def evaluate(
     finished = total - sum(len(batch) for _, batch in work)
     log = open(folder / outputs.PREDICTIONS, "a") if folder is not None else None
     try:
-        for start in range(0, len(work), CHUNK_BATCHES):
-            chunk = work[start : start + CHUNK_BATCHES]
-            padded = [pad_images([prepare_image(loaded[name][1][i], invert=False).to(param.device, param.dtype)
-                                  for i in batch]) for name, batch in chunk]
-            answers = decode_batches(model, padded, workers, **settings, **engine_kwargs)
-            for (name, batch), hyps in zip(chunk, answers):
-                lines = []
-                for i, hyp in zip(batch, hyps):
-                    sample = loaded[name][0][i]
-                    tokens = vocab.indices2words(hyp.seq)
-                    record = _record(sample, " ".join(tokens), edit_distance(tokens, sample.tokens), hyp.score)
-                    records[(name, sample.name)] = record
-                    lines.append(outputs.record_line(record))
-                if log is not None:
-                    log.write("".join(lines))  # a batch at a time, so a resume redoes whole batches
-                    log.flush()
-                finished += len(batch)
-                if progress is not None:
-                    progress(finished, total)
+        for batch_records in _decoded(model, work, loaded, workers, {**settings, **engine_kwargs}):
+            records.update(((r["split"], r["name"]), r) for r in batch_records)
+            if log is not None:
+                log.write("".join(map(outputs.record_line, batch_records)))  # a batch at a time: a resume redoes whole batches
+                log.flush()
+            finished += len(batch_records)
+            if progress is not None:
+                progress(finished, total)
     finally:
         if log is not None:
             log.close()
