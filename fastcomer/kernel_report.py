@@ -279,6 +279,14 @@ def report(arch: str = "sm_90", shapes: str = "published", select: Optional[Call
     return result
 
 
+def _shape_of(name: str, dtype: str) -> str:
+    """The shape part of a variant's name: 'T=200 L=1024' of 'arm_backward fp32 T=200 L=1024',
+    'images=1,L=256' of 'merge[images=1,L=256,fp32]'."""
+    if "[" in name:
+        return ",".join(part for part in name[name.index("[") + 1:name.rindex("]")].split(",") if part != dtype)
+    return name.split(dtype)[-1].strip()
+
+
 def format_report(result: dict) -> str:
     """The report as a text table (one row per variant), plus per-op totals of the estimates."""
     peaks = result["peaks"]
@@ -303,7 +311,7 @@ def format_report(result: dict) -> str:
     lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     totals: Dict[tuple, float] = {}
     for k in result["kernels"]:
-        group = (k["op"], k["dtype"], k["name"].split(k["dtype"])[-1].strip())
+        group = (k["op"], k["dtype"], _shape_of(k["name"], k["dtype"]))
         totals[group] = totals.get(group, 0.0) + k["estimate_us"] * k["launches"]
     lines.append("Estimated time per layer call (sum of the launches' estimates):")
     lines += [f"  {op} {dtype} {shape}: {us:.0f} us (estimate)" for (op, dtype, shape), us in totals.items()]

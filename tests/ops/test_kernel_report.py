@@ -91,3 +91,32 @@ def test_command_is_registered():
     from fastcomer import cli
 
     assert cli.kernels in cli.COMMANDS
+
+
+def test_per_call_totals_group_by_op_dtype_and_shape():
+    kernel = dict(registers=64, spill_store_bytes=0, spill_load_bytes=0, shared_bytes=1024, warps=4, warps_per_sm=32,
+                  tensor_core_instructions=1, ffma_instructions=0, ctas=8, flops=1e9, bytes=1e6, bound="memory",
+                  launches=1, dtype="fp32", op="cross_attention_step")
+    kernels = [dict(kernel, name=f"{role}[images=1,L=256,fp32]", estimate_us=2.0) for role in ("partial_attention", "merge")]
+    kernels.append(dict(kernel, name="merge[images=16,L=256,fp32]", estimate_us=5.0))
+    result = {"arch": "sm_90", "shapes": "published", "peaks": kernel_report.PEAKS[90], "providers": {},
+              "kernels": kernels, "failed": [{"name": "refinement[images=1,L=256,bf16]", "error": "CompilationError: x"}]}
+    text = kernel_report.format_report(result)
+    assert "cross_attention_step fp32 images=1,L=256: 4 us" in text and "images=16,L=256: 5 us" in text
+    assert "DOES NOT COMPILE: refinement[images=1,L=256,bf16]: CompilationError: x" in text
+
+
+@pytest.mark.parametrize("arch", sorted(MODES))
+def test_stored_report_covers_every_op_and_its_table_is_generated(arch):
+    """benchmarks/results/kernel_report: every op's variants reported, the .txt table made by
+    format_report from the JSON beside it."""
+    import json
+
+    from fastcomer.ops.registry import OPS
+    from support.paths import REPO
+
+    folder = REPO / "benchmarks" / "results" / "kernel_report"
+    result = json.loads((folder / f"{arch}_published.json").read_text())
+    assert result["providers"] == {name: "ok" for name in OPS}
+    assert {k["op"].split(".")[0] for k in result["kernels"]} == set(OPS)
+    assert (folder / f"{arch}_published.txt").read_text() == kernel_report.format_report(result) + "\n"

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ...backends import cuda_extension_status
 from ...model.arm import KERNEL_SIZE, FoldedARM
+from ..triton_launch import on_device
 from .inputs import CrossAttentionStepShape, coverage_flags
 from .launch import MAX_TILE, MIN_DOT, LaunchPlan, PreparedARMWeights, launch_plan
 
@@ -143,6 +144,6 @@ def cross_attention_step(q, k, v, key_padding_mask, image_index, height, arm, co
     buffers, scalars = launch_fields(q, k, v, key_padding_mask, image_index, height, arm, coverage, prev_attn, shape,
                                      rows_per_image, module.LIMITS["stats"])
     params = launch_params(module, buffers, scalars)
-    with torch.cuda.device(q.device):
+    with on_device(q.device):  # the stream of the tensors' device
         module.cross_attention_step(params, torch.cuda.current_stream().cuda_stream)
     return buffers["out"], buffers["returned"]

@@ -9,7 +9,7 @@ bfloat16 and float16: the call of a refining layer, whose three kernels each lau
 layer step. Shapes "small": one image, L = 64, float32 and bfloat16, for CI.
 """
 import math
-from typing import List
+from typing import Callable, List
 
 import torch
 
@@ -83,6 +83,14 @@ def _call_variants(images: int, length: int, dtype: str) -> List[KernelVariant]:
         raise RuntimeError(f"the cross-attention step's launches changed: {kernels}")
     return [KernelVariant("cross_attention_step", f"{role}[{label}]", launch, 1, float(flops), float(nbytes), dtype)
             for (role, flops, nbytes), launch in zip(costs, launches)]
+
+
+def per_decoding_shape(shapes: str, variant: Callable[[int, str], KernelVariant]) -> List[KernelVariant]:
+    """variant(images, dtype) for every image count and dtype of the shape set `shapes`: the
+    decoding steps' variants (this op's and the other steps') share its shapes."""
+    if shapes not in SHAPES:
+        raise ValueError(f"shapes must be one of {sorted(SHAPES)}, got {shapes!r}")
+    return [variant(images, dtype) for images in SHAPES[shapes]["images"] for dtype in SHAPES[shapes]["dtypes"]]
 
 
 def kernel_variants(shapes: str, arch: int) -> List[KernelVariant]:

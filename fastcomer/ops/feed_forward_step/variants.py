@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-from ..cross_attention_step.variants import ELEMENT_BYTES, ROWS_PER_IMAGE, SHAPES, TORCH_DTYPES
+from ..cross_attention_step.variants import ELEMENT_BYTES, ROWS_PER_IMAGE, TORCH_DTYPES, per_decoding_shape
 from ..registry import KernelVariant
 from ..self_attention_step.variants import meta_layer
 from ..triton_launch import recorded
@@ -34,7 +34,5 @@ def _variant(images: int, dtype: str) -> KernelVariant:
 def kernel_variants(shapes: str, arch: int) -> List[KernelVariant]:
     """The feed-forward step's launch of one layer per image count and dtype of `shapes`
     ("published" or "small"); arch does not change it."""
-    if shapes not in SHAPES:
-        raise ValueError(f"shapes must be one of {sorted(SHAPES)}, got {shapes!r}")
     del arch
-    return [_variant(images, dtype) for images in SHAPES[shapes]["images"] for dtype in SHAPES[shapes]["dtypes"]]
+    return per_decoding_shape(shapes, _variant)

@@ -11,7 +11,7 @@ import torch
 
 from ...model.comer import CoMERConfig
 from ...model.decoder import TransformerDecoderLayer
-from ..cross_attention_step.variants import ELEMENT_BYTES, ROWS_PER_IMAGE, SHAPES, TORCH_DTYPES
+from ..cross_attention_step.variants import ELEMENT_BYTES, ROWS_PER_IMAGE, TORCH_DTYPES, per_decoding_shape
 from ..registry import KernelVariant
 from ..triton_launch import recorded
 from .triton_kernel import self_attention_step
@@ -36,8 +36,9 @@ def _variant(images: int, dtype: str) -> KernelVariant:
     head_dim = d // nhead
     meta = lambda *size, dtype=TORCH_DTYPES[dtype]: torch.empty(*size, device="meta", dtype=dtype)
     with recorded() as launches:
-        self_attention_step(meta(rows, d), layer, meta(rows, nhead, head_dim, MAX_LEN), meta(rows, nhead, MAX_LEN, head_dim),
-                            meta(rows, MAX_LEN, dtype=torch.long), meta((), dtype=torch.long), window)
+        self_attention_step(meta(rows, d), layer, meta(rows, nhead, head_dim, MAX_LEN),
+                            meta(rows, nhead, MAX_LEN, head_dim), meta(rows, MAX_LEN, dtype=torch.long),
+                            meta((), dtype=torch.long), window)
     (launch,) = launches
     # q, k, v, out and query projections (GEMVs), scores and weighted values over the window
     flops = rows * (2 * 5 * d * d + 2 * 2 * nhead * head_dim * window)
@@ -49,7 +50,5 @@ def _variant(images: int, dtype: str) -> KernelVariant:
 def kernel_variants(shapes: str, arch: int) -> List[KernelVariant]:
     """The self-attention step's launch of one layer per image count and dtype of `shapes`
     ("published" or "small"); arch does not change it."""
-    if shapes not in SHAPES:
-        raise ValueError(f"shapes must be one of {sorted(SHAPES)}, got {shapes!r}")
     del arch
-    return [_variant(images, dtype) for images in SHAPES[shapes]["images"] for dtype in SHAPES[shapes]["dtypes"]]
+    return per_decoding_shape(shapes, _variant)
