@@ -30,6 +30,64 @@ class Bottleneck(nn.Module):
         return torch.cat((x, out), dim=1)
 
 
+def conv1x1(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """conv (1x1, stride 1) of x [b, c, h, w] as one GEMM over the channels, channels-last in
+    and out. Why: single-threaded, torch runs a 1x1 convolution on its slow path, which first
+    copies an input that is not contiguous; as a GEMM a channel prefix of a channels-last
+    buffer is read where it lies (rows of a longer stride)."""
+    b, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view when x is channels-last
+    out = F.linear(rows, conv.weight.view(conv.out_channels, c), conv.bias)
+    return out.view(b, h, w, conv.out_channels).permute(0, 3, 1, 2)
+
+
+def _unit_dropout(unit: nn.Module, x: Tensor) -> Tensor:
+    # the public code's units have a use_dropout flag; fastcomer's always have their dropout
+    return unit.dropout(x) if getattr(unit, "use_dropout", True) else x
+
+
+def bottleneck_branch(unit: nn.Module, x: Tensor) -> Tensor:
+    """A Bottleneck's new channels [b, growth, h, w] from its input x (a channel prefix of the
+    block's buffer): the unit's math, its 1x1 convolution as a GEMM (`conv1x1`)."""
+    out = _unit_dropout(unit, F.relu(unit.bn1(conv1x1(x, unit.conv1))))
+    return _unit_dropout(unit, F.relu(unit.bn2(unit.conv2(out))))
+
+
+def is_bottleneck(unit: nn.Module) -> bool:
+    """Whether unit has DenseNet-B's Bottleneck modules (fastcomer's or the public code's)."""
+    return all(isinstance(getattr(unit, name, None), kind) for name, kind in
+               (("conv1", nn.Conv2d), ("bn1", nn.BatchNorm2d), ("conv2", nn.Conv2d), ("bn2", nn.BatchNorm2d)))
+
+
+class DenseBlock(nn.Sequential):
+    """Bottleneck units, each concatenating its new channels to its input. Without autograd
+    the units write into one preallocated channels-last buffer of all the block's channels,
+    each reading the prefix it needs as a view (no concatenation copies: those cost
+    O(units^2) bytes); with autograd, under a compiler or a tracer, the plain units run.
+    Same children and parameter names as an nn.Sequential of the units."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._plain(x):
+            return super().forward(x)
+        b, c, h, w = x.shape
+        total = c + sum(unit.conv2.out_channels for unit in self)
+        buffer = x.new_empty(b, h, w, total).permute(0, 3, 1, 2)
+        buffer[:, :c] = x
+        for unit in self:
+            grown = c + unit.conv2.out_channels
+            buffer[:, c:grown] = bottleneck_branch(unit, buffer[:, :c])
+            c = grown
+        return buffer
+
+    def _plain(self, x: Tensor) -> bool:
+        # A compiler plans the concatenations itself (the buffer's slice writes would be
+        # scatters in its functional graph); autograd must not see the buffer written after
+        # a unit saved its prefix.
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return True
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+
 class Transition(nn.Module):
     """conv1x1 -> BN -> ReLU -> 2x2 average pool (ceil mode)."""
 
@@ -40,7 +98,7 @@ class Transition(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.dropout(F.relu(self.bn1(self.conv1(x))))
+        out = self.dropout(F.relu(self.bn1(conv1x1(x, self.conv1))))
         return F.avg_pool2d(out, 2, ceil_mode=True)
 
 
@@ -51,8 +109,8 @@ class DenseNet(nn.Module):
         self.conv1 = nn.Conv2d(1, channels, kernel_size=7, padding=3, stride=2, bias=False)
         self.norm1 = nn.BatchNorm2d(channels)
 
-        def dense_block(channels: int) -> nn.Sequential:
-            return nn.Sequential(
+        def dense_block(channels: int) -> DenseBlock:
+            return DenseBlock(
                 *(Bottleneck(channels + i * growth_rate, growth_rate) for i in range(num_layers))
             )
 
@@ -124,7 +182,7 @@ class Encoder(nn.Module):
                 f"got {img_mask.dtype} {tuple(img_mask.shape)}"
             )
         feature, mask = self.model(img, img_mask)
-        feature = self.feature_proj(feature).permute(0, 2, 3, 1)
+        feature = conv1x1(feature, self.feature_proj).permute(0, 2, 3, 1)
         # in the features' dtype: float16/bfloat16 models stay in their dtype (the LayerNorm needs it)
         feature = feature + image_position_encoding(mask, self.d_model).to(feature.dtype)
         return self.norm(feature), mask
