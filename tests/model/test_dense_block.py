@@ -1,14 +1,19 @@
 """The encoder's dense blocks computed into one buffer (fastcomer.model.encoder.DenseBlock): the
 same numbers as the plain units' concatenations, no concatenation at all, the same parameter
-names, and the public code's blocks swapped by patch()."""
+names, the public code's blocks swapped by patch(), and in training, gradients equal to
+autograd's with a fraction of the bytes kept for backward."""
+import copy
+
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastcomer import patch, unpatch
-from fastcomer.model.encoder import DenseBlock, DenseNet
+from fastcomer.model.encoder import DenseBlock, DenseNet, bottleneck_branch
 
+from support.asserts import assert_close_rel
 from support.public_comer import standin_lit_comer
 from support.random_models import random_images, random_model
 
@@ -108,3 +113,63 @@ def test_patch_swaps_the_public_dense_blocks():
     torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * want.abs().max().item())
     unpatch(lit)
     assert all(type(getattr(encoder.model, f"dense{i}")) is nn.Sequential for i in (1, 2, 3))
+
+
+def training_block(dropout: float):
+    torch.manual_seed(0)
+    block = DenseNet(growth_rate=6, num_layers=4).double().train().dense1
+    for unit in block:
+        unit.dropout.p = dropout
+    return block, copy.deepcopy(block)
+
+
+def gradients(block, forward, x, upstream, seed=1):
+    torch.manual_seed(seed)
+    out = forward(block, x)
+    return out, torch.autograd.grad((out * upstream).sum(), [x, *block.parameters()])
+
+
+def concatenating(block, x):
+    """The buffer's math with autograd's own concatenations (dropout drawn in the same layouts)."""
+    for unit in block:
+        x = torch.cat((x, bottleneck_branch(unit, x)), dim=1)
+    return x
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_recomputed_gradients_equal_autograds(dropout):
+    block, reference = training_block(dropout)
+    x = torch.rand(3, 12, 9, 13, dtype=torch.float64, requires_grad=True)
+    upstream = torch.rand(3, 12 + 4 * 6, 9, 13, dtype=torch.float64)
+    # without dropout the plain units are the reference; with it, the same math whose dropout
+    # masks are drawn in the buffer path's layouts (the plain units draw theirs in others)
+    plain = nn.Sequential.forward if dropout == 0 else concatenating
+    want, want_grads = gradients(reference, plain, x, upstream)
+    got, got_grads = gradients(block, DenseBlock.__call__, x, upstream)
+    assert got.grad_fn is not None and type(got.grad_fn).__name__ == "_RecomputedBlockBackward"
+    assert_close_rel(got, want, RTOL, "output")
+    for g, w in zip(got_grads, want_grads):
+        assert_close_rel(g, w, RTOL, "gradient")
+    for (name, b), w in zip(block.named_buffers(), reference.buffers()):  # running statistics updated once
+        assert_close_rel(b.double(), w.double(), RTOL, name)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while fn runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_training_keeps_a_fraction_of_the_bytes():
+    block, reference = training_block(0.2)
+    x = torch.rand(2, 12, 16, 24, dtype=torch.float64, requires_grad=True)
+    plain = saved_bytes(lambda: nn.Sequential.forward(reference, x))
+    buffered = saved_bytes(lambda: block(x))
+    assert buffered <= 0.3 * plain, (buffered, plain)
