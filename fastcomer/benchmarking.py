@@ -344,7 +344,8 @@ def engine_row(
         log(f"{label}: reference {seconds:.2f} s, {reference_s[-1] / engine_s[-1]:.1f}x, answers {'identical' if same else 'DIFFER'}")
     # The encoder alone, at the searches' threads: its share of the engine's time per image.
     with torch.inference_mode(), intra_op_threads(search_threads(None)):
-        encoder_s = measure(lambda: model.encoder(img, mask), calls=5, warmup=1)[0] / batch
+        model.encoder(img, mask)  # warm-up
+        encoder_s = statistics.median(timed(lambda: model.encoder(img, mask))[1] for _ in range(5)) / batch
     log(f"{shape[0]}x{shape[1]}: encoder {encoder_s * 1e3:.1f} ms/image of the engine's {statistics.median(engine_s) / batch:.3f} s")
     params = dict(shape=list(shape), images=images, batch=batch, **search, alpha=1.0, early_stopping=False, temperature=1.0,
                   direction="both", backend=parse_request(backend), cuda_graphs=use_cuda_graphs(device, graphs),
