@@ -35,6 +35,7 @@ from .search.engine import beam_search
 from .search.images import decode_images
 from .search.reference import reference_beam_search
 from .shapes import BEAM_SIZE, MAX_LEN
+from .search.threads import intra_op_threads, search_threads
 from .vocab import EOS_IDX, SOS_IDX
 
 SCHEMA = "fastcomer.benchmark/1"
@@ -405,12 +406,18 @@ def engine_row(
         identical &= same
         lengths += [len(h) for h in fast.first_pass_hyps]
         log(f"{label}: reference {seconds:.2f} s, {reference_s[-1] / engine_s[-1]:.1f}x, answers {'identical' if same else 'DIFFER'}")
+    # The encoder alone, at the searches' threads: its share of the engine's time per image.
+    with torch.inference_mode(), intra_op_threads(search_threads(None)):
+        model.encoder(img, mask)  # warm-up
+        encoder_s = statistics.median(timed(lambda: model.encoder(img, mask))[1] for _ in range(5)) / batch
+    log(f"{shape[0]}x{shape[1]}: encoder {encoder_s * 1e3:.1f} ms/image of the engine's {statistics.median(engine_s) / batch:.3f} s")
     params = dict(shape=list(shape), images=images, batch=batch, **search, alpha=1.0, early_stopping=False, temperature=1.0,
                   direction="both", backend=parse_request(backend), cuda_graphs=use_cuda_graphs(device, graphs),
                   model=ENGINE_MODEL, seed=seed)
     medians = {"engine": statistics.median(engine_s) / batch, "reference": statistics.median(reference_s) / batch}
     details = dict(engine_s=engine_s, engine_cold_s=cold_s, reference_s=reference_s, hyp_lengths=lengths,
-                   decoded_length=max(lengths))
+                   decoded_length=max(lengths), encoder_s_per_image=encoder_s,
+                   decoder_s_per_image=medians["engine"] - encoder_s)
     if workers > 1:
         # Both through decode_images, one after the other: one process (this one, warm), then
         # `workers` forked worker processes (their start included, as a caller pays it).
@@ -428,8 +435,13 @@ def engine_row(
         row["floor"] = {"flops_per_image": floor["flops_per_image"],
                         "rates_flop_s": {kind: rate * 1e9 for kind, rate in floor["rates_gflop_s"].items()},
                         "ratio": medians["engine"] / floor["floor_s_per_image"], "details": floor}
+        encoder_floor = floor["encoder_floor_s_per_image"]
+        details.update(encoder_floor_ratio=encoder_s / encoder_floor,
+                       decoder_floor_ratio=(medians["engine"] - encoder_s) / (floor["floor_s_per_image"] - encoder_floor))
         log(f"{shape[0]}x{shape[1]}: engine {row['floor']['ratio']:.2f}x its FLOP floor "
-            f"({floor['floor_s_per_image']:.3f} s/image, {floor['flops_per_image'] / 1e9:.1f} GFLOP per image)")
+            f"({floor['floor_s_per_image']:.3f} s/image, {floor['flops_per_image'] / 1e9:.1f} GFLOP per image); "
+            f"encoder {details['encoder_floor_ratio']:.2f}x its floor ({encoder_floor * 1e3:.1f} ms, "
+            f"{floor['encoder_flops_per_image'] / 1e9:.1f} GFLOP), decoder {details['decoder_floor_ratio']:.2f}x its")
     return row
 
 

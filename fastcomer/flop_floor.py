@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from .model.adapt import as_comer
 from .model.arm import CONV_PADDING, KERNEL_SIZE
 from .search.engine import beam_search
 from .search.rescoring import CONV_ROWS
@@ -25,9 +26,20 @@ CONVOLUTIONS = ("convolution", "_convolution", "conv2d")
 
 def count_flops(model, img: torch.Tensor, mask: torch.Tensor, **search_kwargs) -> Dict[str, int]:
     """FLOPs of `beam_search(model, img, mask, **search_kwargs)` by aten op name."""
+    return flops_of(lambda: beam_search(model, img, mask, **search_kwargs))
+
+
+def flops_of(fn: Callable[[], object]) -> Dict[str, int]:
+    """FLOPs of fn() by aten op name."""
     with FlopCounterMode(display=False) as counter:
-        beam_search(model, img, mask, **search_kwargs)
+        fn()
     return {str(op).split(".")[-1]: int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def seconds_at(by_op: Dict[str, int], rates: Dict[str, float]) -> float:
+    """Seconds of the FLOPs by_op at the rates: convolutions at the conv rate, the rest at the matmul rate."""
+    conv = sum(n for op, n in by_op.items() if op in CONVOLUTIONS)
+    return conv / rates["conv"] + (sum(by_op.values()) - conv) / rates["matmul"]
 
 
 def best_rate(fn: Callable[[], object], flops: float, repeats: int = 5) -> float:
@@ -68,22 +80,24 @@ def measure_rates(model, height: int, width: int) -> Dict[str, float]:
 def flop_floor(model, img: torch.Tensor, mask: torch.Tensor, threads=None, **search_kwargs) -> Dict:
     """The floor of the engine's search of img [b, 1, H, W] per image on this machine:
     {"flops_per_image", "flops_by_op" (per image), "rates_gflop_s" {"conv", "matmul"},
-    "floor_s_per_image", "threads"}; FLOPs of convolutions count at the conv rate, all
-    others at the matmul rate. CPU models only."""
+    "floor_s_per_image", "encoder_flops_per_image", "encoder_floor_s_per_image" (the
+    encoder's share: its own FLOPs at the same rates), "threads"}; FLOPs of convolutions
+    count at the conv rate, all others at the matmul rate. CPU models only."""
     if img.device.type != "cpu":
         raise ValueError(f"flop_floor measures CPU rates: img must be on the CPU, got {img.device}")
     threads = search_threads(threads)
     images = img.shape[0]
     with torch.inference_mode(), intra_op_threads(threads):
         by_op = count_flops(model, img, mask, threads=threads, **search_kwargs)
+        encoder_by_op = flops_of(lambda: as_comer(model).encoder(img, mask))
         rates = measure_rates(model, img.shape[-2], img.shape[-1])
-    conv = sum(n for op, n in by_op.items() if op in CONVOLUTIONS)
-    other = sum(by_op.values()) - conv
-    floor_s = conv / rates["conv"] + other / rates["matmul"]
+    floor_s = seconds_at(by_op, rates)
     return {
         "flops_per_image": sum(by_op.values()) / images,
         "flops_by_op": {op: n / images for op, n in sorted(by_op.items())},
         "rates_gflop_s": {kind: rate / 1e9 for kind, rate in rates.items()},
         "floor_s_per_image": floor_s / images,
+        "encoder_flops_per_image": sum(encoder_by_op.values()) / images,
+        "encoder_floor_s_per_image": seconds_at(encoder_by_op, rates) / images,
         "threads": threads,
     }

@@ -8,7 +8,9 @@ parameters, so the state dict, the optimiser's parameter list, the training flag
 ARM's BatchNorm buffers are unchanged. Every public-code `CoMER` in the model (a
 `LitCoMER`'s `comer_model` too) gets a `beam_search` that runs `fastcomer.beam_search`
 over its own tensors; `LitCoMER.approximate_joint_search`, which calls it, is then fast
-without a line changed.
+without a line changed. Every public-code `DenseNet` dense block (an nn.Sequential of
+Bottleneck units) becomes a `DenseBlock` over the same units (same parameter names), which
+computes into one buffer instead of concatenating.
 """
 from typing import List
 
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from .model.adapt import is_comer_like
 from .model.attention import MultiheadAttention
+from .model.encoder import DenseBlock, DenseNet, is_bottleneck
 from .model.comer import CoMER
 from .modules import CoMERFusedARMAttention, FusedARMAttention
 from .ops.dispatch import BackendRequest, parse_request
@@ -59,10 +62,25 @@ def _public_comers(model: nn.Module):
             yield module
 
 
+def _dense_blocks(model: nn.Module):
+    """(owner, name, block) of every DenseNet dense block made of Bottleneck units in model."""
+    for module in model.modules():
+        if type(module).__name__ == "DenseNet":
+            for name, block in module.named_children():
+                if isinstance(block, nn.Sequential) and len(block) and all(is_bottleneck(u) for u in block):
+                    yield module, name, block
+
+
+def _swap_block(owner: nn.Module, name: str, block: nn.Sequential, kind: type) -> None:
+    swapped = kind(*block)  # the same unit modules, so the same parameters and names
+    swapped.training = block.training
+    setattr(owner, name, swapped)
+
+
 def patch(model: nn.Module, backend: BackendRequest = None) -> nn.Module:
     """Fuse every decoder layer's cross-attention (with its ARM) in place and route the public
-    code's `CoMER.beam_search` (so `LitCoMER.approximate_joint_search`) to fastcomer's engine;
-    returns the model.
+    code's `CoMER.beam_search` (so `LitCoMER.approximate_joint_search`) to fastcomer's engine,
+    and its DenseNet's dense blocks to `DenseBlock`s (the same units); returns the model.
 
     backend: 'auto' (Triton on CUDA float32/16/bf16 tensors, the plain path otherwise),
     'triton' or 'torch'; None reads FASTCOMER_BACKEND at each call. The engine's searches
@@ -86,6 +104,9 @@ def patch(model: nn.Module, backend: BackendRequest = None) -> nn.Module:
         raise ValueError("patch() found no CoMER TransformerDecoderLayer with a multihead_attn in the model")
     for module in _public_comers(model):
         module.beam_search = EngineBeamSearch(module, backend)  # an instance attribute: the class is untouched
+    for owner, name, block in list(_dense_blocks(model)):
+        if not isinstance(block, DenseBlock):
+            _swap_block(owner, name, block, DenseBlock)
     return model
 
 
@@ -102,4 +123,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for module in _public_comers(model):
         if isinstance(module.__dict__.get("beam_search"), EngineBeamSearch):
             del module.__dict__["beam_search"]
+    for owner, name, block in list(_dense_blocks(model)):
+        if isinstance(block, DenseBlock) and not isinstance(owner, DenseNet):  # fastcomer's own keep theirs
+            _swap_block(owner, name, block, nn.Sequential)
     return model

@@ -22,3 +22,14 @@ def test_floor_counts_per_image_and_divides_by_the_rates():
     expected = conv / (rates["conv"] * 1e9) + (one["flops_per_image"] - conv) / (rates["matmul"] * 1e9)
     assert one["floor_s_per_image"] == pytest.approx(expected)
     assert one["threads"] == 1
+
+
+def test_encoder_share_of_the_floor():
+    model = random_model(2, dtype=torch.float32)
+    img, mask = random_images(0, [(32, 48)], dtype=torch.float32)
+    floor = flop_floor(model, img, mask, beam_size=2, max_len=4)
+    # the encoder's FLOPs are part of the search's, at the same rates
+    assert 0 < floor["encoder_flops_per_image"] < floor["flops_per_image"]
+    assert 0 < floor["encoder_floor_s_per_image"] < floor["floor_s_per_image"]
+    slowest = 1e9 * min(floor["rates_gflop_s"].values())
+    assert floor["encoder_floor_s_per_image"] <= floor["encoder_flops_per_image"] / slowest * (1 + 1e-9)

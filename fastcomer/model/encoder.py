@@ -1,7 +1,7 @@
 """CoMER's image encoder: DenseNet-B, 1x1 feature projection, 2-D sine position
 encoding, LayerNorm. Module and parameter names follow CoMER's checkpoints."""
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,136 @@ class Bottleneck(nn.Module):
         return torch.cat((x, out), dim=1)
 
 
+def conv1x1(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """conv (1x1, stride 1) of x [b, c, h, w] as one GEMM over the channels, channels-last in
+    and out. Why: single-threaded, torch runs a 1x1 convolution on its slow path, which first
+    copies an input that is not contiguous; as a GEMM a channel prefix of a channels-last
+    buffer is read where it lies (rows of a longer stride)."""
+    b, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view when x is channels-last
+    out = F.linear(rows, conv.weight.view(conv.out_channels, c), conv.bias)
+    return out.view(b, h, w, conv.out_channels).permute(0, 3, 1, 2)
+
+
+def _unit_dropout(unit: nn.Module, x: Tensor) -> Tensor:
+    # the public code's units have a use_dropout flag; fastcomer's always have their dropout
+    return unit.dropout(x) if getattr(unit, "use_dropout", True) else x
+
+
+def _batch_norm(bn: nn.BatchNorm2d, x: Tensor, update_stats: bool) -> Tensor:
+    if update_stats or not bn.training:
+        return bn(x)
+    # a recomputation in training: the same batch statistics, the running ones left as they are
+    return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+
+
+def bottleneck_branch(unit: nn.Module, x: Tensor, update_stats: bool = True) -> Tensor:
+    """A Bottleneck's new channels [b, growth, h, w] from its input x (a channel prefix of the
+    block's buffer): the unit's math, its 1x1 convolution as a GEMM (`conv1x1`).
+    update_stats=False: BatchNorm in training mode does not update its running statistics."""
+    out = _unit_dropout(unit, F.relu(_batch_norm(unit.bn1, conv1x1(x, unit.conv1), update_stats)))
+    return _unit_dropout(unit, F.relu(_batch_norm(unit.bn2, unit.conv2(out), update_stats)))
+
+
+def is_bottleneck(unit: nn.Module) -> bool:
+    """Whether unit has DenseNet-B's Bottleneck modules (fastcomer's or the public code's)."""
+    return all(isinstance(getattr(unit, name, None), kind) for name, kind in
+               (("conv1", nn.Conv2d), ("bn1", nn.BatchNorm2d), ("conv2", nn.Conv2d), ("bn2", nn.BatchNorm2d)))
+
+
+def _fill_buffer(units: nn.Sequential, x: Tensor, rng_states: Optional[list] = None) -> Tensor:
+    """The block's output: x and every unit's new channels in one channels-last buffer, each
+    unit reading the channel prefix before it as a view. rng_states: a list that receives the
+    random generator's state before each unit (to replay its dropout)."""
+    b, c, h, w = x.shape
+    total = c + sum(unit.conv2.out_channels for unit in units)
+    buffer = x.new_empty(b, h, w, total).permute(0, 3, 1, 2)
+    buffer[:, :c] = x
+    for unit in units:
+        if rng_states is not None:
+            rng_states.append(_rng_state(x.device))
+        grown = c + unit.conv2.out_channels
+        buffer[:, c:grown] = bottleneck_branch(unit, buffer[:, :c])
+        c = grown
+    return buffer
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _dropout_active(units: nn.Sequential) -> bool:
+    return any(unit.dropout.training and unit.dropout.p > 0 and getattr(unit, "use_dropout", True) for unit in units)
+
+
+class _RecomputedBlock(torch.autograd.Function):
+    """A dense block for autograd that keeps for backward only its output buffer (which the
+    next layer keeps anyway): no unit's BatchNorm-ReLU outputs, no concatenations. Backward
+    recomputes each unit from its prefix of the buffer (its dropout replayed from the random
+    state saved before it), last unit first, accumulating the prefix's gradient in place
+    (memory-efficient DenseNet, Pleiss et al. 2017)."""
+
+    @staticmethod
+    def forward(ctx, units: nn.Sequential, x: Tensor, *params: Tensor) -> Tensor:
+        ctx.units, ctx.width = units, x.shape[1]
+        ctx.rng_states = [] if _dropout_active(units) else None
+        buffer = _fill_buffer(units, x, ctx.rng_states)
+        ctx.save_for_backward(buffer)
+        return buffer
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        (buffer,) = ctx.saved_tensors
+        units, device = ctx.units, buffer.device
+        grad_buffer = torch.empty_like(buffer)  # channels-last, as the buffer
+        grad_buffer.copy_(grad)
+        param_grads = {}
+        ends = [ctx.width]
+        for unit in units:
+            ends.append(ends[-1] + unit.conv2.out_channels)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=ctx.rng_states is not None):
+            for i in reversed(range(len(units))):
+                unit, c, grown = units[i], ends[i], ends[i + 1]
+                if ctx.rng_states is not None:
+                    _set_rng_state(device, ctx.rng_states[i])
+                wanted = [p for p in unit.parameters() if p.requires_grad]
+                with torch.enable_grad():
+                    prefix = buffer[:, :c].detach().requires_grad_()
+                    out = bottleneck_branch(unit, prefix, update_stats=False)
+                    grads = torch.autograd.grad(out, [prefix, *wanted], grad_buffer[:, c:grown])
+                grad_buffer[:, :c] += grads[0]
+                param_grads.update(zip(map(id, wanted), grads[1:]))
+        params = [p for unit in units for p in unit.parameters()]
+        return (None, grad_buffer[:, :ctx.width], *(param_grads.get(id(p)) for p in params))
+
+
+class DenseBlock(nn.Sequential):
+    """Bottleneck units, each concatenating its new channels to its input, computed into one
+    preallocated channels-last buffer of all the block's channels, each unit reading the
+    prefix it needs as a view (no concatenation copies: those cost O(units^2) bytes). With
+    autograd, backward recomputes the units instead of keeping their intermediate outputs
+    (`_RecomputedBlock`); under a compiler or a tracer the plain units run. Same children and
+    parameter names as an nn.Sequential of the units."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        # A compiler plans the concatenations itself (the buffer's slice writes would be
+        # scatters in its functional graph).
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return super().forward(x)
+        params = [p for p in self.parameters()]
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return _RecomputedBlock.apply(self, x, *params)
+        return _fill_buffer(self, x)
+
+
 class Transition(nn.Module):
     """conv1x1 -> BN -> ReLU -> 2x2 average pool (ceil mode)."""
 
@@ -40,7 +170,7 @@ class Transition(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.dropout(F.relu(self.bn1(self.conv1(x))))
+        out = self.dropout(F.relu(self.bn1(conv1x1(x, self.conv1))))
         return F.avg_pool2d(out, 2, ceil_mode=True)
 
 
@@ -51,8 +181,8 @@ class DenseNet(nn.Module):
         self.conv1 = nn.Conv2d(1, channels, kernel_size=7, padding=3, stride=2, bias=False)
         self.norm1 = nn.BatchNorm2d(channels)
 
-        def dense_block(channels: int) -> nn.Sequential:
-            return nn.Sequential(
+        def dense_block(channels: int) -> DenseBlock:
+            return DenseBlock(
                 *(Bottleneck(channels + i * growth_rate, growth_rate) for i in range(num_layers))
             )
 
@@ -124,7 +254,7 @@ class Encoder(nn.Module):
                 f"got {img_mask.dtype} {tuple(img_mask.shape)}"
             )
         feature, mask = self.model(img, img_mask)
-        feature = self.feature_proj(feature).permute(0, 2, 3, 1)
+        feature = conv1x1(feature, self.feature_proj).permute(0, 2, 3, 1)
         # in the features' dtype: float16/bfloat16 models stay in their dtype (the LayerNorm needs it)
         feature = feature + image_position_encoding(mask, self.d_model).to(feature.dtype)
         return self.norm(feature), mask

@@ -36,6 +36,9 @@ def test_bench_writes_the_schema(tmp_path, capsys):
     assert row["benchmark"] == "engine" and row["name"] == "32x64 max_len=4 batch=1" and row["checks"]["identical"]
     assert row["params"]["shape"] == [32, 64] and row["params"]["beam_size"] == 2 and row["params"]["max_len"] == 4
     assert set(row["medians_s"]) == {"engine", "reference"} and row["details"]["decoded_length"] <= 4
+    details = row["details"]  # the encoder's time and floor apart from the decoder's
+    assert 0 < details["encoder_s_per_image"] < row["medians_s"]["engine"]
+    assert details["encoder_floor_ratio"] > 0 and details["decoder_floor_ratio"] > 0
     assert report["command"].startswith("fastcomer bench --shape 32x64") and report["environment"]["threads"] == torch.get_num_threads()
     assert "| 32x64 | 4 | 1 |" in capsys.readouterr().out
 

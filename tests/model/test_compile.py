@@ -32,8 +32,10 @@ def test_compiled_training_forward_matches_eager():
     torch.testing.assert_close(compiled_bn.running_var, bn.running_var)
     want_grads = torch.autograd.grad(model(img, img_mask, tgt).square().sum(), list(model.parameters()))
     got_grads = torch.autograd.grad(compiled(img, img_mask, tgt).square().sum(), list(compiled_model.parameters()))
+    # eager's dense blocks recompute their units in backward, the compiled ones run the plain
+    # units: float32 sums in other orders, so the absolute tolerance grows with a gradient's scale
     for got, want in zip(got_grads, want_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()))
 
 
 def test_export_eval_model_matches_eager():
