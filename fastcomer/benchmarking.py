@@ -34,8 +34,8 @@ from .ops.dispatch import BackendRequest, parse_request, use_cuda_graphs
 from .search.engine import beam_search
 from .search.images import decode_images
 from .search.reference import reference_beam_search
-from .shapes import BEAM_SIZE, MAX_LEN
 from .search.threads import intra_op_threads, search_threads
+from .shapes import BEAM_SIZE, MAX_LEN
 from .vocab import EOS_IDX, SOS_IDX
 
 SCHEMA = "fastcomer.benchmark/1"
