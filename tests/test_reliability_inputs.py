@@ -14,7 +14,7 @@ import pytest
 import torch
 
 PIL = pytest.importorskip("PIL.Image")
-from PIL import Image, ImageOps  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from fastcomer import beam_search, decode_images, greedy_search, load_comer, prepare_image, recognize  # noqa: E402
 from fastcomer import reference_beam_search  # noqa: E402
@@ -455,7 +455,7 @@ def image_files(draw):
     return mask, (mode, fmt, ink, transparent, orientation), cut
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(image_files())
 def test_generated_image_files_read_as_their_strokes(tmp_path_factory, drawn):
     mask, how, cut = drawn
