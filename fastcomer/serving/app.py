@@ -100,7 +100,7 @@ class Service:
         for i, data in enumerate(bodies):
             image = open_image(data, i, self.settings.max_pixels)
             try:
-                images.append(prepare_image(image))
+                images.append(prepare_image(image, max_pixels=self.settings.max_pixels))
             except (ValueError, TypeError, OSError) as err:
                 raise Problem(400, f"image {i}: {err}") from None
         return images
@@ -108,7 +108,8 @@ class Service:
     def _recognize_alone(self, bodies: List[bytes], beam_size: int, max_len: int) -> List[Hypothesis]:
         """The server a user writes today: fastcomer.recognize per request."""
         images = [open_image(data, i, self.settings.max_pixels) for i, data in enumerate(bodies)]
-        results = recognize(self.model, images, beam_size=beam_size, max_len=max_len, details=True)
+        results = recognize(self.model, images, beam_size=beam_size, max_len=max_len, details=True,
+                            max_pixels=self.settings.max_pixels)
         for i, result in enumerate(results):
             if result.error is not None:
                 raise Problem(400, f"image {i}: {result.error}")
