@@ -39,8 +39,8 @@ class LayerNorm(NamedTuple):
 
 
 class Attention(NamedTuple):
-    in_proj_weight: Tensor  # [3d, d]
-    in_proj_bias: Tensor
+    in_proj_weight: Optional[Tensor]  # [3d, d]
+    in_proj_bias: Optional[Tensor]
     out_proj: Optional[Linear]
     num_heads: int
 

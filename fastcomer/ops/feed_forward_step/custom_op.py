@@ -42,10 +42,10 @@ class FeedForwardWeights(NamedTuple):
                    layer.linear1.bias, layer.linear2.weight, layer.linear2.bias, norm3.weight, norm3.bias, norm3.eps)
 
     def layer(self) -> DecoderLayer:
-        # the cross-attention's in projection and heads are not read: its out projection alone
+        # of the cross-attention the step reads its out projection alone
         out_proj = Linear(self.out_proj_weight, self.out_proj_bias)
         return DecoderLayer(
-            multihead_attn=Attention(None, None, out_proj, 1),
+            multihead_attn=Attention(None, None, out_proj, num_heads=1),
             norm2=LayerNorm(self.norm2_weight, self.norm2_bias, self.norm2_eps),
             norm3=LayerNorm(self.norm3_weight, self.norm3_bias, self.norm3_eps),
             linear1=Linear(self.linear1_weight, self.linear1_bias),
