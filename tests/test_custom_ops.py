@@ -1,7 +1,8 @@
 """The fused ops as torch.library custom ops, checked at the fake level on the CPU (shapes
 only, no kernel runs): a patched decoder traces as one graph, with each fused cross-attention
 one `fastcomer::arm_attention` node (and its backward one `arm_attention_backward` node), and
-the engine's step on a kernel backend one `fastcomer::cross_attention_step` node per layer. The
+the engine's step on the kernel backends one node per op per layer (`fastcomer::self_attention_step`,
+`cross_attention_step`, `feed_forward_step`). The
 plain-PyTorch backend (patch(backend='torch')) traces into ordinary operations."""
 import pytest
 import torch
@@ -86,15 +87,16 @@ def test_arm_attention_op_fake_forward_and_backward():
     assert [g.shape for g in grads] == [x.shape for x in (q, k, v, prev)]
 
 
-def test_cross_attention_step_kernel_backend_is_one_node_per_layer():
+def test_decoding_step_kernel_backends_are_one_node_per_op_per_layer():
     model = tiny_model()
     img, img_mask, _ = tiny_batch()
     with torch.no_grad():
         feature, mask = model.encoder(img, img_mask)
         b, h, w, _ = feature.shape
-        plan = DispatchPlan((("self_attention_step", "torch"), ("cross_attention_step", "cuda"),
-                             ("feed_forward_step", "torch"), ("beam_scorer_step", "torch")), torch.float32, False)
+        plan = DispatchPlan((("self_attention_step", "triton"), ("cross_attention_step", "cuda"),
+                             ("feed_forward_step", "triton"), ("beam_scorer_step", "triton")), torch.float32, False)
         state = DecodingState(model.decoder, b, 1, h, w, 4, feature.dtype, feature.device, plan)
         state.start(feature, mask, torch.tensor([1, 2]))
         gm = capture(state.step, 4)
-    assert op_calls(gm, "fastcomer.cross_attention_step") == TINY["num_decoder_layers"]
+    for op in ("self_attention_step", "cross_attention_step", "feed_forward_step"):
+        assert op_calls(gm, f"fastcomer.{op}") == TINY["num_decoder_layers"], op

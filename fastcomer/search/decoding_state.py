@@ -30,8 +30,8 @@ from ..model.arm import FoldedARM, folded_copy
 from ..ops.cross_attention_step.custom_op import cross_attention_step_op  # kernels: one custom op when traced
 from ..ops.cross_attention_step.launch import refresh_prepared_weights
 from ..ops.dispatch import DispatchPlan
-from ..ops.feed_forward_step import feed_forward_step
-from ..ops.self_attention_step import self_attention_step
+from ..ops.feed_forward_step.custom_op import feed_forward_step_op
+from ..ops.self_attention_step.custom_op import self_attention_step_op
 from ..vocab import PAD_IDX
 
 # With CUDA graphs prefix windows are multiples of this: at most WINDOW_STEP - 1 wasted
@@ -234,8 +234,8 @@ class DecodingState:
         x = decoder.norm(decoder.word_embed(newest) + encoding)
         returned = None  # the attention the previous layer returned at this step
         for j, layer in enumerate(decoder.model.layers):
-            x, q = self_attention_step(x, layer, self.self_keys[j], self.self_values[j], self.tokens, self.position,
-                                       window, backend=plan["self_attention_step"])
+            x, q = self_attention_step_op(x, layer, self.self_keys[j], self.self_values[j], self.tokens,
+                                          self.position, window, backend=plan["self_attention_step"])
             coverage = None if self.coverage is None or j == 0 else self.coverage[j - 1]
             k, v = self.memory_kv[j]
             out, returned = cross_attention_step_op(
@@ -244,5 +244,5 @@ class DecodingState:
                 rows_per_image=self.group,
                 index_checked=True,  # built by skip_slots: each row reads its slot's image, or -1
             )
-            x = feed_forward_step(x, out.reshape(self.rows, -1), layer, backend=plan["feed_forward_step"])
+            x = feed_forward_step_op(x, out.reshape(self.rows, -1), layer, backend=plan["feed_forward_step"])
         return decoder.proj(x)

@@ -11,7 +11,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.beam_scorer_step import FinishedLists, beam_scorer_step
+from ..ops.beam_scorer_step import FinishedLists
+from ..ops.beam_scorer_step.custom_op import beam_scorer_step_op
 from ..ops.dispatch import DispatchPlan
 from ..vocab import EOS_IDX, SOS_IDX
 from .cuda_graphs import StepGraphs
@@ -97,8 +98,8 @@ class SearchSlots:
         """The beam scorer's step of every search (`ops.beam_scorer_step`): beam scores, done flags
         and finished lists updated in place; returns (parents, next_tokens) of the rows."""
         state = self.state
-        return beam_scorer_step(logits, self.temperature, self.beam_scores, self.done, self.end_token, self.finished,
-                                state.tokens, state.position, backend=state.plan["beam_scorer_step"])
+        return beam_scorer_step_op(logits, self.temperature, self.beam_scores, self.done, self.end_token, self.finished,
+                                   state.tokens, state.position, backend=state.plan["beam_scorer_step"])
 
     def item_positions(self) -> Tensor:
         """The index of each search's newest token: one for all (0-dim), the searches having

@@ -10,7 +10,7 @@ device (the scheduler's plan says so: `Scheduler` refuses a request forcing it e
 import torch
 from torch import Tensor
 
-from ..ops.beam_scorer_step import beam_scorer_step
+from ..ops.beam_scorer_step.custom_op import beam_scorer_step_op
 from ..search.search_slots import SearchSlots
 from ..vocab import EOS_IDX, SOS_IDX
 
@@ -49,5 +49,5 @@ class InFlightSlots(SearchSlots):
 
     def score(self, logits: Tensor):
         """The beam scorer's step with each search's own length (the plan's torch scorer)."""
-        return beam_scorer_step(logits, self.temperature, self.beam_scores, self.done, self.end_token, self.finished,
-                                self.state.tokens, self.item_positions(), backend=self.state.plan["beam_scorer_step"])
+        return beam_scorer_step_op(logits, self.temperature, self.beam_scores, self.done, self.end_token, self.finished,
+                                   self.state.tokens, self.item_positions(), backend=self.state.plan["beam_scorer_step"])

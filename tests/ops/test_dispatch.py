@@ -20,10 +20,10 @@ CPU_FLOAT32 = torch.zeros(1)
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_every_op_package_keeps_the_contract(name):
     """The entry, a module per backend with a function named after the op, the custom op under
-    the op's name; torch (the reference) is the last of auto's preferences."""
+    the op's name, the report's variants; torch (the reference) is the last of auto's preferences."""
     op = OPS[name]
     files = {path.name for path in (OPS_DIR / name).glob("*.py")}
-    assert {"__init__.py", "reference.py", "triton_kernel.py"} <= files, files
+    assert {"__init__.py", "reference.py", "triton_kernel.py", "custom_op.py", "variants.py"} <= files, files
     assert ("cuda_kernel.py" in files) == ("cuda" in op.backends)
     assert op.backends[-1] == "torch" and len(set(op.backends)) == len(op.backends)
     assert callable(op.entry()) and op.entry().__name__ == name
@@ -33,9 +33,11 @@ def test_every_op_package_keeps_the_contract(name):
         source = (OPS_DIR / name / f"{BACKEND_MODULES[backend]}.py").read_text()
         assert f"\ndef {name}(" in source, f"{name}/{BACKEND_MODULES[backend]}.py defines no {name}()"
     assert callable(op.implementation("torch"))
-    if (OPS_DIR / name / "custom_op.py").exists():
-        importlib.import_module(f"{op.package}.custom_op")
-        assert hasattr(torch.ops.fastcomer, name), f"torch.ops.fastcomer.{name} is not registered"
+    importlib.import_module(f"{op.package}.custom_op")
+    assert hasattr(torch.ops.fastcomer, name), f"torch.ops.fastcomer.{name} is not registered"
+    # a torch.library.custom_op with a registered fake (its default fake only raises)
+    assert torch._library.custom_ops.OPDEFS[op.custom_op]._abstract_fn is not None, \
+        f"{op.custom_op} has no fake implementation"
 
 
 @pytest.mark.parametrize("name", sorted(OPS))

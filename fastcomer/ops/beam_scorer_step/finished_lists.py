@@ -16,6 +16,8 @@ from torch import Tensor
 from ...vocab import PAD_IDX
 
 FIELDS = ("score", "stamp", "length", "tokens", "count")
+# Every tensor of the lists' state: the fields, the insertion clock and the length penalties.
+STATE = FIELDS + ("clock", "penalty")
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -55,6 +57,22 @@ class FinishedLists:
         self.penalty = torch.tensor([1.0] + [length_penalty(n, alpha) for n in range(1, max_len + 1)], dtype=torch.float64,
                                     device=device)
         self.clear()
+
+    @classmethod
+    def over(cls, state: Sequence[Tensor], early_stopping: bool) -> "FinishedLists":
+        """Lists whose state (the tensors named in STATE, in that order) is `state`: updates
+        write into those tensors (the beam scorer's custom op rebuilds its lists so)."""
+        if len(state) != len(STATE):
+            raise ValueError(f"finished lists: {len(STATE)} state tensors ({', '.join(STATE)}) expected, got {len(state)}")
+        lists = cls.__new__(cls)
+        for name, tensor in zip(STATE, state):
+            setattr(lists, name, tensor)
+        lists.beam_size, lists.early_stopping = lists.score.shape[1] - 1, early_stopping
+        return lists
+
+    def state(self) -> Tuple[Tensor, ...]:
+        """The tensors named in STATE, in that order."""
+        return tuple(getattr(self, name) for name in STATE)
 
     def clear(self, items: Optional[Tensor] = None) -> None:
         """Empty every list, or those of `items` (an index tensor: searches that start in
