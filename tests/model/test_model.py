@@ -6,6 +6,7 @@ from fastcomer import CoMER, reference_beam_search, vocab
 from fastcomer.vocab import EOS_IDX, PAD_IDX, SOS_IDX
 
 from support.asserts import assert_close_rel
+from support.tolerances import RTOL, RTOL_SAME_MATH_FLOAT64
 from support.markers import requires_gpu
 
 SMALL = dict(d_model=32, growth_rate=4, num_layers=2, nhead=4, num_decoder_layers=3, dim_feedforward=48, dc=8)
@@ -46,8 +47,8 @@ def test_masked_batchnorm_statistics_in_training():
         assert x.shape == (unmasked, SMALL["nhead"])
         mean = 0.9 * mean + 0.1 * x.mean(0)
         var = 0.9 * var + 0.1 * x.var(0, unbiased=True)
-    assert_close_rel(bn.running_mean, mean, 1e-12, "running_mean")
-    assert_close_rel(bn.running_var, var, 1e-12, "running_var")
+    assert_close_rel(bn.running_mean, mean, RTOL_SAME_MATH_FLOAT64, "running_mean")
+    assert_close_rel(bn.running_var, var, RTOL_SAME_MATH_FLOAT64, "running_var")
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -65,10 +66,10 @@ def test_padding_invariance(training, coverage):
     big_mask[:, :h, :w] = mask
     big_logits, big_attns = model.decoder(big, big_mask, tgt, return_attention=True)
     real = tgt != PAD_IDX
-    assert_close_rel(big_logits[real], logits[real], 1e-12, "logits")
+    assert_close_rel(big_logits[real], logits[real], RTOL_SAME_MATH_FLOAT64, "logits")
     for attn, big_attn in zip(attns, big_attns):
         big_attn = big_attn.view(-1, tgt.shape[1], h + 2, w + 3)[:, :, :h, :w].reshape(attn.shape)
-        assert_close_rel(big_attn, attn, 1e-12, "attention")
+        assert_close_rel(big_attn, attn, RTOL_SAME_MATH_FLOAT64, "attention")
 
 
 def test_dropout_only_in_training():
@@ -93,12 +94,13 @@ def test_float32_model_matches_float64(golden, golden_model):
     with torch.no_grad():
         logits = model32.decoder(feature, mask, golden["tgt"])
     assert logits.dtype == torch.float32
-    assert_close_rel(logits, golden["logits_eval"], 1e-5, "float32 logits")
+    assert_close_rel(logits, golden["logits_eval"], RTOL[torch.float32], "float32 logits")
 
 
 @requires_gpu
-@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
-def test_cuda_matches_golden(golden, golden_model, dtype, rtol):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_matches_golden(golden, golden_model, dtype):
+    rtol = RTOL[dtype]
     model = golden_model.to("cuda", dtype)
     with torch.no_grad():
         logits = model(golden["imgs"].to("cuda", dtype), golden["img_mask"].cuda(), golden["tgt"].cuda())

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fastcomer.shapes import DC, HEAD_DIM, NHEAD, TRAIN_BATCH as BATCH
 from support.asserts import assert_close_rel, assert_gradients_close
-from support.tolerances import GRADIENT_FLOOR, RTOL, RTOL_FLOAT32_CHAIN, RTOL_FLOAT32_GOLDEN
+from support.tolerances import GRADIENT_FLOOR, RTOL, RTOL_ARM_LAYER, RTOL_FLOAT32_CHAIN, RTOL_FLOAT32_GOLDEN
 
 from support.markers import requires_gpu
 
@@ -36,13 +36,11 @@ def test_float32_matches_plain_path(coverage, training, t, h, w):
     check_layer(BATCH, t, h, w, coverage, training, NHEAD, HEAD_DIM, DC, RTOL[torch.float32], device="cuda")
 
 
-@pytest.mark.parametrize("dtype, precision, rtol", [
-    (torch.float32, "tf32", 5e-3), (torch.float16, "ieee", 5e-3), (torch.bfloat16, "ieee", 4e-2),
-])
-def test_reduced_precision(dtype, precision, rtol):
+@pytest.mark.parametrize("dtype, precision", list(RTOL_ARM_LAYER))
+def test_reduced_precision(dtype, precision):
     from support.arm_cases import check_layer
 
-    check_layer(BATCH, 32, 16, 64, "both", True, NHEAD, HEAD_DIM, DC, rtol, device="cuda", dtype=dtype,
+    check_layer(BATCH, 32, 16, 64, "both", True, NHEAD, HEAD_DIM, DC, RTOL_ARM_LAYER[dtype, precision], device="cuda", dtype=dtype,
                 precision=precision)
 
 

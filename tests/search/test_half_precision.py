@@ -10,12 +10,12 @@ from fastcomer import beam_search, greedy_search, reference_beam_search
 from fastcomer.vocab import SOS_IDX
 
 from support.random_models import random_images, random_model
+from support.tolerances import HALF_SEARCH_SCORE_RTOL as SCORE_RTOL
 
 HALF = [torch.float16, torch.bfloat16]
 # bfloat16 keeps 8 bits of mantissa: relative errors ~1e-2 through the network; a margin of
 # 0.5 nats between the float32 model's best choice and the next is far beyond them.
 MARGIN = 0.5
-SCORE_RTOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 # Random models and images whose float32 answers win by more than MARGIN (checked below)
 SEEDS = (0, 4, 6)
 SIZE = (16, 32)

@@ -11,6 +11,7 @@ from fastcomer import beam_search
 from fastcomer.serving import QueueFull, Scheduler, SchedulerClosed
 from fastcomer.serving.scheduler import RunningSet
 from support.random_models import random_model
+from support.tolerances import RTOL
 
 SIZES = [(32, 48), (16, 80), (48, 32), (20, 20), (33, 65), (16, 16), (64, 40), (17, 33)]
 SETTINGS = [dict(beam_size=3, max_len=16), dict(beam_size=3, max_len=7), dict(beam_size=2, max_len=10),
@@ -63,7 +64,7 @@ def test_answers_equal_decoding_alone(seed, dtype):
         answers = run_schedule(scheduler, imgs, SETTINGS, JOIN_AT)
     finally:
         scheduler.close()
-    rel = 1e-9 if dtype == torch.float64 else 1e-5
+    rel = RTOL[dtype]
     for want, got in zip(expected, answers):
         assert got.seq == want.seq
         assert got.score == pytest.approx(want.score, rel=rel, abs=rel)

@@ -28,6 +28,16 @@ RTOL_SAME_MATH_FLOAT64 = 1e-12
 # The golden file's scores (first pass, final): float32 roundings of float64 sums.
 RTOL_GOLDEN_SCORES = 1e-6
 
+# A whole search in half precision against float32 (scores summed over every step; bfloat16
+# keeps 8 bits of mantissa).
+HALF_SEARCH_SCORE_RTOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+# The fused ARM layer with float16/bfloat16 inputs or TF32 matmuls (float32 accumulation and
+# coverage), forward, statistics and gradients against float64, at the published shapes (GPU)
+# and on the interpreter's small shapes (fewer, shorter sums: tighter).
+RTOL_ARM_LAYER = {(torch.float32, "tf32"): 5e-3, (torch.float16, "ieee"): 5e-3, (torch.bfloat16, "ieee"): 4e-2}
+RTOL_ARM_LAYER_SMALL_FLOAT16 = 2e-3
+
 # The floor's factor: a few roundings per summed term (the product, the partial sum, the
 # input's own rounding to dtype).
 FLOOR_FACTOR = 4
