@@ -4,7 +4,9 @@ A program holds its item's beam_size x vocab candidate scores in registers (log-
 each row plus the beam's score), picks the top 2 x beam_size of them one at a time (ties:
 lower flat index first), then offers the ended ones among the first beam_size to the
 item's finished list in rank order, as CoMER adds them one by one (eviction of the worst
-entry, ties: oldest first), and writes the next beams, the done flag and the list.
+entry, ties: oldest first), and writes the next beams, the done flag and the list. On a GPU the
+log-softmax is Triton's float32 arithmetic (approximate division and exp), not bitwise
+torch's: a candidate tied with another to float32 rounding may rank differently.
 
 The insertion clock of the lists (one per FinishedLists, shared by its items) is read by every
 program and advanced after the launch by a device op on the same stream, as the torch path
@@ -44,7 +46,10 @@ def _beam_scorer_kernel(
     # Candidate scores: log_softmax(logits / temperature) + beam score, as the torch code.
     x = tl.load(logits_ptr + (first_row + beams)[:, None] * stride_logits + words[None, :], mask=valid,
                 other=float("-inf"))
-    x = (x.to(tl.float32) / temperature).to(x.dtype).to(tl.float32)  # rounded as torch divides
+    # rounded to the logits' dtype after the division, as torch's logits / temperature is; the
+    # division itself, exp and log are Triton's, which on a GPU may be approximate (div.full.f32,
+    # ex2.approx): scores then agree with torch's to float32 rounding, bitwise only in the interpreter
+    x = (x.to(tl.float32) / temperature).to(x.dtype).to(tl.float32)
     row_max = tl.max(x, axis=1)
     shifted = x - tl.where(beam_ok, row_max, 0.0)[:, None]
     log_sum = tl.log(tl.where(beam_ok, tl.sum(tl.where(valid, tl.exp(shifted), 0.0), axis=1), 1.0))
