@@ -30,6 +30,12 @@ def test_matches_plain_path(t, h, w, training, coverage):
     check_layer(2, t, h, w, coverage, training, NHEAD, HEAD_DIM, DC, RTOL)
 
 
+def test_all_32_relu_bits():
+    """dc = 32 (the published ARM's): the backward reads the ReLU's on/off pattern from all 32
+    bits of its int32 bitmask, bit 31 (the sign bit) included."""
+    check_layer(1, 2, 3, 4, "both", True, NHEAD, HEAD_DIM, 32, RTOL)
+
+
 def test_several_tiles_of_l():
     """L = 153 spans two tiles (of 128 positions in the interpreter, 64 on a GPU): the conv
     halo crosses tile boundaries."""

@@ -31,8 +31,8 @@ def random_logits(gen: torch.Generator, end_token: torch.Tensor, exact: bool) ->
     return logits
 
 
-def run_searches(backend: str, seed: int, exact: bool, early_stopping: bool, temperature: float):
-    """STEPS scorer steps from a fresh start; returns every step's outputs and the final state."""
+def search_steps(backend: str, seed: int, exact: bool, early_stopping: bool, temperature: float):
+    """STEPS scorer steps from a fresh start, as a generator: each step's outputs and state."""
     gen = torch.Generator().manual_seed(seed)
     end_token = torch.tensor([0, 1, 0])
     beam_scores = torch.full((ITEMS, BEAM), float("-inf"))
@@ -41,18 +41,21 @@ def run_searches(backend: str, seed: int, exact: bool, early_stopping: bool, tem
     finished = FinishedLists(ITEMS, BEAM, MAX_LEN, 0.8, early_stopping, "cpu")
     tokens = torch.randint(2, VOCAB, (ITEMS * BEAM, MAX_LEN), generator=gen)
     position = torch.zeros((), dtype=torch.long)
-    outputs = []
     for _ in range(STEPS):
         logits = random_logits(gen, end_token, exact)
         parents, next_tokens = beam_scorer_step(logits, temperature, beam_scores, done, end_token, finished, tokens,
                                                 position, backend=backend)
-        outputs.append((parents.clone(), next_tokens.clone(), beam_scores.clone(), done.clone(),
-                        {name: getattr(finished, name)[:, :BEAM].clone() if name != "count" else finished.count.clone()
-                         for name in FIELDS}, finished.clock.clone()))
+        yield (parents.clone(), next_tokens.clone(), beam_scores.clone(), done.clone(),
+               {name: getattr(finished, name)[:, :BEAM].clone() if name != "count" else finished.count.clone()
+                for name in FIELDS}, finished.clock.clone())
         tokens = tokens[parents]
         position += 1
         tokens[:, position] = next_tokens
-    return outputs
+
+
+def run_searches(backend: str, seed: int, exact: bool, early_stopping: bool, temperature: float):
+    """STEPS scorer steps from a fresh start; returns every step's outputs and the final state."""
+    return list(search_steps(backend, seed, exact, early_stopping, temperature))
 
 
 def assert_same_steps(fused, plain, exact: bool):
@@ -93,3 +96,31 @@ def test_scorer_kernel_on_random_logits():
     fused = run_searches("triton", 3, False, False, 1.0)
     plain = run_searches("torch", 3, False, False, 1.0)
     assert_same_steps(fused, plain, False)
+
+
+def test_overlapping_launches_keep_their_own_clocks(monkeypatch):
+    """Two searches' scorer launches overlap on a device (concurrent searches, a graph's warm-up
+    on its side stream): here each step of search B runs between the second and third
+    programs of search A's step. Each search's insertion stamps (its list's order and eviction tie-break)
+    and clock are still those of the torch scorer."""
+    from triton.runtime import interpreter
+
+    set_grid_idx = interpreter.InterpreterBuilder.set_grid_idx
+    search_b = search_steps("triton", 1, True, False, 1.0)
+    fused_b, pending = [], [True]
+
+    def interleaving_set_grid_idx(self, x, y, z):
+        if x == 2 and pending:  # A's programs 0 and 1 have run: B's whole launch runs now
+            pending.clear()
+            fused_b.append(next(search_b))
+        set_grid_idx(self, x, y, z)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "set_grid_idx", interleaving_set_grid_idx)
+    fused_a = []
+    for step in search_steps("triton", 0, True, False, 1.0):
+        fused_a.append(step)
+        pending.append(True)
+    monkeypatch.undo()
+    assert len(fused_b) == STEPS  # one of B's steps inside each of A's launches
+    assert_same_steps(fused_a, run_searches("torch", 0, True, False, 1.0), True)
+    assert_same_steps(fused_b, run_searches("torch", 1, True, False, 1.0), True)

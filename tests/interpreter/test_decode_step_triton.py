@@ -34,6 +34,20 @@ def test_triton_chained_layers_and_steps(mode):
     check_chain(make_chain(2, mode, steps=3), lambda *args: cross_attention_step(*args, backend="triton"))
 
 
+def test_strided_image_index():
+    """image_index a column of a wider tensor (stride 2): each row reads its own entry."""
+    step = make_step(2, "both")
+    expected_step, actual_step = clone(step), clone(step)  # clone() would make the index contiguous: after it
+    index = step["image_index"]
+    actual_step["image_index"] = torch.stack([index, torch.full_like(index, -1)], 1)[:, 0]
+    assert actual_step["image_index"].stride(0) == 2
+    expected, expected_returned = cross_attention_step(**expected_step, backend="torch")
+    actual, returned = cross_attention_step(**actual_step, backend="triton")
+    assert_close_rel(actual, expected, 1e-5, "A'V")
+    assert_close_rel(returned, expected_returned, 1e-5, "returned")
+    assert_close_rel(actual_step["coverage"], expected_step["coverage"], 1e-5, "coverage")
+
+
 def test_torch_path_is_the_reference_on_grouped_rows():
     """The flat-row torch path equals grouped_cross_attention_step on rows grouped [I, G]."""
     step = make_step(8, "both", image_index=(0, 0, 1, 1, 2, 2))

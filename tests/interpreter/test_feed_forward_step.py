@@ -13,12 +13,18 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 
 @pytest.mark.parametrize("d_model, nhead, hidden", [(48, 4, 96), (24, 2, 40)])  # d 48: two chunks of the GEMVs
-def test_fused_layer_tail_matches_the_reference(d_model, nhead, hidden):
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed-weights"])
+def test_fused_layer_tail_matches_the_reference(d_model, nhead, hidden, transposed):
+    """transposed: linear1's and linear2's weights are transposes of contiguous tensors (same
+    values, other strides), which the kernel must not read as row-major."""
     torch.manual_seed(d_model)
     layer = TransformerDecoderLayer(d_model, nhead, hidden, dropout=0.0).eval()
     with torch.no_grad():
         for p in layer.parameters():  # biases and norms away from their init, so all are exercised
             p.add_(torch.randn_like(p) * 0.3)
+        if transposed:
+            for linear in (layer.linear1, layer.linear2):
+                linear.weight = torch.nn.Parameter(linear.weight.t().contiguous().t())
         x, attended = torch.randn(3, d_model), torch.randn(3, d_model)
         fused = feed_forward_step(x, attended, layer, backend="triton")
         plain = feed_forward_step(x, attended, layer, backend="torch")

@@ -14,12 +14,18 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 
 @pytest.mark.parametrize("d_model, nhead, max_len, window", [(48, 4, 8, 8), (24, 2, 12, 5)])  # d 48: two chunks of the GEMVs
-def test_fused_self_attention_matches_the_reference(d_model, nhead, max_len, window):
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed-weights"])
+def test_fused_self_attention_matches_the_reference(d_model, nhead, max_len, window, transposed):
+    """transposed: the out projection's weight is the transpose of a contiguous tensor (same
+    values, other strides), which the kernel must not read as row-major."""
     torch.manual_seed(d_model)
     layer = TransformerDecoderLayer(d_model, nhead, 2 * d_model, dropout=0.0).eval()
     with torch.no_grad():
         for p in layer.parameters():  # biases and norms away from their init, so all are exercised
             p.add_(torch.randn_like(p) * 0.3)
+        if transposed:
+            out_proj = layer.self_attn.out_proj
+            out_proj.weight = torch.nn.Parameter(out_proj.weight.t().contiguous().t())
     rows = 3
     tokens = torch.full((rows, max_len), PAD_IDX)
     head_dim = d_model // nhead

@@ -60,6 +60,12 @@ def arm_attention(
     check_inputs(q, k, v, key_padding_mask, height, width, prev_attn, arm, attention_precision)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    # The dropout seed is a host integer baked into the launches: a CUDA graph would replay one
+    # mask at every step. is_available first: on a CPU-only build the capture query raises.
+    if dropout_p > 0 and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("arm_attention: dropout cannot be captured in a CUDA graph (its seed is fixed at "
+                           "capture, every replay would drop the same positions); capture with dropout_p=0 "
+                           "(eval) or run the training step eagerly")
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item()) if dropout_p > 0 else 0
     name = resolve("arm_attention", q, backend)

@@ -4,10 +4,14 @@ A program holds its item's beam_size x vocab candidate scores in registers (log-
 each row plus the beam's score), picks the top 2 x beam_size of them one at a time (ties:
 lower flat index first), then offers the ended ones among the first beam_size to the
 item's finished list in rank order, as CoMER adds them one by one (eviction of the worst
-entry, ties: oldest first), and writes the next beams, the done flag and the list.
+entry, ties: oldest first), and writes the next beams, the done flag and the list. On a GPU the
+log-softmax is Triton's float32 arithmetic (approximate division and exp), not bitwise
+torch's: a candidate tied with another to float32 rounding may rank differently.
 
-The insertion clock is shared by all items: every program reads it, and the last program
-to finish (an atomic arrivals counter, reset by that program) advances it.
+The insertion clock of the lists (one per FinishedLists, shared by its items) is read by every
+program and advanced after the launch by a device op on the same stream, as the torch path
+does: no state outlives a launch, so launches on other lists (concurrent searches, a graph's
+warm-up on its side stream) can overlap this one freely.
 """
 from typing import Tuple
 
@@ -27,8 +31,8 @@ NO_CANDIDATE = tl.constexpr(2**31 - 1)
 def _beam_scorer_kernel(
     logits_ptr, beam_scores_ptr, done_ptr, end_token_ptr, tokens_ptr, position_ptr,
     list_score_ptr, list_stamp_ptr, list_length_ptr, list_tokens_ptr, list_count_ptr, clock_ptr,
-    penalty_ptr, arrivals_ptr, parents_ptr, next_tokens_ptr,
-    temperature, items, beam, vocab, max_len, stride_logits,
+    penalty_ptr, parents_ptr, next_tokens_ptr,
+    temperature, beam, vocab, max_len, stride_logits,
     EARLY_STOPPING: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -43,7 +47,10 @@ def _beam_scorer_kernel(
     # Candidate scores: log_softmax(logits / temperature) + beam score, as the torch code.
     x = tl.load(logits_ptr + (first_row + beams)[:, None] * stride_logits + words[None, :], mask=valid,
                 other=float("-inf"))
-    x = (x.to(tl.float32) / temperature).to(x.dtype).to(tl.float32)  # rounded as torch divides
+    # rounded to the logits' dtype after the division, as torch's logits / temperature is; the
+    # division itself, exp and log are Triton's, which on a GPU may be approximate (div.full.f32,
+    # ex2.approx): scores then agree with torch's to float32 rounding, bitwise only in the interpreter
+    x = (x.to(tl.float32) / temperature).to(x.dtype).to(tl.float32)
     row_max = tl.max(x, axis=1)
     shifted = x - tl.where(beam_ok, row_max, 0.0)[:, None]
     log_sum = tl.log(tl.where(beam_ok, tl.sum(tl.where(valid, tl.exp(shifted), 0.0), axis=1), 1.0))
@@ -117,22 +124,6 @@ def _beam_scorer_kernel(
         now_done = full & (tl.min(list_score) >= best_running.to(tl.float64) / penalty)
     tl.store(done_ptr + item, (was_done | now_done).to(tl.int8))
 
-    # The last program to get here advances the shared clock (every program has read it).
-    if tl.atomic_add(arrivals_ptr, 1) == items - 1:
-        tl.store(clock_ptr, clock + beam)
-        tl.store(arrivals_ptr, 0)
-
-
-_arrivals = {}
-
-
-def _arrivals_counter(device: torch.device) -> Tensor:
-    """A zeroed int32 per device, left zeroed by every launch: allocated once, so that a
-    captured step allocates nothing."""
-    if device not in _arrivals:
-        _arrivals[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _arrivals[device]
-
 
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
@@ -158,9 +149,10 @@ def beam_scorer_step(logits: Tensor, temperature: float, beam_scores: Tensor, do
     launch_kernel(_beam_scorer_kernel, (items,),
         logits, beam_scores, done.view(torch.int8), end_token, tokens, position,
         finished.score, finished.stamp, finished.length, finished.tokens, finished.count, finished.clock,
-        finished.penalty, _arrivals_counter(logits.device), parents, next_tokens,
-        float(temperature), items, beam, vocab, max_len, logits.stride(0),
+        finished.penalty, parents, next_tokens,
+        float(temperature), beam, vocab, max_len, logits.stride(0),
         EARLY_STOPPING=finished.early_stopping, BLOCK_B=_pow2(beam), BLOCK_V=_pow2(vocab),
         BLOCK_K=_pow2(2 * beam), BLOCK_T=min(_pow2(max_len), 256), num_warps=num_warps,
     )
+    finished.clock += beam  # after every program read it (stream order)
     return parents, next_tokens

@@ -261,6 +261,7 @@ def cross_attention_step(q, k, v, key_padding_mask, image_index, height, arm, co
     if key_padding_mask.stride(1) != 1:
         raise ValueError("triton cross_attention_step: key_padding_mask needs a unit stride along L")
     flags = coverage_flags(arm, coverage)
+    image_index = image_index.contiguous()  # the kernels read image_index[row] at row
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     returned = torch.empty((shape.rows, shape.nhead, shape.length), device=q.device, dtype=torch.float32)
     if shape.rows == 0:

@@ -70,10 +70,13 @@ def feed_forward_step(x: Tensor, attended: Tensor, layer, block_f: int = 32, num
     hidden = layer.linear1.out_features
     x, attended = x.contiguous(), attended.contiguous()
     x_out = torch.empty_like(x)
+    # the kernel reads the weights as contiguous rows (a no-op for the usual parameters)
+    weights = [t.contiguous() for t in (layer.multihead_attn.out_proj.weight, layer.multihead_attn.out_proj.bias,
+                                        layer.norm2.weight, layer.norm2.bias, layer.linear1.weight,
+                                        layer.linear1.bias, layer.linear2.weight, layer.linear2.bias,
+                                        layer.norm3.weight, layer.norm3.bias)]
     launch_kernel(_feed_forward_step_kernel, (rows,),
-        x, attended, layer.multihead_attn.out_proj.weight, layer.multihead_attn.out_proj.bias,
-        layer.norm2.weight, layer.norm2.bias, layer.linear1.weight, layer.linear1.bias,
-        layer.linear2.weight, layer.linear2.bias, layer.norm3.weight, layer.norm3.bias,
+        x, attended, *weights,
         x_out, d, hidden, layer.norm2.eps, layer.norm3.eps,
         BLOCK_D=triton.next_power_of_2(d), BLOCK_F=min(block_f, triton.next_power_of_2(hidden)), num_warps=num_warps,
     )

@@ -111,9 +111,12 @@ def self_attention_step(x: Tensor, layer, keys: Tensor, values: Tensor, tokens: 
         raise ValueError("self-attention step: the layer's attentions and norm1 must match x's width")
     x = x.contiguous()
     x_out, query = torch.empty_like(x), torch.empty_like(x)
+    # the kernel reads the weights as contiguous rows (a no-op for the usual parameters)
+    weights = [t.contiguous() for t in (attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight,
+                                        attn.out_proj.bias, layer.norm1.weight, layer.norm1.bias,
+                                        cross.in_proj_weight, cross.in_proj_bias)]
     launch_kernel(_self_attention_step_kernel, (rows,),
-        x, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
-        layer.norm1.weight, layer.norm1.bias, cross.in_proj_weight, cross.in_proj_bias, keys, values, tokens, position,
+        x, *weights, keys, values, tokens, position,
         x_out, query, d, nhead, head_dim, window, layer.norm1.eps, head_dim**-0.5, PAD_IDX,
         keys.stride(0), keys.stride(1), keys.stride(3), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), values.stride(3), tokens.stride(0),
