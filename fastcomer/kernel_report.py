@@ -9,8 +9,9 @@ HGMMA: Hopper's wgmma), FFMA, and spill stores/loads (STL/LDL, bytes per thread)
 the theoretical occupancy (resident warps per SM from the register, shared-memory, warp and
 CTA limits of the architecture) and, from the variant's FLOPs and unique global bytes, a
 roofline time ESTIMATE against published peaks (`PEAKS`): max(FLOPs / compute peak,
-bytes / memory bandwidth), the compute peak being the tensor-core one of the variant's
-operand type when its SASS has tensor-core instructions, else the FP32 FMA peak. An estimate,
+bytes / memory bandwidth), the compute peak being the tensor-core one of the operand type its
+SASS's tensor-core instructions take (TF32 when any takes TF32: a half model's kernel may dot
+in float32), else the FP32 FMA peak. An estimate,
 never a measurement: it ignores occupancy, latency, launch overhead and cache reuse.
 
 Each variant is a `fastcomer.ops.registry.KernelVariant`: a launch its launcher made (run on
@@ -108,8 +109,9 @@ def res_usage(cubin: bytes) -> Dict[str, tuple]:
 
 
 def sass_stats(sass: str) -> Dict[str, int]:
-    """Instruction counts of a SASS listing: tensor-core (HMMA, HGMMA), FFMA, and the bytes per
-    thread of the spill stores and loads (STL/LDL; .64/.128 suffixes give their width)."""
+    """Instruction counts of a SASS listing: tensor-core (HMMA, HGMMA; those taking TF32
+    operands apart), FFMA, and the bytes per thread of the spill stores and loads (STL/LDL;
+    .64/.128 suffixes give their width)."""
     body = [line.split("*/", 1)[-1] for line in sass.splitlines() if "/*" in line]
     text = "\n".join(body)
     count = lambda op: len(re.findall(rf"\b{op}\b", text))
@@ -117,7 +119,8 @@ def sass_stats(sass: str) -> Dict[str, int]:
     for m in _SPILL.finditer(text):
         width = re.search(r"\.(64|128)\b", m[0])
         spill[m[1]] += int(width[1]) // 8 if width else 4
-    return {"tensor_core": count("HMMA") + count("HGMMA"), "ffma": count("FFMA"),
+    return {"tensor_core": count("HMMA") + count("HGMMA"),
+            "tf32_tensor_core": len(re.findall(r"\bH(?:G)?MMA\.\S*\.TF32\b", text)), "ffma": count("FFMA"),
             "spill_store_bytes": spill["STL"], "spill_load_bytes": spill["LDL"]}
 
 
@@ -133,10 +136,10 @@ def occupancy_warps(arch: int, registers: int, shared_bytes: int, warps: int) ->
     return ctas * warps
 
 
-def _estimate(arch: int, dtype: str, tensor_core: int, flops: float, bytes_: float):
+def _estimate(arch: int, sass: Dict[str, int], flops: float, bytes_: float):
     peaks = PEAKS[arch]
-    if tensor_core:  # float32 operands reach tensor cores only as TF32
-        compute = peaks["half"] if dtype in ("bf16", "fp16") else peaks["tf32"]
+    if sass["tensor_core"]:  # float32 operands reach tensor cores only as TF32
+        compute = peaks["tf32"] if sass["tf32_tensor_core"] else peaks["half"]
     else:
         compute = peaks["fp32"]
     compute_s, memory_s = flops / compute, bytes_ / peaks["bandwidth"]
@@ -171,7 +174,7 @@ def _stats_of(variant: KernelVariant, arch: int, compiled) -> KernelStats:
     shared = compiled.metadata.shared + static_shared
     warps = compiled.metadata.num_warps
     grid = variant.grid
-    estimate, bound = _estimate(arch, variant.dtype, sass["tensor_core"], variant.flops, variant.bytes)
+    estimate, bound = _estimate(arch, sass, variant.flops, variant.bytes)
     return KernelStats(variant.op, variant.name, variant.dtype, registers, stack, sass["spill_store_bytes"],
                        sass["spill_load_bytes"], shared, warps, compiled.metadata.num_stages,
                        occupancy_warps(arch, registers, shared, warps), sass["tensor_core"], sass["ffma"],

@@ -61,8 +61,8 @@ def test_sass_instruction_mix():
         /*0060*/                   LDL.128 R4, [R1+0x10] ;  /* 0x000000 */
         /*0070*/                   FFMA.FTZ R1, R2, R3, R1 ;  /* 0x000000 */
     """
-    assert kernel_report.sass_stats(sass) == {"tensor_core": 2, "ffma": 2, "spill_store_bytes": 12,
-                                              "spill_load_bytes": 16}
+    assert kernel_report.sass_stats(sass) == {"tensor_core": 2, "tf32_tensor_core": 1, "ffma": 2,
+                                              "spill_store_bytes": 12, "spill_load_bytes": 16}
 
 
 def test_absent_variants_module_is_reported_not_fatal(monkeypatch):
