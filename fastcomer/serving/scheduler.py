@@ -112,6 +112,8 @@ class RunningSet:
         self.positions_limit = decoder.pos_enc.pe.shape[0]
         self.idle_steps = 0  # steps run in a row with a free slot
         self._virgin: set = set()  # slots of a new state that no search held yet
+        # admitted at this boundary, joining together at its end: one resize for all of them
+        self.pending: List[_Running] = []
 
     # --- sizes ---------------------------------------------------------------------------
 
@@ -119,17 +121,21 @@ class RunningSet:
         return [item for item, member in enumerate(self.members) if member is not None]
 
     def images(self) -> int:
-        """Images decoding here: their searches' slots over the directions."""
-        return -(-len(self.live()) // len(self.options.l2r))
+        """Images decoding here (their searches' slots over the directions) or joining at this boundary."""
+        return -(-len(self.live()) // len(self.options.l2r)) + len(self.pending)
 
     def positions(self) -> int:
-        """Feature positions held: slots x the padded map."""
-        return len(self.members) * self.height * self.width
+        """Feature positions held once the pending jobs joined: slots x the padded map."""
+        return self._positions([])
 
     def positions_with(self, h: int, w: int) -> int:
-        """Feature positions held once an image of h x w positions joins (slots not grown)."""
-        items = max(len(self.live()) + len(self.options.l2r), len(self.members))
-        return items * max(self.height, h) * max(self.width, w)
+        """Feature positions held once an image of h x w positions joins too (slots not grown)."""
+        return self._positions([(h, w)])
+
+    def _positions(self, extra: List[Tuple[int, int]]) -> int:
+        sizes = [tuple(job.feature.shape[1:3]) for job in self.pending] + extra
+        items = max(len(self.live()) + len(sizes) * len(self.options.l2r), len(self.members))
+        return items * max([self.height] + [h for h, _ in sizes]) * max([self.width] + [w for _, w in sizes])
 
     def room_for(self, max_len: int) -> bool:
         """Whether a search of max_len tokens joining now fits the positional encoding (once the
@@ -143,20 +149,26 @@ class RunningSet:
 
     # --- joining and leaving -------------------------------------------------------------
 
-    def join(self, job: _Running) -> None:
-        """Put the job's searches in free slots from the current step, resizing first if needed."""
-        _, h, w, _ = job.feature.shape
+    def join_pending(self) -> None:
+        """Put the pending jobs' searches in free slots from the current step, resizing first
+        (once for all of them) if needed."""
+        jobs, self.pending = self.pending, []
         directions = len(self.options.l2r)
-        max_len = job.request.options.max_len
+        h = max(job.feature.shape[1] for job in jobs)
+        w = max(job.feature.shape[2] for job in jobs)
+        max_len = max(job.request.options.max_len for job in jobs)
         free = [item for item, member in enumerate(self.members) if member is None]
         fits = h <= self.height and w <= self.width and self.length - 1 + max_len <= self.capacity
-        if len(free) < directions or not fits:
-            self._rebuild(extra=(directions, h, w, max_len))
+        if len(free) < directions * len(jobs) or not fits:
+            self._rebuild(extra=(directions * len(jobs), h, w, max_len))
             free = [item for item, member in enumerate(self.members) if member is None]
-        for direction, item in zip(range(directions), free):
-            self.slots.insert(item, job.feature[0], job.mask[0], self.options.l2r[direction])
-            self.members[item] = _Member(job, direction, self.length - 1, max_len)
-        self._fill_virgin_slots(job)
+        slots = iter(free)
+        for job in jobs:
+            for direction in range(directions):
+                item = next(slots)
+                self.slots.insert(item, job.feature[0], job.mask[0], self.options.l2r[direction])
+                self.members[item] = _Member(job, direction, self.length - 1, job.request.options.max_len)
+        self._fill_virgin_slots(jobs[0])
 
     def leave(self, item: int) -> None:
         self.slots.stop(item)
@@ -375,15 +387,18 @@ class Scheduler:
         while True:
             with self._lock:
                 if not self._queue:
-                    return
+                    break
                 request = self._queue[0]
                 if request._cancelled:
                     self._queue.popleft()
                     continue
                 if not self._fits(request):
-                    return  # first in, first out: the others wait behind it
+                    break  # first in, first out: the others wait behind it
                 self._queue.popleft()
             self._admit(request)
+        for running_set in self._sets.values():
+            if running_set.pending:
+                running_set.join_pending()
 
     def _key(self, options: SearchOptions) -> SearchOptions:
         return dataclasses.replace(options, max_len=2)  # max_len is per search: one key (the least valid) for all
@@ -410,7 +425,7 @@ class Scheduler:
         key = self._key(request.options)
         if key not in self._sets:
             self._sets[key] = RunningSet(self.model.decoder, key, self.dtype, self.device, self.plan)
-        self._sets[key].join(_Running(request, feature, mask))
+        self._sets[key].pending.append(_Running(request, feature, mask))
         self._in_hand = []
 
     def _step(self, running_set: RunningSet) -> None:
@@ -452,6 +467,7 @@ class Scheduler:
             self._queue.clear()
         for running_set in self._sets.values():
             pending += [member.job.request for member in running_set.members if member is not None]
+            pending += [job.request for job in running_set.pending]
         self._sets.clear()
         for request in pending:
             _resolve(request, SchedulerClosed(f"the scheduler failed: {error!r}"))

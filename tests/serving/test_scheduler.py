@@ -127,6 +127,32 @@ def test_state_positions_shift_back_when_late_searches_need_room():
     assert any(length > 1 for _, length in capacities)  # some rebuild kept running searches
 
 
+def test_requests_admitted_together_join_in_one_resize(monkeypatch):
+    # Requests queued at one boundary join the running set together: one new state sized for all
+    # of them (not one per joiner, each copying the caches of the last).
+    model = random_model(4, torch.float64)
+    imgs = images(4, torch.float64, [(16, 32), (32, 16), (16, 16)])
+    expected = [alone(model, im, beam_size=2, max_len=8) for im in imgs]
+    resizes = []
+    original = RunningSet._rebuild
+
+    def recording(self, extra=None):
+        original(self, extra)
+        resizes.append((extra, len(self.members)))
+
+    monkeypatch.setattr(RunningSet, "_rebuild", recording)
+    scheduler = Scheduler(model, max_images=3)
+    try:
+        with scheduler._lock:  # re-entrant: the decoding thread sees the three queued at once
+            requests = [scheduler.submit(im, beam_size=2, max_len=8) for im in imgs]
+        answers = [r.result(60) for r in requests]
+    finally:
+        scheduler.close()
+    assert [a.seq for a in answers] == [e.seq for e in expected]
+    assert resizes[0] == ((3 * 2, 2, 2, 8), 3 * 2)  # 3 images x 2 directions, the largest map 2 x 2
+    assert all(extra is None for extra, _ in resizes[1:])  # then only compactions
+
+
 def test_cancel_frees_slots_at_the_next_step():
     model = random_model(1, torch.float64)
     long, short = images(1, torch.float64, [(32, 32), (16, 16)])
