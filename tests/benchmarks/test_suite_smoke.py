@@ -37,3 +37,14 @@ def test_step_and_engine_benchmarks_smoke(tmp_path):
     step_stats = next(b for b in timed if b["extra_info"]["fastcomer"].get("name") == step[1])
     assert step_stats["options"]["timer"] == "synchronized_clock" and step_stats["stats"]["median"] == rows[step]["medians_s"]["torch"]
     assert len(timed) == 4  # two steps on torch, one eager beam step, one engine case
+
+
+def test_evaluate_benchmark_smoke(tmp_path):
+    # fastcomer evaluate against the stand-in of CoMER's test loop: one row, identical answers
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_evaluate.py", "--smoke", "--bench-out",
+                           str(out), "-q", "-p", "no:cacheprovider"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (row,) = load_report(out)["rows"]
+    assert (row["benchmark"], row["name"]) == ("evaluate", "6 images max_len=8")
+    assert row["checks"] == {"identical": True} and set(row["medians_s"]) == {"fastcomer", "reference_loop"}
