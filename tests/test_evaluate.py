@@ -1,6 +1,7 @@
 """fastcomer.evaluate on data sets in CoMER's layout that the tests write: CoMER's test batches
 (against the reference search over batches built here), metrics against an independent count,
 result.zip's format, failures reported and counted, resume after an interruption."""
+import dataclasses
 import json
 import zipfile
 from functools import lru_cache
@@ -52,6 +53,34 @@ def test_comer_batches_give_the_reference_search_of_comer_batches(golden_model, 
     # the scores tell the batches apart (an image's padding changes them), as the answers may not
     assert {r["name"]: (r["latex"], r["score"]) for r in result.records} == expected
     assert [r["name"] for r in result.records] == [row[0] for row in SPLIT_2014]  # caption order
+
+
+def test_answers_equal_the_public_code_test_loop(golden_model, data_zip):
+    # Where the public CoMER code is importable (with pytorch-lightning 1.4; CI has neither): its
+    # datamodule's test batches decoded by LitCoMER's own search, unpatched, as test_step does.
+    datamodule = pytest.importorskip("comer.datamodule")
+    lit_comer = pytest.importorskip("comer.lit_comer")
+    config = {k: v for k, v in dataclasses.asdict(golden_model.config).items() if k != "vocab_size"}
+    lit = lit_comer.LitCoMER(**config, **SEARCH, alpha=1.0, early_stopping=False, temperature=1.0,
+                             learning_rate=0.08, patience=20)
+    lit.comer_model.load_state_dict(golden_model.state_dict())
+    lit = lit.double().eval()
+    crohme = datamodule.CROHMEDatamodule(zipfile_path=str(data_zip), test_year="2014", eval_batch_size=4,
+                                         num_workers=0)
+    crohme.setup(stage="test")
+    public = {}
+    with torch.no_grad():
+        for batch in crohme.test_dataloader():
+            for name, hyp in zip(batch.img_bases, lit.approximate_joint_search(batch.imgs.double(), batch.mask)):
+                public[name] = (vocab.indices2label(hyp.seq), float(hyp.score))
+    records = {r["name"]: (r["latex"], r["score"]) for r in evaluate(lit, data_zip, "2014", **SEARCH).records}
+    assert {name: latex for name, (latex, _) in records.items()} == {name: latex for name, (latex, _) in public.items()}
+    # the same scores, but where CoMER resizes the image (height < 16: image c), whose pixels are
+    # within one grey level of cv2's fixed-point arithmetic (docs/evaluate.md), not always equal
+    resized = {name for name, height, width, _ in SPLIT_2014 if height < 16}
+    assert resized == {"c"}
+    assert {n: s for n, (_, s) in records.items() if n not in resized} == \
+        {n: pytest.approx(s, rel=1e-9, abs=0) for n, (_, s) in public.items() if n not in resized}
 
 
 def test_metrics_equal_an_independent_count(golden_model, data_zip):
