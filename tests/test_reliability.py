@@ -23,7 +23,7 @@ from fastcomer.search.options import SearchOptions
 from fastcomer.search.search_slots import FeatureLayout
 from fastcomer.ops.dispatch import DispatchPlan
 
-from support.decode_step_cases import make_step
+from support.cross_attention_step_cases import make_step
 from support.paths import REPO
 from support.random_models import random_images, random_model
 from support.search_cases import assert_same_search
@@ -209,14 +209,14 @@ def test_types_in_decode_images(case):
 # --- The fused decode step trusts its indices ----------------------------------------------
 
 @pytest.mark.parametrize("index", [3, 100])
-def test_decode_step_validates_image_index(index):
+def test_cross_attention_step_validates_image_index(index):
     step = make_step(2, "both", image_index=(2, 0, 1, -1))  # 3 images
     step["image_index"][2] = index
     with pytest.raises(ValueError, match="image_index must be < 3"):
         cross_attention_step(**step, backend="torch")
 
 
-def test_decode_step_index_check_has_no_host_sync():
+def test_cross_attention_step_index_check_has_no_host_sync():
     """Off the CPU the index check is a device-side assert: on the meta device, where any read
     of a value on the host raises, the step's check passes through."""
     step = make_step(2, "both", device="meta")

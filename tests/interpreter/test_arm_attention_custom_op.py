@@ -41,7 +41,7 @@ def test_cross_attention_step_op_matches_entry():
     in-place coverage update (the op's declared mutation)."""
     from fastcomer.ops.cross_attention_step import cross_attention_step
 
-    from support.decode_step_cases import clone, make_step
+    from support.cross_attention_step_cases import clone, make_step
 
     step = make_step(2, "both")
     direct = clone(step)

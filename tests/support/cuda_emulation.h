@@ -1,4 +1,4 @@
-// The CUDA built-ins csrc/decode_step_kernel.cuh uses, on the host: a block runs as
+// The CUDA built-ins csrc/cross_attention_step_kernel.cuh uses, on the host: a block runs as
 // kThreads std::threads meeting at a std::barrier, so the kernels' logic (indexing,
 // barriers, the shuffle reductions, the wmma tiles) is checked on machines without a GPU.
 #pragma once

@@ -1,5 +1,5 @@
 // Runs csrc's cross-attention step kernels (float32) under cuda_emulation.h on the launch
-// fields stored in the directory given as argv[1] by tests/ops/test_decode_step_cuda_kernel.py:
+// fields stored in the directory given as argv[1] by tests/ops/test_cross_attention_step_cuda_kernel.py:
 // `scalars` holds "name value" lines, and each pointer field present is a raw file of its name.
 // Fields are set by name through csrc's one list of them (the X-macros of
 // cross_attention_step.h); the grids of csrc's own launch plan run kernel after kernel, block

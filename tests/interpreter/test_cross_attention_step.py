@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from support.asserts import assert_close_rel
-from support.decode_step_cases import COVERAGE_MODES, check_against_torch, check_chain, clone, make_chain, make_step
+from support.cross_attention_step_cases import COVERAGE_MODES, check_against_torch, check_chain, clone, make_chain, make_step
 from fastcomer.ops.cross_attention_step.reference import grouped_cross_attention_step
 from fastcomer.ops.cross_attention_step import cross_attention_step
 
@@ -131,10 +131,10 @@ def test_padded_weights_are_prepared_once_per_arm(monkeypatch, changed):
     """The kernel's zero-padded ARM weights are prepared on the first call and the same tensors
     (a CUDA graph of the step needs them at fixed addresses) reused on later calls; changing a
     weight in place (the key conv_weight or another) prepares them again."""
-    from fastcomer.ops.cross_attention_step import triton_kernel as decode_step_triton
+    from fastcomer.ops.cross_attention_step import triton_kernel as cross_attention_triton
 
     launches = []  # the (conv_weight, conv_bias, proj_weight, shift) each launch read
-    kernel = decode_step_triton._refinement_kernel
+    kernel = cross_attention_triton._refinement_kernel
 
     class RecordingKernel:
         def __getitem__(self, grid):
@@ -143,7 +143,7 @@ def test_padded_weights_are_prepared_once_per_arm(monkeypatch, changed):
                 return kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(decode_step_triton, "_refinement_kernel", RecordingKernel())
+    monkeypatch.setattr(cross_attention_triton, "_refinement_kernel", RecordingKernel())
     step = make_step(2, "both")
     check_against_torch(step, "triton")
     check_against_torch(step, "triton")

@@ -93,7 +93,7 @@ def test_python_sets_every_launch_field(built):
     result = run_python("""
         from fastcomer.ops.cross_attention_step.cuda_kernel import launch_fields, launch_params
         from fastcomer.ops.cross_attention_step.inputs import check_inputs
-        from support.decode_step_cases import make_step
+        from support.cross_attention_step_cases import make_step
         step = make_step(8, "both")
         buffers, scalars = launch_fields(*step.values(), shape=check_inputs(*step.values()), rows_per_image=None,
                                          stats_fields=C.LIMITS["stats"])

@@ -11,7 +11,7 @@ import torch
 
 from support.markers import requires_gpu
 from support.paths import REPO
-from support.decode_step_cases import COVERAGE_MODES, check_against_torch, check_chain, clone, make_chain, make_step
+from support.cross_attention_step_cases import COVERAGE_MODES, check_against_torch, check_chain, clone, make_chain, make_step
 from fastcomer import env_report
 from fastcomer.backends import cuda_extension_status
 from fastcomer.ops.cross_attention_step.cuda_kernel import _float32_weights, unsupported_inputs, unsupported_reason

@@ -2,7 +2,7 @@
 (each block as 128 threads with real barriers, wmma tiles with TF32 rounding), run with csrc's
 own launch plan against the reference: the kernels' logic, the split of L and its merge, and
 the 3xTF32 products' accuracy are checked here without a GPU. __expf, FMA contraction and
-speed are not: those are tests/ops/test_decode_step_dispatch.py's job on a device."""
+speed are not: those are tests/ops/test_cross_attention_step_dispatch.py's job on a device."""
 import itertools
 import shutil
 import subprocess
@@ -13,7 +13,7 @@ import torch
 
 from support.asserts import assert_close_rel
 from support.paths import REPO
-from support.decode_step_cases import COVERAGE_MODES, check_chain, clone, make_chain, make_step
+from support.cross_attention_step_cases import COVERAGE_MODES, check_chain, clone, make_chain, make_step
 from fastcomer.ops.cross_attention_step import cross_attention_step
 from fastcomer.kernel_report import csrc_constant
 from fastcomer.ops.cross_attention_step.cuda_kernel import launch_fields
