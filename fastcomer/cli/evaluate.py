@@ -81,6 +81,16 @@ def _join_torchrun(device: str) -> tuple:
     return device, dist.get_rank() == 0
 
 
+def _leave_torchrun() -> None:
+    """Leave the process group `_join_torchrun` joined: one left to the interpreter's exit can
+    end the process in std::terminate while gloo's threads still run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the table; exit status 1 when some image was not scored, 2 for a usage error."""
     from ..checkpoint import CheckpointError
@@ -101,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error(str(err))
     finally:
         close()
+        _leave_torchrun()
     if not first:  # process 0 reports
         return 1 if any(r["error"] is not None for r in result.records) else 0
     for record in result.records:
