@@ -18,6 +18,7 @@ import argparse
 import io
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -147,6 +148,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if (args.public_code is None) != (args.public_python is None):
         parser.error("--public-code and --public-python go together")
+    if args.public_code is not None and not (args.public_code / "comer" / "lit_comer.py").is_file():
+        parser.error(f"--public-code: {str(args.public_code)!r} holds no comer/lit_comer.py (the public CoMER code)")
+    if args.public_python is not None and shutil.which(args.public_python) is None:
+        parser.error(f"--public-python: no such program {args.public_python!r}")
     report = new_report(torch.device("cpu"))
     report["rows"] = [run(args.smoke, args.images, args.max_len, args.public_code, args.public_python)]
     path = write_report(report, args.out)
