@@ -1,7 +1,6 @@
 """fastcomer.evaluate on data sets in CoMER's layout that the tests write: CoMER's test batches
 (against the reference search over batches built here), metrics against an independent count,
 result.zip's format, failures reported and counted, resume after an interruption."""
-import dataclasses
 import json
 import zipfile
 from functools import lru_cache
@@ -19,6 +18,7 @@ from fastcomer.vocab import vocab  # noqa: E402
 
 from support.comer_data import SPLIT_2014, SPLIT_2016, bmp, write_zip  # noqa: E402
 from support.images import strokes  # noqa: E402
+from support.public_comer import lit_comer_holding  # noqa: E402
 from support.markers import requires_gpu  # noqa: E402
 
 SEARCH = dict(beam_size=3, max_len=8)
@@ -60,11 +60,7 @@ def test_answers_equal_the_public_code_test_loop(golden_model, data_zip):
     # datamodule's test batches decoded by LitCoMER's own search, unpatched, as test_step does.
     datamodule = pytest.importorskip("comer.datamodule")
     lit_comer = pytest.importorskip("comer.lit_comer")
-    config = {k: v for k, v in dataclasses.asdict(golden_model.config).items() if k != "vocab_size"}
-    lit = lit_comer.LitCoMER(**config, **SEARCH, alpha=1.0, early_stopping=False, temperature=1.0,
-                             learning_rate=0.08, patience=20)
-    lit.comer_model.load_state_dict(golden_model.state_dict())
-    lit = lit.double().eval()
+    lit = lit_comer_holding(lit_comer.LitCoMER, golden_model, **SEARCH)
     crohme = datamodule.CROHMEDatamodule(zipfile_path=str(data_zip), test_year="2014", eval_batch_size=4,
                                          num_workers=0)
     crohme.setup(stage="test")

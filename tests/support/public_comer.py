@@ -92,13 +92,20 @@ class LitCoMER(nn.Module):
         return self.comer_model.beam_search(img, mask, **self.hparams)
 
 
+def lit_comer_holding(lit_class, model: nn.Module, **search) -> nn.Module:
+    """`lit_class` (the stand-in LitCoMER, or the public code's) with fastcomer `model`'s
+    hyper-parameters and weights, in its dtype, in eval mode; search: its search settings
+    (alpha, early_stopping, temperature CoMER's where not given), the training ones published."""
+    config = {k: v for k, v in model.config.__dict__.items() if k != "vocab_size"}  # fixed in the public code
+    settings = {"alpha": 1.0, "early_stopping": False, "temperature": 1.0, **search}
+    lit = lit_class(**settings, **config, learning_rate=0.08, patience=20).to(next(model.parameters()).dtype)
+    lit.comer_model.load_state_dict(model.state_dict())
+    return lit.eval()
+
+
 def standin_lit_comer(seed: int, dtype=torch.float32, **search) -> LitCoMER:
     """A LitCoMER stand-in in eval mode holding random_model(seed)'s weights."""
-    reference = random_model(seed, dtype)
-    config = {k: v for k, v in reference.config.__dict__.items() if k != "vocab_size"}
-    lit = LitCoMER(**search, **config).to(dtype)
-    lit.comer_model.load_state_dict(reference.state_dict())
-    return lit.eval()
+    return lit_comer_holding(LitCoMER, random_model(seed, dtype), **search)
 
 
 def public_comer_module():
