@@ -73,7 +73,10 @@ def _fill_buffer(units: nn.Sequential, x: Tensor, rng_states: Optional[list] = N
     random generator's state before each unit (to replay its dropout)."""
     b, c, h, w = x.shape
     total = c + sum(unit.conv2.out_channels for unit in units)
-    buffer = x.new_empty(b, h, w, total).permute(0, 3, 1, 2)
+    # Zeros, not garbage: a unit's input, a channel prefix, is a GEMM operand of a longer row
+    # stride, and torch's CPU bfloat16 GEMM reads the element past a row of odd width (times 0):
+    # a NaN or inf left there in reused memory would make the block's output NaN.
+    buffer = x.new_zeros(b, h, w, total).permute(0, 3, 1, 2)
     buffer[:, :c] = x
     for unit in units:
         if rng_states is not None:
