@@ -171,4 +171,9 @@ def folded_copy(arm: Optional[AttentionRefinementModule]) -> Optional[FoldedARM]
         return None
     with torch.no_grad():
         folded = arm.fold()
-    return folded._replace(conv_weight=folded.conv_weight.clone(), conv_bias=folded.conv_bias.clone())
+    # A channels-last weight makes oneDNN run the convolution channels-last (its input converted,
+    # the output channels-last): on the CPU that ran the ARM's 5x5 convolution 1.2-1.7x faster
+    # at the engine's shapes (8x32 maps, 10-400 rows), with the same results here
+    # (benchmarks/results/cpu-measurements-2026-12-03.md). Not measured on CUDA: left contiguous.
+    layout = torch.channels_last if folded.conv_weight.device.type == "cpu" else torch.contiguous_format
+    return folded._replace(conv_weight=folded.conv_weight.clone(memory_format=layout), conv_bias=folded.conv_bias.clone())

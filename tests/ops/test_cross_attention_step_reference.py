@@ -5,10 +5,11 @@ import torch
 
 from fastcomer import CoMER
 from fastcomer.benchmarking import scale_weights
-from fastcomer.ops.cross_attention_step.reference import grouped_cross_attention_step
+from fastcomer.model.arm import AttentionRefinementModule, folded_copy
+from fastcomer.ops.cross_attention_step.reference import grouped_cross_attention_step, refine_folded
 
 from support.asserts import assert_close_rel
-from support.tolerances import RTOL_SAME_MATH_FLOAT64
+from support.tolerances import RTOL_SAME_MATH_FLOAT64, rtol
 from support.random_models import random_images
 
 RTOL = RTOL_SAME_MATH_FLOAT64
@@ -58,3 +59,23 @@ def test_step_matches_teacher_forced_decoder(cross, self_):
                 assert_close_rel(mha.out_proj(out.reshape(images * group, d)), c["out"][:, t], RTOL, f"output, step {t}, layer {j}")
                 expected = c["attn"].view(images * group, nhead, steps, L)[:, :, t]
                 assert_close_rel(returned, expected, RTOL, f"attention, step {t}, layer {j}")
+
+
+def test_folded_copy_convolves_channels_last_on_the_cpu():
+    """The engine's folded ARM has a channels-last conv weight on the CPU (oneDNN's faster
+    convolution there), the module's own weight stays contiguous, and the refinement is the
+    one of a contiguous weight: float32 to its tolerance, on odd map sizes with padding."""
+    generator = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    module = AttentionRefinementModule(8, 32, True, True).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    folded = folded_copy(module)
+    assert folded.conv_weight.is_contiguous(memory_format=torch.channels_last) and not folded.conv_weight.is_contiguous()
+    assert module.conv.weight.is_contiguous()
+    rows, height, width = 13, 5, 11
+    coverage = torch.rand(rows, 16, height * width, generator=generator) * 3
+    mask = torch.rand(rows, height * width, generator=generator) < 0.2
+    contiguous = folded._replace(conv_weight=folded.conv_weight.contiguous())
+    assert_close_rel(refine_folded(folded, coverage, mask, height), refine_folded(contiguous, coverage, mask, height),
+                     rtol(torch.float32), "refinement")
