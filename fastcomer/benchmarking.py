@@ -417,7 +417,17 @@ def engine_row(
     medians = {"engine": statistics.median(engine_s) / batch, "reference": statistics.median(reference_s) / batch}
     details = dict(engine_s=engine_s, engine_cold_s=cold_s, reference_s=reference_s, hyp_lengths=lengths,
                    decoded_length=max(lengths), encoder_s_per_image=encoder_s,
-                   decoder_s_per_image=medians["engine"] - encoder_s)
+                   decoder_s_per_image=medians["engine"] - encoder_s, engine_threads=search_threads(None))
+    if device.type == "cpu" and (os.cpu_count() or 1) >= 2:
+        # The last call's latency on 1 and on 2 intra-op threads: what one request gains from a second core.
+        by_threads = {}
+        for threads in (1, 2):
+            beam_search(model, img, mask, threads=threads, **search, **engine)  # warm-up
+            by_threads[str(threads)] = statistics.median(
+                timed(lambda: beam_search(model, img, mask, threads=threads, **search, **engine))[1] for _ in range(3)) / batch
+        details["engine_s_by_threads"] = by_threads
+        log(f"{shape[0]}x{shape[1]}: engine {by_threads['1']:.3f} s/image on 1 thread, {by_threads['2']:.3f} on 2 "
+            f"({by_threads['2'] / by_threads['1']:.2f}x)")
     if workers > 1:
         # Both through decode_images, one after the other: one process (this one, warm), then
         # `workers` forked worker processes (their start included, as a caller pays it).
@@ -478,16 +488,21 @@ def render_table(results: Sequence[Tuple[str, Report]]) -> str:
     for benchmark, entries in by_benchmark.items():
         if benchmark == "engine":
             lines = ["| image | max_len | per call | reference s/image | engine s/image | speed-up | engine / FLOP floor "
-                     "| workers: throughput | answers | first-pass lengths min/median/max | machine | load (1 min) | file |",
-                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                     "| encoder / its floor | engine threads | 1 / 2 threads s/image | workers: throughput | answers "
+                     "| first-pass lengths min/median/max | machine | load (1 min) | file |",
+                     "|---" * 16 + "|"]
             for label, report, row in entries:
                 p, details, lengths = row["params"], row["details"], row["details"]["hyp_lengths"]
                 floor = f"{row['floor']['ratio']:.2f}x" if row["floor"] else "not measured"
+                encoder = f"{details['encoder_floor_ratio']:.2f}x" if "encoder_floor_ratio" in details else "not measured"
+                by_threads = details.get("engine_s_by_threads")
+                latency = f"{by_threads['1']:.2f} / {by_threads['2']:.2f}" if by_threads else "not measured"
                 spread = (f"{details['workers']}: {details['workers_throughput']:.2f}x" if "workers_throughput" in details
                           else "not measured")
                 lines.append(
                     f"| {p['shape'][0]}x{p['shape'][1]} | {p['max_len']} | {p['batch']} | {row['medians_s']['reference']:.2f} "
-                    f"| {row['medians_s']['engine']:.2f} | {row['speedups']['reference']:.1f}x | {floor} | {spread} "
+                    f"| {row['medians_s']['engine']:.2f} | {row['speedups']['reference']:.1f}x | {floor} | {encoder} "
+                    f"| {details.get('engine_threads', 'not recorded')} | {latency} | {spread} "
                     f"| {'identical' if row['checks']['identical'] else 'DIFFER'} "
                     f"| {min(lengths)}/{statistics.median(lengths):g}/{max(lengths)} | {machine(report)} "
                     f"| {load_1min(report)} | `{label}` |")

@@ -141,11 +141,15 @@ def test_engine_table_shows_floor_ratio_and_workers_throughput():
     report = load_report(RESULTS[0])
     row = copy.deepcopy(report["rows"][0])
     row["floor"] = {"flops_per_image": 4e10, "rates_flop_s": {"conv": 9e10, "matmul": 8e10}, "ratio": 2.345}
-    row["details"].update(workers=2, workers_throughput=1.789)
+    row["details"].update(workers=2, workers_throughput=1.789, encoder_floor_ratio=1.456, engine_threads=1,
+                          engine_s_by_threads={"1": 0.5512, "2": 0.3987})
     report["rows"] = [row]
     table = render_table([("f.json", check_report(report))])
-    assert table.splitlines()[0].split(" | ")[6:8] == ["engine / FLOP floor", "workers: throughput"]
-    assert f"| {row['speedups']['reference']:.1f}x | 2.35x | 2: 1.79x | identical |" in table
+    assert table.splitlines()[0].split(" | ")[6:11] == ["engine / FLOP floor", "encoder / its floor", "engine threads",
+                                                        "1 / 2 threads s/image", "workers: throughput"]
+    assert f"| {row['speedups']['reference']:.1f}x | 2.35x | 1.46x | 1 | 0.55 / 0.40 | 2: 1.79x | identical |" in table
+    old = render_table([("f.json", load_report(RESULTS[0]))])  # a file from before these fields
+    assert "| not measured | not recorded | not measured |" in old
 
 
 def test_compare_reports_row_by_row():
