@@ -93,6 +93,38 @@ def test_inference_concatenates_nothing():
     assert "cat" not in counter.ops
 
 
+def plain_densenet(net: DenseNet, img: torch.Tensor) -> torch.Tensor:
+    """The DenseNet's features computed by its modules one after another (nn.Sequential units,
+    BatchNorm modules, concatenations), as CoMER computes them."""
+    out = F.max_pool2d(F.relu(net.norm1(net.conv1(img))), 2, ceil_mode=True)
+    for block, transition in ((net.dense1, net.trans1), (net.dense2, net.trans2)):
+        out = nn.Sequential.forward(block, out)
+        out = F.avg_pool2d(F.relu(transition.bn1(transition.conv1(out))), 2, ceil_mode=True)
+    return net.post_norm(nn.Sequential.forward(net.dense3, out))
+
+
+def test_eval_batch_norm_is_folded_into_the_convolutions():
+    """In eval mode each convolution's BatchNorm is folded into its weight and bias: the DenseNet
+    runs only its post-norm's BatchNorm, with outputs and gradients (of a step that fine-tunes
+    with frozen BatchNorm statistics) equal to the plain modules' (float64)."""
+    net = published_densenet()
+    img = torch.rand(2, 1, 35, 70, dtype=torch.float64)
+    mask = torch.zeros(2, 35, 70, dtype=torch.bool)
+    counter = OpCounter()
+    with torch.no_grad(), counter:
+        got, _ = net(img, mask)
+    assert sum("batch_norm" in op for op in counter.ops) == 1  # the post-norm, which follows no convolution
+    upstream = torch.rand_like(got)
+    params = [p for p in net.parameters()]
+    got, _ = net(img, mask)
+    got_grads = torch.autograd.grad(got, params, upstream)
+    want = plain_densenet(net, img)
+    want_grads = torch.autograd.grad(want, params, upstream)
+    assert_close_rel(got, want, RTOL, "features")
+    for (name, _), g, w in zip(net.named_parameters(), got_grads, want_grads):
+        assert_close_rel(g, w, RTOL, f"gradient of {name}")
+
+
 def test_parameter_names_are_a_sequentials():
     net = published_densenet()
     names = [name for name, _ in net.state_dict().items() if name.startswith("dense1.")]
