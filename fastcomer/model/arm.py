@@ -172,7 +172,7 @@ def folded_copy(arm: Optional[AttentionRefinementModule]) -> Optional[FoldedARM]
     with torch.no_grad():
         folded = arm.fold()
     # A channels-last weight makes oneDNN run the convolution channels-last (its input converted,
-    # the output channels-last): on the CPU that ran the ARM's 5x5 convolution 1.2-1.7x faster
+    # the output channels-last): on the CPU that ran the ARM's 5x5 convolution 1.15-1.8x faster
     # at the engine's shapes (8x32 maps, 10-400 rows), with the same results here
     # (benchmarks/results/cpu-measurements-2026-12-03.md). Not measured on CUDA: left contiguous.
     layout = torch.channels_last if folded.conv_weight.device.type == "cpu" else torch.contiguous_format
