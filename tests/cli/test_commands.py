@@ -67,7 +67,8 @@ def test_table_regenerates_readme_blocks(tmp_path, capsys):
     assert main(["table", "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text
-    assert "| 128x512 | 200 | 1 | 263.49 | 2.57 | 102.4x | not measured | not measured | identical |" in text
+    assert ("| 128x512 | 200 | 1 | 263.49 | 2.57 | 102.4x | not measured | not measured | not recorded | not measured "
+            "| not measured | identical |") in text
     main(["table", str(QUIET[0])])
     assert "102.4x" in capsys.readouterr().out
 
