@@ -6,6 +6,7 @@ is checked against this file; `arm_refinement` is the one definition of the
 coverage -> refinement map (`masked_batch_norm` of its BatchNorm) that they all share.
 """
 import enum
+import os
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -171,9 +172,22 @@ def folded_copy(arm: Optional[AttentionRefinementModule]) -> Optional[FoldedARM]
         return None
     with torch.no_grad():
         folded = arm.fold()
-    # A channels-last weight makes oneDNN run the convolution channels-last (its input converted,
-    # the output channels-last): on the CPU that ran the ARM's 5x5 convolution 1.15-1.8x faster
-    # at the engine's shapes (8x32 maps, 10-400 rows), with the same results here
-    # (benchmarks/results/cpu-measurements-2026-12-03.md). Not measured on CUDA: left contiguous.
-    layout = torch.channels_last if folded.conv_weight.device.type == "cpu" else torch.contiguous_format
+    layout = conv_memory_format(folded.conv_weight.device)
     return folded._replace(conv_weight=folded.conv_weight.clone(memory_format=layout), conv_bias=folded.conv_bias.clone())
+
+
+def conv_memory_format(device: torch.device) -> torch.memory_format:
+    """The layout of the folded ARM's convolution weight on `device`, which oneDNN's convolution
+    follows (its input converted, its output in that layout): channels-last on CPUs with AVX-512,
+    where oneDNN ran the ARM's 5x5 convolution 1.15-1.8x faster so at the engine's shapes (8x32 maps,
+    10-400 rows), with the same results; contiguous elsewhere, as on AVX2, where channels-last ran at
+    0.75-1.06x (benchmarks/results/cpu-measurements-2026-12-03.md), and on CUDA (not measured). A
+    layout's results may differ from the other's in the last bits: the choice depends only on the
+    machine (and ONEDNN_MAX_CPU_ISA, which caps oneDNN's instructions), never on timings."""
+    if device.type != "cpu":
+        return torch.contiguous_format
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if capped and not capped.startswith(("AVX512", "AVX10", "AMX", "ALL")):
+        return torch.contiguous_format
+    avx512 = getattr(torch.cpu, "_is_avx512_supported", None)  # torch's CPU feature query (2.1 on)
+    return torch.channels_last if avx512 is not None and avx512() else torch.contiguous_format

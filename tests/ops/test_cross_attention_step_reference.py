@@ -5,7 +5,7 @@ import torch
 
 from fastcomer import CoMER
 from fastcomer.benchmarking import scale_weights
-from fastcomer.model.arm import AttentionRefinementModule, folded_copy
+from fastcomer.model.arm import AttentionRefinementModule, conv_memory_format, folded_copy
 from fastcomer.ops.cross_attention_step.reference import grouped_cross_attention_step, refine_folded
 
 from support.asserts import assert_close_rel
@@ -61,21 +61,39 @@ def test_step_matches_teacher_forced_decoder(cross, self_):
                 assert_close_rel(returned, expected, RTOL, f"attention, step {t}, layer {j}")
 
 
-def test_folded_copy_convolves_channels_last_on_the_cpu():
-    """The engine's folded ARM has a channels-last conv weight on the CPU (oneDNN's faster
-    convolution there), the module's own weight stays contiguous, and the refinement is the
-    one of a contiguous weight: float32 to its tolerance, on odd map sizes with padding."""
+def test_folded_copy_convolves_in_the_machines_faster_layout():
+    """The engine's folded ARM has its conv weight in `conv_memory_format`'s layout (channels-last
+    on an AVX-512 CPU, whose oneDNN convolution is faster so), the module's own weight stays
+    contiguous, and the refinement is the one of a contiguous weight: float32 to its tolerance, on
+    odd map sizes with padding."""
     generator = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     module = AttentionRefinementModule(8, 32, True, True).eval()
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
     folded = folded_copy(module)
-    assert folded.conv_weight.is_contiguous(memory_format=torch.channels_last) and not folded.conv_weight.is_contiguous()
-    assert module.conv.weight.is_contiguous()
+    layout = conv_memory_format(torch.device("cpu"))
+    assert folded.conv_weight.is_contiguous(memory_format=layout) and module.conv.weight.is_contiguous()
+    if layout == torch.channels_last:
+        assert not folded.conv_weight.is_contiguous()
     rows, height, width = 13, 5, 11
     coverage = torch.rand(rows, 16, height * width, generator=generator) * 3
     mask = torch.rand(rows, height * width, generator=generator) < 0.2
-    contiguous = folded._replace(conv_weight=folded.conv_weight.contiguous())
-    assert_close_rel(refine_folded(folded, coverage, mask, height), refine_folded(contiguous, coverage, mask, height),
-                     rtol(torch.float32), "refinement")
+    for weight in (folded.conv_weight.contiguous(), folded.conv_weight.contiguous(memory_format=torch.channels_last)):
+        assert_close_rel(refine_folded(folded, coverage, mask, height), refine_folded(folded._replace(conv_weight=weight),
+                         coverage, mask, height), rtol(torch.float32), "refinement")
+
+
+def test_conv_layout_follows_the_instruction_set(monkeypatch):
+    """Channels-last exactly on CPUs with AVX-512 that oneDNN may use; contiguous on AVX2, when
+    ONEDNN_MAX_CPU_ISA caps oneDNN below AVX-512, and off the CPU."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    for avx512, expected in ((True, torch.channels_last), (False, torch.contiguous_format)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda avx512=avx512: avx512)
+        assert conv_memory_format(torch.device("cpu")) == expected
+        assert conv_memory_format(torch.device("meta")) == torch.contiguous_format
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True)
+    for isa, expected in (("AVX2", torch.contiguous_format), ("sse41", torch.contiguous_format),
+                          ("AVX512_CORE_BF16", torch.channels_last), ("ALL", torch.channels_last)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        assert conv_memory_format(torch.device("cpu")) == expected, isa
