@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .batch_norm import running_affine
+
 
 # The ARM's coverage convolution is KERNEL_SIZE x KERNEL_SIZE, "same" padded (CoMER's 5x5):
 # every kernel reads CONV_TAPS neighbours, CONV_PADDING cells around each position.
@@ -156,12 +158,9 @@ class AttentionRefinementModule(nn.Module):
     def fold(self) -> FoldedARM:
         """The eval-mode ARM with BatchNorm (running statistics) folded into the projection
         (the conv's tensors are the module's own; see `folded_copy`)."""
-        bn = self.post_norm.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        return FoldedARM(
-            self.conv.weight, self.conv.bias, self.proj.weight.flatten(1) * scale[:, None],
-            bn.bias - bn.running_mean * scale, self.coverage_mode,
-        )
+        scale, shift = running_affine(self.post_norm.bn)
+        return FoldedARM(self.conv.weight, self.conv.bias, self.proj.weight.flatten(1) * scale[:, None], shift,
+                         self.coverage_mode)
 
 
 def folded_copy(arm: Optional[AttentionRefinementModule]) -> Optional[FoldedARM]:

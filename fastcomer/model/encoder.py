@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .batch_norm import running_affine
+
 # The feature map's stride in pixels: four stride-2 stages (conv, max pool, two transitions).
 FEATURE_STRIDE = 16
 
@@ -42,11 +44,8 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return out.view(b, h, w, out_channels).permute(0, 3, 1, 2)
 
 
-def _convolve(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """conv's convolution of x, with this weight and bias: a 1x1 stride-1 one as a GEMM."""
-    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid") and conv.groups == 1:
-        return conv1x1(x, weight, bias)
-    return conv._conv_forward(x, weight, bias)
+def _pointwise(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid") and conv.groups == 1
 
 
 def _unit_dropout(unit: nn.Module, x: Tensor) -> Tensor:
@@ -61,30 +60,20 @@ def _batch_norm(bn: nn.BatchNorm2d, x: Tensor, update_stats: bool) -> Tensor:
     return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
 
 
-def _eval_batch_norm(bn: nn.BatchNorm2d) -> Optional[Tuple[Tensor, Tensor]]:
-    """bn as y = x * scale + shift per channel when it normalises with its running statistics
-    (eval mode), else None."""
-    if bn.training or bn.running_mean is None:
-        return None
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    return scale, shift if bn.bias is None else shift + bn.bias
-
-
 def conv_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, update_stats: bool = True) -> Tensor:
-    """relu(bn(conv(x))), a 1x1 stride-1 convolution as a GEMM (`conv1x1`). A BatchNorm in eval
-    mode is folded into the convolution's weight and bias (afresh at each call: microseconds),
-    so that its output is written once and the ReLU runs in place: on the CPU the BatchNorm
-    passes and ReLU copies were about 8 of the encoder's 95 ms (128x512, 1 thread).
-    update_stats=False: a BatchNorm in training mode does not update its running statistics."""
-    folded = _eval_batch_norm(bn)
-    if folded is None:
-        return F.relu(_batch_norm(bn, _convolve(conv, x, conv.weight, conv.bias), update_stats))
-    scale, shift = folded
+    """relu(bn(conv(x))), a 1x1 stride-1 convolution as a GEMM (`conv1x1`). A BatchNorm with
+    running statistics (eval mode) is folded into the convolution's weight and bias (afresh at
+    each call: microseconds), so that the output is written once and the ReLU runs in place: on
+    the CPU the BatchNorm passes and ReLU copies were about 8 of the encoder's 95 ms (128x512,
+    1 thread); the modules are then not called (no hooks of theirs run). update_stats=False: a
+    BatchNorm in training mode does not update its running statistics."""
+    if bn.training or bn.running_mean is None:
+        out = conv1x1(x, conv.weight, conv.bias) if _pointwise(conv) else conv(x)
+        return F.relu(_batch_norm(bn, out, update_stats))
+    scale, shift = running_affine(bn)
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
     bias = shift if conv.bias is None else conv.bias * scale + shift
-    return _convolve(conv, x, conv.weight * scale.view(-1, 1, 1, 1), bias).relu_()
+    return (conv1x1(x, weight, bias) if _pointwise(conv) else conv._conv_forward(x, weight, bias)).relu_()
 
 
 def bottleneck_branch(unit: nn.Module, x: Tensor, update_stats: bool = True) -> Tensor:
