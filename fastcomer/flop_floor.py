@@ -72,7 +72,7 @@ def measure_rates(model, height: int, width: int) -> Dict[str, float]:
     conv_flops = 2 * CONV_ROWS * weight.numel() * x.shape[2] * x.shape[3]
     a = torch.rand(CONV_ROWS, decoder.d_model, dtype=dtype)
     ffn = decoder.model.layers[0].linear1.weight.detach()
-    # the faster of the layouts oneDNN runs it in (the engine's folded weight is channels-last on the CPU)
+    # the faster of the layouts oneDNN runs it in (the engine picks one by instruction set, `conv_memory_format`)
     weights = [weight.contiguous(memory_format=layout) for layout in (torch.contiguous_format, torch.channels_last)]
     return {
         "conv": max(best_rate(lambda: F.conv2d(x, laid_out, bias, padding=CONV_PADDING), conv_flops)
